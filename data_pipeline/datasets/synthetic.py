@@ -1,0 +1,291 @@
+"""A synthetic logged feed with known ground truth, written while it is generated.
+
+**World** (:mod:`data_pipeline.datasets.synthetic_world`): user and item latent factors, Zipf-like
+item popularity, item bias, and categorical features correlated with the factors.
+
+**Feed.** Sessions follow each other every ``session_interval_s`` seconds; a session picks a user
+(Zipf-like activity), samples K candidates by item popularity, and the logged ranker orders them by
+``ranker_score = relevance + noise`` (``relevance = u · v + item_bias``); the top P are shown at
+positions ``0 .. P-1``. A shown item is examined with probability ``1 / (1 + position)^0.7`` and
+clicked with probability ``examination × sigmoid(relevance)``. Every impression is a row:
+``label_click`` is 0 for the ones not clicked; ``label_like`` and ``label_long_view`` can only be 1
+on clicks. All impressions of a session share its timestamp.
+
+**History.** ``hist_item_ids`` holds the items the user clicked in earlier sessions (strictly
+before the row's timestamp), newest first (within a session, the lower slot counts as older),
+at most H, with aligned ``hist_like`` and ``hist_long_view``. Impressions of one session share the
+history the user had when the session was served, so a row never sees its own or a sibling click.
+Per-user rolling state (``[users, H]`` arrays) carries histories from chunk to chunk, so memory
+is bounded by users and the chunk size, not by the number of events.
+
+**Split** (by time, over session indices): the first ``1 - valid_fraction - test_fraction`` of
+sessions go to ``train`` with every impression (clicked or not: the trainer and the ranking-stage
+alignment need the negatives). The next ``valid_fraction`` go to ``valid`` and the last
+``test_fraction`` to ``test``, keeping **only clicked impressions**: eval rows are positives, so
+retrieval metrics (recall@K of the clicked item) can be computed on every eval row.
+Non-clicked eval impressions are counted in the manifest and dropped.
+
+**Determinism.** The world draws from ``default_rng([seed, 1])`` and chunk ``c`` from
+``default_rng([seed, 0, c])``: the same seed and chunk size give byte-identical shards.
+
+**Truth.** ``truth/user_factors.npy`` [N, d], ``truth/item_factors.npy`` [M, d],
+``truth/item_bias.npy`` [M] and ``truth/item_popularity.npy`` [M] (candidate-sampling
+probability); paths and sha256 in ``manifest.extra["truth"]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from data_pipeline.datasets.output import clear_output, save_array, write_side_table
+from data_pipeline.datasets.synthetic_feed import (
+    HISTORY_ACTIONS,
+    LABELS,
+    FeedChunk,
+    HistoryState,
+    session_histories,
+    simulate_feed,
+    sort_clicks,
+    truncate_feed,
+    update_state,
+)
+from data_pipeline.datasets.synthetic_world import SyntheticWorld, WorldConfig, build_world
+from data_pipeline.manifest import Manifest, SplitInfo
+from data_pipeline.schema import (
+    HISTORY_ITEMS,
+    ITEM_ID,
+    POSITION,
+    RANKER_SCORE,
+    TIMESTAMP,
+    USER_ID,
+    EventSchema,
+    FeatureKind,
+    FeatureSpec,
+    Side,
+    label_column,
+)
+from data_pipeline.shard_writer import ShardWriter
+
+logger = logging.getLogger(__name__)
+
+FEED_STREAM = 0
+USER_FEATURES = ("user_id", "segment", "region", "age_bucket")
+ITEM_FEATURES = ("item_id", "category", "brand")
+EVENT_SPLITS = ("train", "valid", "test")
+DEFAULT_CHUNK_EVENTS = 1 << 18
+EVAL_ROW_GROUP_DIVISOR = 8
+
+
+@dataclass(frozen=True)
+class SyntheticRun:
+    """What to generate and how to cut it.
+
+    Args:
+        events: E impressions in total.
+        seed: seed of the world and of every chunk's stream.
+        history_length: H.
+        sessions: ``ceil(E / P)``; the last session may be cut short.
+        sessions_per_chunk: sessions simulated and written per step.
+        valid_start, test_start: first session index of ``valid`` and of ``test``.
+    """
+
+    events: int
+    seed: int
+    history_length: int
+    sessions: int
+    sessions_per_chunk: int
+    valid_start: int
+    test_start: int
+
+    def split_masks(self, feed: FeedChunk) -> dict[str, np.ndarray]:
+        """[R] bool row masks: train keeps every impression, valid/test only clicks."""
+        click = feed.labels["click"] == 1
+        return {
+            "train": feed.session < self.valid_start,
+            "valid": click & (feed.session >= self.valid_start) & (feed.session < self.test_start),
+            "test": click & (feed.session >= self.test_start),
+        }
+
+
+def prepare_synthetic(
+    users: int,
+    items: int,
+    events: int,
+    seed: int,
+    out: Path,
+    history_length: int = 50,
+    dim: int = 16,
+    *,
+    world: WorldConfig | None = None,
+    valid_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+    chunk_events: int = DEFAULT_CHUNK_EVENTS,
+    row_group_rows: int = 65_536,
+    rows_per_file: int = 1_000_000,
+) -> Manifest:
+    """Generate ``events`` impressions of a synthetic world into ``out``; return the manifest.
+
+    Args:
+        users, items: N users and M items (ids ``0 .. n-1``).
+        events: E impressions simulated (train rows + all eval-window impressions).
+        seed: the world and the feed are a pure function of it (and of ``chunk_events``).
+        out: dataset directory to (re)write.
+        history_length: H; dim: d of the latent factors.
+        world: simulation knobs (``WorldConfig()`` by default).
+        valid_fraction, test_fraction: shares of sessions (by time) held out.
+        chunk_events: impressions simulated and written per step (bounds memory).
+        row_group_rows, rows_per_file: Parquet layout; valid/test use ``row_group_rows // 8``.
+    """
+    config = world if world is not None else WorldConfig()
+    if min(users, items, events, chunk_events) <= 0 or not 0 <= valid_fraction + test_fraction < 1:
+        raise ValueError(
+            "prepare_synthetic: need users, items, events, chunk_events > 0 and "
+            f"valid_fraction + test_fraction in [0, 1); got {users=}, {items=}, {events=}, "
+            f"{chunk_events=}, {valid_fraction=}, {test_fraction=}"
+        )
+    sessions = math.ceil(events / config.positions)
+    run = SyntheticRun(
+        events=events,
+        seed=seed,
+        history_length=history_length,
+        sessions=sessions,
+        sessions_per_chunk=max(1, chunk_events // config.positions),
+        valid_start=int(sessions * (1 - valid_fraction - test_fraction)),
+        test_start=int(sessions * (1 - test_fraction)),
+    )
+    eval_group_rows = max(1, row_group_rows // EVAL_ROW_GROUP_DIVISOR)
+    out = Path(out)
+    clear_output(out, extra_dirs=("truth",))
+    truth = build_world(users, items, dim, seed, config)
+    schema = synthetic_schema()
+    # valid/test hold ~1% of the rows (clicks of 10% of the time): smaller groups keep them
+    # splittable across ranks and workers.
+    group_rows = {"train": row_group_rows} | dict.fromkeys(("valid", "test"), eval_group_rows)
+    writers = {
+        name: ShardWriter(out, name, schema.event_arrow_schema(), rows_per_file, group_rows[name])
+        for name in EVENT_SPLITS
+    }
+    counts = generate_events(truth, config, run, writers)
+    splits: dict[str, SplitInfo] = {name: writer.close() for name, writer in writers.items()}
+    user_columns = dict(truth.user_features, user_id=np.arange(users))
+    item_columns = dict(truth.item_features, item_id=np.arange(items))
+    splits["users"] = write_side_table(out, schema, Side.USER, user_columns, row_group_rows)
+    splits["items"] = write_side_table(out, schema, Side.ITEM, item_columns, row_group_rows)
+    generator: dict[str, float | int] = {"users": users, "items": items, "dim": dim}
+    generator["chunk_events"] = chunk_events
+    generator |= {"valid_fraction": valid_fraction, "test_fraction": test_fraction}
+    manifest = Manifest(
+        dataset="synthetic",
+        schema=schema,
+        tables=dict(truth.table_sizes),
+        splits=splits,
+        history_length=history_length,
+        source={"kind": "synthetic", "seed": seed},
+        extra={
+            "generator": {"events": events, "seed": seed, **generator, **config.to_json()},
+            "split_rule": (
+                f"by session time: train = first {1 - valid_fraction - test_fraction:g} of "
+                f"sessions, every impression; valid = next {valid_fraction:g}, test = last "
+                f"{test_fraction:g}, clicked impressions only"
+            ),
+            "split_start_session": {"valid": run.valid_start, "test": run.test_start},
+            "counts": {**counts, **{f"{n}_rows": i.rows for n, i in splits.items()}},
+            "truth": save_truth(out, truth),
+            "relevance": "u · v + item_bias (truth/user_factors, item_factors, item_bias)",
+        },
+    )
+    manifest.save(out)
+    logger.info("wrote %s: %s", out, {name: info.rows for name, info in splits.items()})
+    return manifest
+
+
+def generate_events(
+    world: SyntheticWorld,
+    config: WorldConfig,
+    run: SyntheticRun,
+    writers: dict[str, ShardWriter],
+) -> dict[str, int]:
+    """Simulate the feed chunk by chunk, writing each chunk's rows before the next is drawn."""
+    state = HistoryState.empty(int(world.user_factors.shape[0]), run.history_length)
+    counts = {"impressions": 0, "clicks": 0, "eval_impressions_dropped": 0}
+    for chunk_index, first in enumerate(range(0, run.sessions, run.sessions_per_chunk)):
+        sessions = min(run.sessions_per_chunk, run.sessions - first)
+        rng = np.random.default_rng([run.seed, FEED_STREAM, chunk_index])
+        feed = simulate_feed(world, config, first, sessions, rng)
+        feed = truncate_feed(feed, run.events - counts["impressions"])
+        clicks = sort_clicks(feed, first, sessions)
+        histories = session_histories(
+            feed, clicks, state, first, config.positions, run.history_length
+        )
+        update_state(state, clicks, np.unique(feed.user[feed.labels["click"] == 1]))
+        masks = run.split_masks(feed)
+        for name, mask in masks.items():
+            if mask.any():
+                rows = np.flatnonzero(mask)
+                writers[name].write(impression_table(world, config, feed, histories, rows))
+        counts["impressions"] += int(feed.user.shape[0])
+        counts["clicks"] += int(feed.labels["click"].sum())
+        counts["eval_impressions_dropped"] += int(
+            np.count_nonzero(feed.session >= run.valid_start)
+            - np.count_nonzero(masks["valid"] | masks["test"])
+        )
+        logger.debug("chunk %d: %d impressions", chunk_index, feed.user.shape[0])
+    return counts
+
+
+def synthetic_schema() -> EventSchema:
+    user = [FeatureSpec(n, Side.USER, FeatureKind.ID, n) for n in USER_FEATURES]
+    history = FeatureSpec(HISTORY_ITEMS, Side.USER, FeatureKind.IDS, ITEM_ID)
+    item = [FeatureSpec(n, Side.ITEM, FeatureKind.ID, n) for n in ITEM_FEATURES]
+    return EventSchema(
+        features=(*user, history, *item),
+        labels=LABELS,
+        history_actions=HISTORY_ACTIONS,
+        has_position=True,
+        has_ranker_score=True,
+    )
+
+
+def save_truth(out: Path, world: SyntheticWorld) -> dict[str, dict[str, str]]:
+    arrays = {
+        "user_factors": world.user_factors,
+        "item_factors": world.item_factors,
+        "item_bias": world.item_bias,
+        "item_popularity": world.item_popularity,
+    }
+    return {name: save_array(out, f"truth/{name}.npy", array) for name, array in arrays.items()}
+
+
+def impression_table(
+    world: SyntheticWorld,
+    config: WorldConfig,
+    feed: FeedChunk,
+    histories: dict[str, pa.ListArray],
+    rows: np.ndarray,
+) -> pa.Table:
+    """Impressions ``rows`` ([R] int64 indices into the chunk) with labels, features, history."""
+    user, item = feed.user[rows], feed.item[rows]
+    # Every impression of a session repeats the session's history.
+    local_session = pa.array(rows // config.positions)
+    columns: dict[str, np.ndarray | pa.Array] = {
+        USER_ID: user,
+        ITEM_ID: item,
+        TIMESTAMP: config.start_timestamp + feed.session[rows] * config.session_interval_s,
+        POSITION: feed.position[rows],
+        RANKER_SCORE: feed.ranker_score[rows],
+    }
+    for name in LABELS:
+        columns[label_column(name)] = feed.labels[name][rows].astype(np.float32)
+    for name, lists in histories.items():
+        columns[name] = lists.take(local_session)
+    for name, values in world.user_features.items():
+        columns[name] = values[user]
+    for name, values in world.item_features.items():
+        columns[name] = values[item]
+    return pa.table(columns)

@@ -1,0 +1,69 @@
+"""Builds the resumable data loader of one rank over one split of a prepared dataset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from data_pipeline.batch import BatchBuilder
+from data_pipeline.derived import with_derived_features
+from data_pipeline.manifest import Manifest
+from data_pipeline.reader import ParquetEventStream, list_work_units, seed_worker
+from data_pipeline.validation import IdValidator
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """Args:
+    root: dataset directory (holds manifest.json).
+    split: ``train`` / ``valid`` / ``test``.
+    batch_size: rows per batch.
+    num_workers: loader worker processes per rank (0 = read in the training process).
+    shuffle: permute row groups and rows per epoch.
+    window: row groups per shuffle window.
+    id_policy: ``error`` or ``hash``.
+    seed: shuffling seed.
+    recent_history: newest history items pooled as their own feature (0: off).
+    """
+
+    root: str
+    split: str
+    batch_size: int
+    num_workers: int = 0
+    shuffle: bool = False
+    window: int = 4
+    id_policy: str = "error"
+    seed: int = 0
+    recent_history: int = 0
+
+
+def build_event_loader(
+    spec: LoaderSpec, manifest: Manifest, rank: int, world_size: int
+) -> StatefulDataLoader:
+    """A StatefulDataLoader yielding ``Batch`` objects for this rank (``state_dict`` resumable)."""
+    root = Path(spec.root)
+    schema = manifest.schema
+    units = list_work_units(manifest.split_paths(root, spec.split), schema.event_arrow_schema())
+    stream = ParquetEventStream(
+        units=units,
+        convert=BatchBuilder(with_derived_features(schema, spec.recent_history),
+                             spec.recent_history),
+        validator=IdValidator(schema, manifest.tables, spec.id_policy),
+        batch_size=spec.batch_size,
+        columns=schema.event_arrow_schema().names,
+        rank=rank,
+        world_size=world_size,
+        seed=spec.seed,
+        shuffle=spec.shuffle,
+        window=spec.window,
+    )
+    return StatefulDataLoader(
+        stream,
+        batch_size=None,
+        num_workers=spec.num_workers,
+        worker_init_fn=seed_worker if spec.num_workers else None,
+        persistent_workers=False,
+        prefetch_factor=4 if spec.num_workers else None,
+    )

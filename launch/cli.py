@@ -1,0 +1,121 @@
+"""The ``twotower`` command line: prepare, train, eval, launch, plot."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="twotower", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prepare = commands.add_parser("prepare", help="convert raw data into Parquet shards")
+    datasets = prepare.add_subparsers(dest="dataset", required=True)
+    movielens = datasets.add_parser("movielens", help="GroupLens MovieLens ratings")
+    movielens.add_argument("--variant", default="100k", choices=["100k", "1m", "20m", "25m", "32m"])
+    movielens.add_argument("--out", required=True, type=Path)
+    movielens.add_argument("--source", type=Path, default=None,
+                           help="GroupLens zip or unpacked folder (else download, else offline copy)")
+    movielens.add_argument("--history-length", type=int, default=50)
+    synthetic = datasets.add_parser("synthetic", help="latent-factor world with a logged feed")
+    synthetic.add_argument("--users", type=int, default=10_000)
+    synthetic.add_argument("--items", type=int, default=5_000)
+    synthetic.add_argument("--events", type=int, default=1_000_000)
+    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--history-length", type=int, default=50)
+    synthetic.add_argument("--out", required=True, type=Path)
+
+    train = commands.add_parser("train", help="train in this process (world size 1)")
+    train.add_argument("config")
+    train.add_argument("overrides", nargs="*", help="key=value config overrides")
+
+    evaluate = commands.add_parser("eval", help="evaluate a run's latest checkpoint")
+    evaluate.add_argument("--run", required=True, type=Path)
+    evaluate.add_argument("--split", default=None)
+    evaluate.add_argument("overrides", nargs="*")
+
+    launch = commands.add_parser("launch", help="multi-process launchers")
+    launchers = launch.add_subparsers(dest="launcher", required=True)
+    local = launchers.add_parser("local", help="torchrun on this machine")
+    local.add_argument("--nproc", type=int, default=2)
+    local.add_argument("--max-restarts", type=int, default=0)
+    local.add_argument("config")
+    local.add_argument("overrides", nargs="*")
+
+    plot = commands.add_parser("plot", help="loss and Recall@K curves of a run as PNG")
+    plot.add_argument("--run", required=True, type=Path)
+    plot.add_argument("--out", type=Path, default=None)
+    return parser
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    if args.dataset == "movielens":
+        from data_pipeline.datasets.movielens import prepare_movielens
+
+        manifest = prepare_movielens(
+            variant=args.variant, out=args.out, source=args.source,
+            history_length=args.history_length,
+        )
+    else:
+        from data_pipeline.datasets.synthetic import prepare_synthetic
+
+        manifest = prepare_synthetic(
+            users=args.users, items=args.items, events=args.events, seed=args.seed,
+            out=args.out, history_length=args.history_length,
+        )
+    rows = {name: info.rows for name, info in manifest.splits.items()}
+    print(f"prepared {manifest.dataset} in {args.out}: rows {rows}")
+    print(f"source: {manifest.source.get('kind')} {manifest.source.get('path', '')}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from trainer.train import main as train_main
+
+    return train_main([args.config, *args.overrides])
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from trainer.distributed import shutdown
+    from trainer.eval_run import evaluate_run
+    from trainer.evaluate import format_table
+
+    try:
+        results = evaluate_run(args.run, args.split, args.overrides)
+    finally:
+        shutdown()
+    print(format_table(results))
+    return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from launch.local import launch_local
+
+    return launch_local(args.nproc, args.config, args.overrides, args.max_restarts)
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from launch.plot import plot_run
+
+    print(f"wrote {plot_run(args.run, args.out)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers = {"prepare": _prepare, "train": _train, "eval": _eval, "launch": _launch,
+                "plot": _plot}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, FileNotFoundError) as error:
+        # Config and schema errors carry the key/file in their message; show it without a trace.
+        logging.getLogger("twotower").error("%s", error)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

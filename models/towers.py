@@ -1,0 +1,87 @@
+"""Towers: pooled feature embeddings -> feature interaction (concatenation) -> MLP -> embedding.
+
+The embedding tables themselves live in one TorchRec ``EmbeddingBagCollection`` owned by the
+two-tower model (so a table such as ``item_id`` is declared once and shared by the item tower and
+the user history); a tower only reads the pooled outputs of its features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagConfig, PoolingType
+
+from data_pipeline.schema import FeatureSpec
+
+
+def table_configs(
+    features: Sequence[FeatureSpec],
+    tables: dict[str, int],
+    default_dim: int,
+    table_dims: dict[str, int],
+) -> list[EmbeddingBagConfig]:
+    """One ``EmbeddingBagConfig`` per table named by ``features``, listing every feature that
+    reads it (shared tables such as ``item_id`` + ``hist_item_ids`` appear once)."""
+    unknown = sorted(set(table_dims) - {f.table for f in features})
+    if unknown:
+        raise ValueError(f"model.table_dims names tables {unknown} that no feature uses")
+    by_table: dict[str, list[str]] = {}
+    for feature in features:
+        by_table.setdefault(feature.table, []).append(feature.name)
+    configs = []
+    for table, feature_names in by_table.items():
+        if table not in tables:
+            raise ValueError(f"feature(s) {feature_names} read table '{table}' missing from manifest")
+        configs.append(
+            EmbeddingBagConfig(
+                name=table,
+                embedding_dim=table_dims.get(table, default_dim),
+                num_embeddings=tables[table],
+                feature_names=feature_names,
+                pooling=PoolingType.MEAN,
+            )
+        )
+    return configs
+
+
+def mlp(input_dim: int, hidden: Sequence[int], output_dim: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = input_dim
+    for size in hidden:
+        layers += [nn.Linear(width, size), nn.ReLU()]
+        width = size
+    layers.append(nn.Linear(width, output_dim))
+    return nn.Sequential(*layers)
+
+
+class Tower(nn.Module):
+    """Concatenate the pooled embeddings of ``feature_names`` and run an MLP.
+
+    Args:
+        feature_names: KJT keys this tower reads, in concatenation order.
+        input_dim: sum of their embedding dimensions.
+        hidden: MLP hidden widths.
+        output_dim: D, the retrieval embedding size.
+        l2_normalize: unit-norm outputs (scores become cosines).
+    """
+
+    def __init__(
+        self,
+        feature_names: Sequence[str],
+        input_dim: int,
+        hidden: Sequence[int],
+        output_dim: int,
+        l2_normalize: bool = True,
+    ) -> None:
+        super().__init__()
+        self.feature_names = list(feature_names)
+        self.mlp = mlp(input_dim, hidden, output_dim)
+        self.l2_normalize = l2_normalize
+
+    def forward(self, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
+        """pooled: feature -> [B, d_f]. Returns [B, D]."""
+        features = torch.cat([pooled[name] for name in self.feature_names], dim=1)
+        out = self.mlp(features)
+        return nn.functional.normalize(out, dim=1) if self.l2_normalize else out

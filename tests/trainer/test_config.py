@@ -1,0 +1,48 @@
+"""Config loading: defaults, YAML, overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trainer.config import ConfigError, IdPolicy, ShardingType, load_config
+
+
+def test_yaml_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {batch_size: 128}\nsharding: {sharding_types: [column_wise]}\n")
+    config = load_config(path, ["data.id_policy=hash", "train.max_steps=7"])
+    assert config.data.batch_size == 128
+    assert config.data.id_policy is IdPolicy.HASH
+    assert config.sharding.sharding_types == [ShardingType.COLUMN_WISE]
+    assert config.train.max_steps == 7
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("data.batch_sise=3", "data.batch_sise"),
+        ("data.batch_size=many", "data.batch_size"),
+        ("data.id_policy=drop", "data.id_policy"),
+        ("model.temperature=0", "model.temperature"),
+        ("data.batch_size=1", "data.batch_size"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"'{key}'"):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: {epochz: 3}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*'train.epochz'"):
+        load_config(path)
+
+
+def test_shipped_configs_load() -> None:
+    configs = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)

@@ -1,0 +1,81 @@
+"""Builds the runtime pieces of a run from the config and the dataset manifest."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec.distributed import DistributedModelParallel
+from torchrec.optim.keyed import KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from data_pipeline.batch import BatchBuilder
+from data_pipeline.derived import with_derived_features
+from data_pipeline.loader import LoaderSpec
+from data_pipeline.manifest import Manifest
+from models.two_tower import TwoTowerModel
+from trainer.config import ConfigError, ExperimentConfig
+from trainer.distributed import DistributedEnv
+from trainer.sharding import attach_sparse_optimizer, shard_model
+
+
+def batch_builder(manifest: Manifest, config: ExperimentConfig) -> BatchBuilder:
+    """Arrow -> Batch for the model's features (stored plus derived)."""
+    recent = config.data.recent_history
+    return BatchBuilder(with_derived_features(manifest.schema, recent), recent)
+
+
+def build_unsharded_model(
+    manifest: Manifest, config: ExperimentConfig, device: torch.device | None = None
+) -> TwoTowerModel:
+    try:
+        schema = with_derived_features(manifest.schema, config.data.recent_history)
+        return TwoTowerModel(schema, manifest.tables, config.model, device=device)
+    except ValueError as error:
+        raise ConfigError(f"model: {error}") from error
+
+
+def build_sharded_model(
+    manifest: Manifest, config: ExperimentConfig, env: DistributedEnv
+) -> DistributedModelParallel:
+    """Tables created on ``meta`` and materialized shard by shard by DMP; dense layers are
+    data-parallel. The fused sparse optimizer is attached before sharding."""
+    model = build_unsharded_model(manifest, config, device=torch.device("meta"))
+    attach_sparse_optimizer(model, config.train.sparse_optimizer, config.train.sparse_lr)
+    return shard_model(model, config.sharding, env.device, env.world_size)
+
+
+def build_dense_optimizer(model: nn.Module, config: ExperimentConfig) -> KeyedOptimizerWrapper:
+    """AdamW over every parameter that has no fused in-backward optimizer."""
+    dense = dict(in_backward_optimizer_filter(model.named_parameters()))
+    return KeyedOptimizerWrapper(
+        dense,
+        lambda params: torch.optim.AdamW(
+            params, lr=config.train.dense_lr, weight_decay=config.train.dense_weight_decay
+        ),
+    )
+
+
+def label_weights(manifest: Manifest, config: ExperimentConfig) -> torch.Tensor:
+    """[T] weights in the manifest's label order; unknown label names are config errors."""
+    labels = list(manifest.schema.labels)
+    unknown = sorted(set(config.loss.label_weights) - set(labels))
+    if unknown:
+        raise ConfigError(
+            f"config key 'loss.label_weights': labels {unknown} not in the data (have {labels})"
+        )
+    return torch.tensor([config.loss.label_weights.get(x, 0.0) for x in labels])
+
+
+def loader_spec(config: ExperimentConfig, split: str, train: bool) -> LoaderSpec:
+    data = config.data
+    return LoaderSpec(
+        root=data.path,
+        split=split,
+        batch_size=data.batch_size if train else data.eval_batch_size,
+        num_workers=data.num_workers,
+        shuffle=data.shuffle and train,
+        window=data.shuffle_window_row_groups,
+        id_policy=data.id_policy.value,
+        seed=config.seed,
+        recent_history=data.recent_history,
+    )

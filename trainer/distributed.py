@@ -1,0 +1,80 @@
+"""Process group and device from the environment: one code path for 1 and N ranks, CPU and GPU.
+
+Under torchrun / SLURM the usual variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT) are set; a bare ``python`` run becomes a distributed run of size 1.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistributedEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def init_distributed() -> DistributedEnv:
+    """Join (or create, for a bare single process) the default process group; an already
+    initialized group (tests, notebooks) is used as it is."""
+    if dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        on_gpu = dist.get_backend() == "nccl"
+        device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
+        return DistributedEnv(rank, world_size, local_rank, device, str(dist.get_backend()))
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ["RANK"]) if launched else 0
+    world_size = int(os.environ["WORLD_SIZE"]) if launched else 1
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if launched else 0
+    if torch.cuda.is_available():
+        device, backend = torch.device("cuda", local_rank), "nccl"
+        torch.cuda.set_device(device)
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    # A bare process gets a private rendezvous instead of inheriting (or setting) env variables.
+    init_method = "env://" if launched else f"tcp://127.0.0.1:{free_port()}"
+    dist.init_process_group(
+        backend=backend, init_method=init_method, rank=rank, world_size=world_size
+    )
+    return DistributedEnv(rank, world_size, local_rank, device, backend)
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank: identical dense initialization everywhere."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def all_ranks_have(flag: bool, device: torch.device) -> tuple[bool, bool]:
+    """(any rank has, every rank has) ``flag``: one small all-reduce."""
+    value = torch.tensor([int(flag), int(not flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value[0]), not bool(value[1])
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

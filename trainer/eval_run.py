@@ -1,0 +1,35 @@
+"""``twotower eval --run RUN_DIR``: rebuild the run's model, load its latest checkpoint, evaluate."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from data_pipeline.manifest import Manifest
+from trainer.build import build_sharded_model
+from trainer.checkpoint import latest_checkpoint, load_model
+from trainer.config import ConfigError, load_config
+from trainer.distributed import init_distributed, seed_everything
+from trainer.evaluate import evaluate_model
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate_run(run_dir: str | Path, split: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Collective over the current process group (any world size: checkpoints reshard)."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.exists():
+        raise ConfigError(f"{config_path}: not a run directory (no config.yaml)")
+    config = load_config(config_path, overrides or [])
+    env = init_distributed()
+    seed_everything(config.seed)
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir}/checkpoints: no complete checkpoint to evaluate")
+    manifest = Manifest.load(config.data.path)
+    model = build_sharded_model(manifest, config, env)
+    meta = load_model(checkpoint, model)
+    logger.info("evaluating %s (step %s)", checkpoint, meta.get("step"))
+    return evaluate_model(model, manifest, config, env, run_dir, split)

@@ -1,0 +1,253 @@
+"""Evaluation: exact top-K over the whole item corpus, sharded over ranks, against a most-popular
+baseline computed the same way (same queries, same exclusions, same metrics).
+
+Protocol: one query per row of the eval split (user features and history as of that event); the
+target is the row's item. Items the user interacted with in earlier splits (train, and valid when
+evaluating test) are excluded from the ranking, except the target itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+
+from data_pipeline.loader import build_event_loader
+from data_pipeline.manifest import Manifest
+from data_pipeline.schema import ITEM_ID, USER_ID
+from trainer.build import batch_builder, loader_spec
+from trainer.config import ExperimentConfig
+from trainer.distributed import DistributedEnv, all_ranks_have
+from trainer.metrics import MetricCutoffs, retrieval_metrics
+from trainer.mips import ItemLists, distributed_topk, shard_range
+
+logger = logging.getLogger(__name__)
+
+PRIOR_SPLITS = {"valid": ("train",), "test": ("train", "valid"), "train": ()}
+
+
+def read_split_columns(root: str, manifest: Manifest, split: str, columns: Sequence[str]) -> pa.Table:
+    """Whole-split read of a few columns (corpus and user/item id pairs, not event features)."""
+    tables = [pq.read_table(p, columns=list(columns)) for p in manifest.split_paths(root, split)]
+    return pa.concat_tables(tables)
+
+
+@torch.no_grad()
+def embed_corpus(
+    model: torch.nn.Module, manifest: Manifest, config: ExperimentConfig, env: DistributedEnv
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's contiguous slice of the item corpus through the item tower.
+
+    Returns: (item ids [n_r] int64, embeddings [n_r, D]). Every rank runs the same number of
+    forward calls (sharded tables need matched collectives).
+    """
+    items = read_split_columns(config.data.path, manifest, "items", manifest.schema.side_arrow_schema(
+        _item_side()).names)
+    items = items.sort_by(ITEM_ID)
+    start, stop = shard_range(items.num_rows, env.rank, env.world_size)
+    local = items.slice(start, stop - start)
+    per_rank = -(-items.num_rows // env.world_size)
+    calls = max(1, -(-per_rank // config.data.eval_batch_size))
+    build = batch_builder(manifest, config)
+    outputs = []
+    for piece in np.array_split(np.arange(local.num_rows), calls):
+        real = len(piece) > 0
+        table = local.take(piece) if real else items.slice(0, 1)
+        batch = build(table).to(env.device)
+        _, item_embeddings = model(batch.user_features, batch.item_features)
+        if real:
+            outputs.append(item_embeddings.float())
+    ids = torch.from_numpy(local.column(ITEM_ID).to_numpy().astype(np.int64))
+    dim = config.model.output_dim
+    embeddings = torch.cat(outputs) if outputs else torch.zeros(0, dim, device=env.device)
+    return ids.to(env.device), embeddings
+
+
+def _item_side():  # noqa: ANN202 - tiny indirection keeps the import local to the schema module
+    from data_pipeline.schema import Side
+
+    return Side.ITEM
+
+
+@torch.no_grad()
+def embed_queries(
+    model: torch.nn.Module,
+    manifest: Manifest,
+    config: ExperimentConfig,
+    env: DistributedEnv,
+    split: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's share of the eval split through the user tower.
+
+    Returns: (user ids [q_r], target item ids [q_r], query embeddings [q_r, D]).
+    """
+    loader = build_event_loader(loader_spec(config, split, train=False), manifest, env.rank,
+                                env.world_size)
+    users, targets, embeddings = [], [], []
+    iterator = iter(loader)
+    template = None
+    while True:
+        batch = next(iterator, None)
+        any_has, _ = all_ranks_have(batch is not None, env.device)
+        if not any_has:
+            break
+        real = batch is not None
+        if batch is None:
+            batch = template if template is not None else _empty_query_batch(manifest, config)
+        template = batch
+        batch = batch.to(env.device)
+        user_embeddings, _ = model(batch.user_features, batch.item_features)
+        if real:
+            users.append(batch.user_ids)
+            targets.append(batch.item_ids)
+            embeddings.append(user_embeddings.float())
+    if not embeddings:
+        empty = torch.zeros(0, dtype=torch.int64, device=env.device)
+        return empty, empty, torch.zeros(0, config.model.output_dim, device=env.device)
+    return torch.cat(users), torch.cat(targets), torch.cat(embeddings)
+
+
+def _empty_query_batch(manifest: Manifest, config: ExperimentConfig):  # noqa: ANN202
+    """A one-row batch (first eval row) for a rank with no eval rows at all."""
+    paths = manifest.split_paths(config.data.path, config.eval.split)
+    table = pq.ParquetFile(paths[0]).read_row_group(0).slice(0, 1)
+    return batch_builder(manifest, config)(table)
+
+
+def seen_items(
+    config: ExperimentConfig, manifest: Manifest, split: str, user_ids: np.ndarray,
+    targets: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, the items its user had in earlier splits, minus the query's own target.
+
+    Returns CSR (offsets [q+1] int64, ids [nnz] int64).
+    """
+    if not config.eval.exclude_seen or not PRIOR_SPLITS.get(split):
+        return np.zeros(len(user_ids) + 1, np.int64), np.zeros(0, np.int64)
+    pairs = pa.concat_tables(
+        [read_split_columns(config.data.path, manifest, s, [USER_ID, ITEM_ID])
+         for s in PRIOR_SPLITS[split]]
+    )
+    users = pairs.column(USER_ID).to_numpy()
+    items = pairs.column(ITEM_ID).to_numpy()
+    order = np.lexsort((items, users))
+    users, items = users[order], items[order]
+    starts = np.searchsorted(users, user_ids, side="left")
+    stops = np.searchsorted(users, user_ids, side="right")
+    chunks = [
+        np.unique(items[a:b][items[a:b] != t]) for a, b, t in zip(starts, stops, targets, strict=True)
+    ]
+    offsets = np.zeros(len(chunks) + 1, np.int64)
+    offsets[1:] = np.cumsum([len(c) for c in chunks])
+    ids = np.concatenate(chunks).astype(np.int64) if chunks else np.zeros(0, np.int64)
+    return offsets, ids
+
+
+def popularity_scores(config: ExperimentConfig, manifest: Manifest, num_items: int) -> np.ndarray:
+    """[N] training interaction counts: the most-popular baseline's item scores."""
+    items = read_split_columns(config.data.path, manifest, config.data.train_split, [ITEM_ID])
+    return np.bincount(items.column(ITEM_ID).to_numpy(), minlength=num_items).astype(np.float32)
+
+
+def _reduce_metrics(local: dict[str, float], count: int, device: torch.device) -> dict[str, float]:
+    """Query-weighted mean of per-rank metric means."""
+    keys = [k for k in local if not k.startswith("coverage")]
+    values = torch.tensor([local[k] * count for k in keys] + [count], dtype=torch.float64,
+                          device=device)
+    dist.all_reduce(values)
+    total = max(values[-1].item(), 1.0)
+    return {k: float(values[i].item() / total) for i, k in enumerate(keys)}
+
+
+def _coverage(top10: torch.Tensor, num_items: int, device: torch.device) -> float:
+    seen = torch.zeros(num_items, dtype=torch.int32, device=device)
+    valid = top10[top10 >= 0]
+    seen[valid] = 1
+    dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+    return float(seen.sum().item()) / num_items
+
+
+def cutoffs_for(ks: Sequence[int]) -> MetricCutoffs:
+    """HR@10, Recall@each K, NDCG@K for K <= 50, coverage@10."""
+    return MetricCutoffs(
+        hit_rate=(10,), recall=tuple(ks), ndcg=tuple(k for k in ks if k <= 50) or (min(ks),),
+        coverage=(10,),
+    )
+
+
+def _score_ranking(
+    topk_ids: torch.Tensor, targets: torch.Tensor, ks: Sequence[int], num_items: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Metrics over all ranks' queries (means weighted by each rank's query count)."""
+    cutoffs = cutoffs_for(ks)
+    if len(targets):
+        local = retrieval_metrics(topk_ids.cpu(), targets.cpu(), num_items, cutoffs)
+    else:
+        placeholder = torch.zeros(1, max(ks), dtype=torch.int64)
+        local = dict.fromkeys(retrieval_metrics(placeholder, torch.zeros(1, dtype=torch.int64),
+                                                num_items, cutoffs), 0.0)
+    result = _reduce_metrics(local, len(targets), device)
+    result["coverage@10"] = _coverage(topk_ids[:, :10], num_items, device)
+    return result
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    manifest: Manifest,
+    config: ExperimentConfig,
+    env: DistributedEnv,
+    run_dir: Path,
+    split: str | None = None,
+) -> dict[str, Any]:
+    """Collective. Writes ``metrics.json`` (rank 0) and returns {model, popularity, ...}."""
+    split = split or config.eval.split
+    model.eval()
+    k = max(config.eval.ks)
+    num_items = manifest.tables["item_id"]
+    corpus_ids, corpus = embed_corpus(model, manifest, config, env)
+    users, targets, queries = embed_queries(model, manifest, config, env, split)
+    offsets, excluded = seen_items(config, manifest, split, users.cpu().numpy(),
+                                   targets.cpu().numpy())
+    exclude = ItemLists(torch.from_numpy(offsets), torch.from_numpy(excluded))
+    _, topk_ids = distributed_topk(queries, corpus, corpus_ids, k, exclude=exclude,
+                                   query_chunk=config.eval.query_chunk,
+                                   corpus_chunk=config.eval.corpus_chunk)
+    results = {"split": split, "num_items": num_items,
+               "model": _score_ranking(topk_ids, targets, config.eval.ks, num_items, env.device)}
+    popularity = torch.from_numpy(popularity_scores(config, manifest, num_items))
+    _, pop_ids = distributed_topk(
+        torch.ones(len(targets), 1, device=env.device),
+        popularity[corpus_ids.cpu()].unsqueeze(1).to(env.device), corpus_ids, k, exclude=exclude,
+    )
+    results["popularity"] = _score_ranking(pop_ids, targets, config.eval.ks, num_items, env.device)
+    count = torch.tensor([len(targets)], device=env.device)
+    dist.all_reduce(count)
+    results["num_queries"] = int(count.item())
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+        logger.info("evaluation on %s:\n%s", split, format_table(results))
+    model.train()
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Metric rows, model vs. most-popular baseline."""
+    names = list(results["model"])
+    lines = [f"{'metric':<14}{'two-tower':>12}{'most-popular':>14}{'ratio':>9}"]
+    for name in names:
+        ours, base = results["model"][name], results["popularity"].get(name, float("nan"))
+        ratio = ours / base if base else float("inf")
+        lines.append(f"{name:<14}{ours:>12.4f}{base:>14.4f}{ratio:>9.2f}")
+    lines.append(f"({results['num_queries']} queries on '{results['split']}', "
+                 f"{results['num_items']} items)")
+    return "\n".join(lines)

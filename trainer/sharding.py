@@ -1,0 +1,80 @@
+"""TorchRec planning and ``DistributedModelParallel`` wrapping, shared by CPU/gloo and GPU/NCCL.
+
+Embedding tables get a fused optimizer applied inside backward (FBGEMM), chosen before sharding;
+the planner picks a sharding per table among the allowed types on the real topology.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec import EmbeddingBagCollection
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ShardingPlan
+from torchrec.optim import RowWiseAdagrad
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+from trainer.config import ShardingConfig, ShardingType, SparseOptimizer
+
+_GPU_ONLY = {ShardingType.ROW_WISE, ShardingType.TABLE_ROW_WISE}
+
+
+def sparse_optimizer_class(kind: SparseOptimizer) -> tuple[type[torch.optim.Optimizer], dict]:
+    if kind is SparseOptimizer.ROWWISE_ADAGRAD:
+        return RowWiseAdagrad, {}
+    if kind is SparseOptimizer.ADAGRAD:
+        return torch.optim.Adagrad, {}
+    if kind is SparseOptimizer.ADAM:
+        return torch.optim.Adam, {}
+    return torch.optim.SGD, {}
+
+
+def attach_sparse_optimizer(model: nn.Module, kind: SparseOptimizer, lr: float) -> None:
+    """Register the fused in-backward optimizer on every embedding collection's tables."""
+    optimizer_class, extra = sparse_optimizer_class(kind)
+    for module in model.modules():
+        if isinstance(module, EmbeddingBagCollection):
+            apply_optimizer_in_backward(optimizer_class, module.parameters(), {"lr": lr, **extra})
+
+
+def allowed_sharding_types(config: ShardingConfig, device: torch.device) -> list[str]:
+    allowed = [t for t in config.sharding_types if device.type == "cuda" or t not in _GPU_ONLY]
+    if not allowed:
+        raise ValueError(
+            "config key 'sharding.sharding_types': none of "
+            f"{[t.value for t in config.sharding_types]} is available on {device.type}"
+        )
+    return [t.value for t in allowed]
+
+
+def plan_sharding(
+    model: nn.Module, config: ShardingConfig, device: torch.device, world_size: int
+) -> ShardingPlan:
+    """A collective plan (all ranks agree) over the real topology."""
+    sharding_types = allowed_sharding_types(config, device)
+    constraints = {}
+    for module in model.modules():
+        if isinstance(module, EmbeddingBagCollection):
+            for table in module.embedding_bag_configs():
+                constraints[table.name] = ParameterConstraints(sharding_types=sharding_types)
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=world_size, compute_device=device.type),
+        constraints=constraints,
+    )
+    return planner.collective_plan(model, [EmbeddingBagCollectionSharder()], dist.GroupMember.WORLD)
+
+
+def shard_model(
+    model: nn.Module, config: ShardingConfig, device: torch.device, world_size: int
+) -> DistributedModelParallel:
+    plan = plan_sharding(model, config, device, world_size)
+    return DistributedModelParallel(
+        module=model, device=device, plan=plan, sharders=[EmbeddingBagCollectionSharder()]
+    )
+
+
+def describe_plan(model: DistributedModelParallel) -> str:
+    return str(model.plan)
