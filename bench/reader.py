@@ -22,14 +22,17 @@ def bare_scan(root: str, manifest: Manifest, batch_size: int) -> float:
     columns = manifest.schema.event_arrow_schema().names
     start, rows = time.perf_counter(), 0
     for path in manifest.split_paths(root, "train"):
-        for record_batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns):
+        for record_batch in pq.ParquetFile(path).iter_batches(
+            batch_size=batch_size, columns=columns
+        ):
             rows += record_batch.num_rows
     return rows / (time.perf_counter() - start)
 
 
 def loader_rate(root: str, manifest: Manifest, batch_size: int, workers: int) -> float:
-    spec = LoaderSpec(root=root, split="train", batch_size=batch_size, num_workers=workers,
-                      shuffle=True, window=4)
+    spec = LoaderSpec(
+        root=root, split="train", batch_size=batch_size, num_workers=workers, shuffle=True, window=4
+    )
     loader = build_event_loader(spec, manifest, rank=0, world_size=1)
     start, rows = time.perf_counter(), 0
     for batch in loader:
@@ -43,8 +46,13 @@ def run(root: str, batch_size: int) -> list[dict]:
     rows = [{"method": "pyarrow iter_batches (bare scan)", "rows/s": baseline, "ratio": 1.0}]
     for workers in (0, 2):
         rate = loader_rate(root, manifest, batch_size, workers)
-        rows.append({"method": f"twotower loader, {workers} workers (Batch + KJT)",
-                     "rows/s": rate, "ratio": rate / baseline})
+        rows.append(
+            {
+                "method": f"twotower loader, {workers} workers (Batch + KJT)",
+                "rows/s": rate,
+                "ratio": rate / baseline,
+            }
+        )
     return rows
 
 

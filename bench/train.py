@@ -21,11 +21,23 @@ from trainer.run_logger import read_metrics
 
 def samples_per_second(config: str, data: str, nproc: int, steps: int, extra: list[str]) -> float:
     with tempfile.TemporaryDirectory() as run_dir:
-        overrides = [f"data.path={data}", f"run.dir={run_dir}", f"train.max_steps={steps}",
-                     "train.log_every_steps=25", "eval.at_end=false", "logging.wandb=false",
-                     "train.progress_bar=false", "train.epochs=100", *extra]
-        subprocess.run(torchrun_command(nproc, config, overrides), check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        overrides = [
+            f"data.path={data}",
+            f"run.dir={run_dir}",
+            f"train.max_steps={steps}",
+            "train.log_every_steps=25",
+            "eval.at_end=false",
+            "logging.wandb=false",
+            "train.progress_bar=false",
+            "train.epochs=100",
+            *extra,
+        ]
+        subprocess.run(
+            torchrun_command(nproc, config, overrides),
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         rates = [r["samples_per_s"] for r in read_metrics(Path(run_dir)) if "samples_per_s" in r]
     return statistics.median(rates[1:] or rates)
 
@@ -47,8 +59,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    print_table(run(args.config, args.data, args.steps, args.overrides),
-                ["ranks", "samples/s", "ratio vs 1 rank"])
+    print_table(
+        run(args.config, args.data, args.steps, args.overrides),
+        ["ranks", "samples/s", "ratio vs 1 rank"],
+    )
 
 
 if __name__ == "__main__":

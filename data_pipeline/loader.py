@@ -48,8 +48,9 @@ def build_event_loader(
     units = list_work_units(manifest.split_paths(root, spec.split), schema.event_arrow_schema())
     stream = ParquetEventStream(
         units=units,
-        convert=BatchBuilder(with_derived_features(schema, spec.recent_history),
-                             spec.recent_history),
+        convert=BatchBuilder(
+            with_derived_features(schema, spec.recent_history), spec.recent_history
+        ),
         validator=IdValidator(schema, manifest.tables, spec.id_policy),
         batch_size=spec.batch_size,
         columns=schema.event_arrow_schema().names,
@@ -65,5 +66,8 @@ def build_event_loader(
         num_workers=spec.num_workers,
         worker_init_fn=seed_worker if spec.num_workers else None,
         persistent_workers=False,
+        # Workers start from a clean server process: forking a trainer that already runs gloo,
+        # OpenMP and Arrow thread pools can deadlock the child.
+        multiprocessing_context="forkserver" if spec.num_workers else None,
         prefetch_factor=4 if spec.num_workers else None,
     )

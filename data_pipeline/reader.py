@@ -36,7 +36,9 @@ class WorkUnit:
     rows: int
 
 
-def list_work_units(paths: Sequence[Path | str], expected: pa.Schema | None = None) -> list[WorkUnit]:
+def list_work_units(
+    paths: Sequence[Path | str], expected: pa.Schema | None = None
+) -> list[WorkUnit]:
     """Row groups of ``paths`` from Parquet metadata only, validating each file's schema.
 
     Raises:
@@ -173,7 +175,11 @@ class ParquetEventStream(IterableDataset):
                 skip_rows -= rows
                 continue
             tables = [self._read_checked(u) for u in chunk]
-            table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+            table = (
+                pa.concat_tables(tables, promote_options="permissive")
+                if len(tables) > 1
+                else tables[0]
+            )
             if self.shuffle:
                 key = [self.seed, self.epoch, self.rank, worker_id, index]
                 table = table.take(np.random.default_rng(key).permutation(table.num_rows))
@@ -195,14 +201,14 @@ class ParquetEventStream(IterableDataset):
             pending.append(table.slice(already))
             pending_rows += table.num_rows - already
             while pending_rows >= self.batch_size:
-                merged = pa.concat_tables(pending)
+                merged = pa.concat_tables(pending, promote_options="permissive")
                 batch, rest = merged.slice(0, self.batch_size), merged.slice(self.batch_size)
                 pending, pending_rows = [rest], rest.num_rows
                 self.rows_consumed += batch.num_rows
                 yield self.convert(batch)
         if pending_rows:
             self.rows_consumed += pending_rows
-            yield self.convert(pa.concat_tables(pending))
+            yield self.convert(pa.concat_tables(pending, promote_options="permissive"))
         self._resume_rows = 0
 
 

@@ -52,11 +52,11 @@ class IdValidator:
                     f"[{low}, {high}] outside table '{feature.table}' of size {size} "
                     f"(set data.id_policy=hash to fold them into range)"
                 )
-            table = table.set_column(
-                table.column_names.index(feature.name),
-                feature.name,
-                _fold(column, size, feature.kind),
-            )
+            index = table.column_names.index(feature.name)
+            field = table.schema.field(index)
+            # Keep the exact field (nullability, list child name) so row groups still concatenate.
+            folded = _fold(column, size, feature.kind).cast(field.type)
+            table = table.set_column(index, field, folded)
         self._check_labels(table, path, row_group)
         return table
 

@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from trainer.logs import configure_logging
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="twotower", description=__doc__)
@@ -17,8 +19,12 @@ def _parser() -> argparse.ArgumentParser:
     movielens = datasets.add_parser("movielens", help="GroupLens MovieLens ratings")
     movielens.add_argument("--variant", default="100k", choices=["100k", "1m", "20m", "25m", "32m"])
     movielens.add_argument("--out", required=True, type=Path)
-    movielens.add_argument("--source", type=Path, default=None,
-                           help="GroupLens zip or unpacked folder (else download, else offline copy)")
+    movielens.add_argument(
+        "--source",
+        type=Path,
+        default=None,
+        help="GroupLens zip or unpacked folder (else download, else offline copy)",
+    )
     movielens.add_argument("--history-length", type=int, default=50)
     synthetic = datasets.add_parser("synthetic", help="latent-factor world with a logged feed")
     synthetic.add_argument("--users", type=int, default=10_000)
@@ -56,15 +62,21 @@ def _prepare(args: argparse.Namespace) -> int:
         from data_pipeline.datasets.movielens import prepare_movielens
 
         manifest = prepare_movielens(
-            variant=args.variant, out=args.out, source=args.source,
+            variant=args.variant,
+            out=args.out,
+            source=args.source,
             history_length=args.history_length,
         )
     else:
         from data_pipeline.datasets.synthetic import prepare_synthetic
 
         manifest = prepare_synthetic(
-            users=args.users, items=args.items, events=args.events, seed=args.seed,
-            out=args.out, history_length=args.history_length,
+            users=args.users,
+            items=args.items,
+            events=args.events,
+            seed=args.seed,
+            out=args.out,
+            history_length=args.history_length,
         )
     rows = {name: info.rows for name, info in manifest.splits.items()}
     print(f"prepared {manifest.dataset} in {args.out}: rows {rows}")
@@ -106,9 +118,14 @@ def _plot(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers = {"prepare": _prepare, "train": _train, "eval": _eval, "launch": _launch,
-                "plot": _plot}
+    configure_logging()
+    handlers = {
+        "prepare": _prepare,
+        "train": _train,
+        "eval": _eval,
+        "launch": _launch,
+        "plot": _plot,
+    }
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError) as error:

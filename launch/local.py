@@ -6,11 +6,20 @@ import subprocess
 import sys
 
 
-def torchrun_command(nproc: int, config: str, overrides: list[str], max_restarts: int = 0) -> list[str]:
+def torchrun_command(
+    nproc: int, config: str, overrides: list[str], max_restarts: int = 0
+) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run",
-        "--standalone", f"--nproc_per_node={nproc}", f"--max_restarts={max_restarts}",
-        "-m", "trainer.train", config, *overrides,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        f"--max_restarts={max_restarts}",
+        "-m",
+        "trainer.train",
+        config,
+        *overrides,
     ]
 
 

@@ -25,10 +25,16 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         metrics = json.loads(metrics_path.read_text())
         for name in ("model", "popularity"):
             points = sorted(
-                (int(k.split("@")[1]), v) for k, v in metrics[name].items() if k.startswith("recall@")
+                (int(k.split("@")[1]), v)
+                for k, v in metrics[name].items()
+                if k.startswith("recall@")
             )
-            recall_axis.plot([p[0] for p in points], [p[1] for p in points], marker="o",
-                             label="two-tower" if name == "model" else "most popular")
+            recall_axis.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                marker="o",
+                label="two-tower" if name == "model" else "most popular",
+            )
         recall_axis.set(title=f"Recall@K ({metrics['split']})", xlabel="K", ylabel="recall")
         recall_axis.legend()
     figure.tight_layout()

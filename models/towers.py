@@ -33,7 +33,9 @@ def table_configs(
     configs = []
     for table, feature_names in by_table.items():
         if table not in tables:
-            raise ValueError(f"feature(s) {feature_names} read table '{table}' missing from manifest")
+            raise ValueError(
+                f"feature(s) {feature_names} read table '{table}' missing from manifest"
+            )
         configs.append(
             EmbeddingBagConfig(
                 name=table,

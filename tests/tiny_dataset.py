@@ -49,20 +49,31 @@ def _events(rng: np.random.Generator, rows: int, start: int) -> pa.Table:
     )
 
 
-def write_tiny_dataset(root: Path, train_rows: int = 640, row_group_rows: int = 64, seed: int = 0) -> Path:
+def write_tiny_dataset(
+    root: Path, train_rows: int = 640, row_group_rows: int = 64, seed: int = 0
+) -> Path:
     """Writes train/valid/test/items/users + manifest.json under ``root``; returns ``root``."""
     rng = np.random.default_rng(seed)
     splits = {}
     for split, rows in (("train", train_rows), ("valid", USERS), ("test", USERS)):
-        with ShardWriter(root, split, SCHEMA.event_arrow_schema(), rows_per_file=train_rows // 2,
-                         row_group_rows=row_group_rows) as writer:
+        with ShardWriter(
+            root,
+            split,
+            SCHEMA.event_arrow_schema(),
+            rows_per_file=train_rows // 2,
+            row_group_rows=row_group_rows,
+        ) as writer:
             table = _events(rng, rows, start=0 if split == "train" else 10**6)
             if split != "train":
                 table = table.set_column(0, "user_id", pa.array(np.arange(USERS)))
             writer.write(table)
         splits[split] = writer.info
-    items = pa.table({"item_id": np.arange(ITEMS),
-                      "item_tags": pa.array([[i % CATEGORIES, (i + 1) % CATEGORIES] for i in range(ITEMS)])})
+    items = pa.table(
+        {
+            "item_id": np.arange(ITEMS),
+            "item_tags": pa.array([[i % CATEGORIES, (i + 1) % CATEGORIES] for i in range(ITEMS)]),
+        }
+    )
     users = pa.table({"user_id": np.arange(USERS), "user_segment": np.arange(USERS) % 3})
     for split, table, side in (("items", items, Side.ITEM), ("users", users, Side.USER)):
         with ShardWriter(root, split, SCHEMA.side_arrow_schema(side), row_group_rows=16) as writer:

@@ -107,8 +107,8 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [10, 50, 100])
     exclude_seen: bool = True
     at_end: bool = True
-    query_chunk: int = 4096
-    corpus_chunk: int = 65536
+    query_chunk: int = 1024
+    corpus_chunk: int = 8192
 
 
 @dataclass
@@ -136,7 +136,9 @@ class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+def load_config(
+    path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
+) -> ExperimentConfig:
     """Load ``path`` (YAML) over the defaults, then apply ``a.b=c`` overrides.
 
     Raises:

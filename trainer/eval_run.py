@@ -16,7 +16,9 @@ from trainer.evaluate import evaluate_model
 logger = logging.getLogger(__name__)
 
 
-def evaluate_run(run_dir: str | Path, split: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+def evaluate_run(
+    run_dir: str | Path, split: str | None = None, overrides: list[str] | None = None
+) -> dict[str, Any]:
     """Collective over the current process group (any world size: checkpoints reshard)."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"

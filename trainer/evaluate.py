@@ -34,7 +34,9 @@ logger = logging.getLogger(__name__)
 PRIOR_SPLITS = {"valid": ("train",), "test": ("train", "valid"), "train": ()}
 
 
-def read_split_columns(root: str, manifest: Manifest, split: str, columns: Sequence[str]) -> pa.Table:
+def read_split_columns(
+    root: str, manifest: Manifest, split: str, columns: Sequence[str]
+) -> pa.Table:
     """Whole-split read of a few columns (corpus and user/item id pairs, not event features)."""
     tables = [pq.read_table(p, columns=list(columns)) for p in manifest.split_paths(root, split)]
     return pa.concat_tables(tables)
@@ -49,8 +51,9 @@ def embed_corpus(
     Returns: (item ids [n_r] int64, embeddings [n_r, D]). Every rank runs the same number of
     forward calls (sharded tables need matched collectives).
     """
-    items = read_split_columns(config.data.path, manifest, "items", manifest.schema.side_arrow_schema(
-        _item_side()).names)
+    items = read_split_columns(
+        config.data.path, manifest, "items", manifest.schema.side_arrow_schema(_item_side()).names
+    )
     items = items.sort_by(ITEM_ID)
     start, stop = shard_range(items.num_rows, env.rank, env.world_size)
     local = items.slice(start, stop - start)
@@ -89,8 +92,9 @@ def embed_queries(
 
     Returns: (user ids [q_r], target item ids [q_r], query embeddings [q_r, D]).
     """
-    loader = build_event_loader(loader_spec(config, split, train=False), manifest, env.rank,
-                                env.world_size)
+    loader = build_event_loader(
+        loader_spec(config, split, train=False), manifest, env.rank, env.world_size
+    )
     users, targets, embeddings = [], [], []
     iterator = iter(loader)
     template = None
@@ -123,7 +127,10 @@ def _empty_query_batch(manifest: Manifest, config: ExperimentConfig):  # noqa: A
 
 
 def seen_items(
-    config: ExperimentConfig, manifest: Manifest, split: str, user_ids: np.ndarray,
+    config: ExperimentConfig,
+    manifest: Manifest,
+    split: str,
+    user_ids: np.ndarray,
     targets: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per query, the items its user had in earlier splits, minus the query's own target.
@@ -133,8 +140,10 @@ def seen_items(
     if not config.eval.exclude_seen or not PRIOR_SPLITS.get(split):
         return np.zeros(len(user_ids) + 1, np.int64), np.zeros(0, np.int64)
     pairs = pa.concat_tables(
-        [read_split_columns(config.data.path, manifest, s, [USER_ID, ITEM_ID])
-         for s in PRIOR_SPLITS[split]]
+        [
+            read_split_columns(config.data.path, manifest, s, [USER_ID, ITEM_ID])
+            for s in PRIOR_SPLITS[split]
+        ]
     )
     users = pairs.column(USER_ID).to_numpy()
     items = pairs.column(ITEM_ID).to_numpy()
@@ -143,7 +152,8 @@ def seen_items(
     starts = np.searchsorted(users, user_ids, side="left")
     stops = np.searchsorted(users, user_ids, side="right")
     chunks = [
-        np.unique(items[a:b][items[a:b] != t]) for a, b, t in zip(starts, stops, targets, strict=True)
+        np.unique(items[a:b][items[a:b] != t])
+        for a, b, t in zip(starts, stops, targets, strict=True)
     ]
     offsets = np.zeros(len(chunks) + 1, np.int64)
     offsets[1:] = np.cumsum([len(c) for c in chunks])
@@ -160,8 +170,9 @@ def popularity_scores(config: ExperimentConfig, manifest: Manifest, num_items: i
 def _reduce_metrics(local: dict[str, float], count: int, device: torch.device) -> dict[str, float]:
     """Query-weighted mean of per-rank metric means."""
     keys = [k for k in local if not k.startswith("coverage")]
-    values = torch.tensor([local[k] * count for k in keys] + [count], dtype=torch.float64,
-                          device=device)
+    values = torch.tensor(
+        [local[k] * count for k in keys] + [count], dtype=torch.float64, device=device
+    )
     dist.all_reduce(values)
     total = max(values[-1].item(), 1.0)
     return {k: float(values[i].item() / total) for i, k in enumerate(keys)}
@@ -178,13 +189,18 @@ def _coverage(top10: torch.Tensor, num_items: int, device: torch.device) -> floa
 def cutoffs_for(ks: Sequence[int]) -> MetricCutoffs:
     """HR@10, Recall@each K, NDCG@K for K <= 50, coverage@10."""
     return MetricCutoffs(
-        hit_rate=(10,), recall=tuple(ks), ndcg=tuple(k for k in ks if k <= 50) or (min(ks),),
+        hit_rate=(10,),
+        recall=tuple(ks),
+        ndcg=tuple(k for k in ks if k <= 50) or (min(ks),),
         coverage=(10,),
     )
 
 
 def _score_ranking(
-    topk_ids: torch.Tensor, targets: torch.Tensor, ks: Sequence[int], num_items: int,
+    topk_ids: torch.Tensor,
+    targets: torch.Tensor,
+    ks: Sequence[int],
+    num_items: int,
     device: torch.device,
 ) -> dict[str, float]:
     """Metrics over all ranks' queries (means weighted by each rank's query count)."""
@@ -193,8 +209,10 @@ def _score_ranking(
         local = retrieval_metrics(topk_ids.cpu(), targets.cpu(), num_items, cutoffs)
     else:
         placeholder = torch.zeros(1, max(ks), dtype=torch.int64)
-        local = dict.fromkeys(retrieval_metrics(placeholder, torch.zeros(1, dtype=torch.int64),
-                                                num_items, cutoffs), 0.0)
+        local = dict.fromkeys(
+            retrieval_metrics(placeholder, torch.zeros(1, dtype=torch.int64), num_items, cutoffs),
+            0.0,
+        )
     result = _reduce_metrics(local, len(targets), device)
     result["coverage@10"] = _coverage(topk_ids[:, :10], num_items, device)
     return result
@@ -215,18 +233,31 @@ def evaluate_model(
     num_items = manifest.tables["item_id"]
     corpus_ids, corpus = embed_corpus(model, manifest, config, env)
     users, targets, queries = embed_queries(model, manifest, config, env, split)
-    offsets, excluded = seen_items(config, manifest, split, users.cpu().numpy(),
-                                   targets.cpu().numpy())
+    offsets, excluded = seen_items(
+        config, manifest, split, users.cpu().numpy(), targets.cpu().numpy()
+    )
     exclude = ItemLists(torch.from_numpy(offsets), torch.from_numpy(excluded))
-    _, topk_ids = distributed_topk(queries, corpus, corpus_ids, k, exclude=exclude,
-                                   query_chunk=config.eval.query_chunk,
-                                   corpus_chunk=config.eval.corpus_chunk)
-    results = {"split": split, "num_items": num_items,
-               "model": _score_ranking(topk_ids, targets, config.eval.ks, num_items, env.device)}
+    _, topk_ids = distributed_topk(
+        queries,
+        corpus,
+        corpus_ids,
+        k,
+        exclude=exclude,
+        query_chunk=config.eval.query_chunk,
+        corpus_chunk=config.eval.corpus_chunk,
+    )
+    results = {
+        "split": split,
+        "num_items": num_items,
+        "model": _score_ranking(topk_ids, targets, config.eval.ks, num_items, env.device),
+    }
     popularity = torch.from_numpy(popularity_scores(config, manifest, num_items))
     _, pop_ids = distributed_topk(
         torch.ones(len(targets), 1, device=env.device),
-        popularity[corpus_ids.cpu()].unsqueeze(1).to(env.device), corpus_ids, k, exclude=exclude,
+        popularity[corpus_ids.cpu()].unsqueeze(1).to(env.device),
+        corpus_ids,
+        k,
+        exclude=exclude,
     )
     results["popularity"] = _score_ranking(pop_ids, targets, config.eval.ks, num_items, env.device)
     count = torch.tensor([len(targets)], device=env.device)
@@ -248,6 +279,7 @@ def format_table(results: dict[str, Any]) -> str:
         ours, base = results["model"][name], results["popularity"].get(name, float("nan"))
         ratio = ours / base if base else float("inf")
         lines.append(f"{name:<14}{ours:>12.4f}{base:>14.4f}{ratio:>9.2f}")
-    lines.append(f"({results['num_queries']} queries on '{results['split']}', "
-                 f"{results['num_items']} items)")
+    lines.append(
+        f"({results['num_queries']} queries on '{results['split']}', {results['num_items']} items)"
+    )
     return "\n".join(lines)

@@ -5,57 +5,28 @@ float64 from the float32 inputs, items ordered by score descending then id ascen
 items removed, missing slots padded with score -inf and id -1). Returned scores are the float64
 scores rounded to float32.
 
-Design (why it is fast): the GEMM is cheap; choosing the top-K out of the [Q, N] scores is what
-costs. Each query chunk sweeps the corpus chunk by chunk with one GEMM each and keeps, per query,
-a small buffer of candidates plus a threshold; an item only enters the buffer when its score
-reaches the threshold. As the threshold soon sits near the query's K-th best score, only
-~K * log(N / corpus_chunk) items per query ever enter, and the per-chunk work is the GEMM, a max
-over groups of ``_GROUP`` columns and a compare on the 64x smaller group maxima. Where the CPU
-has native bf16 dot products (``filter_precision``), chunks after the first use a bf16 GEMM
-(~2x cheaper) whose hits are re-scored in float32 before entering the buffer. On CPU, query
-chunks are spread over worker threads that each run torch single-threaded: no fork-join per op,
-and a core taken by another process slows one stream instead of stalling every parallel op (2
-busy cores: ~440 vs ~60 queries/s).
-
-Why filtering stays exact (the margin): a float32 GEMM score s32 and the float64 score s64 of a
-pair differ by at most e_q = gamma_D |q| max_n |c_n| (the dot-product rounding bound, any
-summation order; ``score_error_bound``), doubled for safety. If T is the K-th largest float32
-score among the items seen, at least K items have s64 >= T - e_q, so every item of the true
-top-K has s64 >= T - e_q, hence s32 >= T - 2 e_q: the buffer keeps every such item, a superset of
-the true top-K, and the final step rescores it in float64 and sorts by (score desc, id asc). The
-bf16 GEMM has its own bound E_q (input and output rounding 2^-8), so it passes every pair with
-bf16 score >= threshold - e_q - E_q. If float32 ties would grow a row past 2K entries (e.g.
-integer embeddings), the row is pruned exactly (float64, keep K; threshold s64_K - e_q), so
-memory stays bounded by the chunk sizes.
+This module holds the API, the input checks and the distributed merge; the blocked sweep that
+makes ``exact_topk`` fast while staying exact (float32/bf16 filters with error bounds, float64
+rescoring) lives in ``trainer.mips_sweep``, whose docstring gives the argument.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import logging
-import threading
-import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
 
-logger = logging.getLogger(__name__)
-
-# Columns reduced to one maximum before thresholding; 64 keeps the pre-filter ~0.1 ns per score.
-_GROUP = 64
-# Candidates are rescored in float64 in flat blocks of this many (query, item) pairs.
-_RESCORE_BLOCK = 1 << 16
-_FLOAT32_MIN = torch.finfo(torch.float32).min
-# Buffer slots per query, in units of k: a full buffer triggers a threshold update (compaction).
-_BUFFER_WIDTH = 4
-
-FilterPrecision = Literal["auto", "bfloat16", "float32"]
+from trainer.mips_sweep import (
+    FilterPrecision,
+    _bound_from_norms,
+    _ExcludedPairs,
+    _norms,
+    _resolve_filter_precision,
+    _sort_by_score_then_id,
+    _sweep_topk,
+)
 
 
 class ItemLists(NamedTuple):
@@ -127,34 +98,6 @@ def score_error_bound(
     """
     query_norms, max_norm = _norms(queries, corpus)
     return _bound_from_norms(query_norms, max_norm, queries.shape[1], bfloat16, queries.device)
-
-
-def _norms(queries: torch.Tensor, corpus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """|q| [Q] float64 and max_n |c_n| (scalar float64), inflated 1.001x for float32 rounding."""
-    max_norm = corpus.norm(dim=1).max().double() if corpus.shape[0] else torch.zeros(())
-    return 1.001 * queries.norm(dim=1).double(), 1.001 * max_norm.to(queries.device)
-
-
-def _bound_from_norms(
-    query_norms: torch.Tensor,
-    max_norm: torch.Tensor,
-    dim: int,
-    bfloat16: bool,
-    device: torch.device,
-) -> torch.Tensor:
-    unit = 2.0**-24
-    gamma = dim * unit / (1.0 - dim * unit)
-    reduced = torch.get_float32_matmul_precision() != "highest"
-    if device.type == "cuda":
-        reduced = reduced or torch.backends.cuda.matmul.allow_tf32
-    input_rounding = 2.0**-8 if (reduced or bfloat16) else 0.0  # bf16: the coarsest in use
-    output_rounding = 2.0**-8 if bfloat16 else 0.0
-    inflation = (1.0 + input_rounding) ** 2
-    factor = 2.0 * input_rounding + input_rounding**2 + gamma * inflation
-    factor += output_rounding * (1.0 + gamma) * inflation
-    bound = 2.0 * factor * query_norms * max_norm
-    bound += dim * 2.0**-126 * (1.0 + query_norms + max_norm)
-    return bound.float()
 
 
 def exact_topk(
@@ -318,497 +261,28 @@ def _exact_topk_float64(
         raise ValueError(f"filter_precision must be auto|bfloat16|float32, got {filter_precision}")
     num_queries, num_items, device = queries.shape[0], corpus.shape[0], queries.device
     ids = _corpus_ids_or_arange(corpus_ids, num_items, device)
-    scores_out = torch.full((num_queries, k), float("-inf"), dtype=torch.float64, device=device)
-    ids_out = torch.full((num_queries, k), -1, dtype=torch.int64, device=device)
     if num_queries == 0 or num_items == 0:
-        return scores_out, ids_out
-    excluded = None if exclude is None else _ExcludedPairs.build(exclude, ids)
-    workers = (num_threads or torch.get_num_threads()) if device.type == "cpu" else 1
-    with _intra_op_threads(1 if workers > 1 else num_threads):
-        norms = _norms(queries, corpus)
-        sweep = _Sweep(
-            corpus=corpus,
-            corpus_bfloat16=_bfloat16_corpus(corpus, filter_precision, corpus_chunk),
-            error=_bound_from_norms(*norms, queries.shape[1], False, device),
-            error_bfloat16=_bound_from_norms(*norms, queries.shape[1], True, device),
-            corpus_chunk=corpus_chunk,
-        )
-        chunk = min(query_chunk, -(-num_queries // workers))
-        per_thread = threading.local()
-
-        def solve(start: int) -> None:
-            stop = min(start + chunk, num_queries)
-            if not hasattr(per_thread, "scratch"):
-                per_thread.scratch = _Scratch.allocate(
-                    chunk, min(corpus_chunk, num_items), sweep.corpus_bfloat16 is not None, device
-                )
-            buffer = _CandidateBuffer(queries[start:stop], corpus, ids, k, sweep.error[start:stop])
-            chunk_excluded = None if excluded is None else excluded.for_queries(start, stop)
-            sweep.run(buffer, start, chunk_excluded, per_thread.scratch)
-            scores_out[start:stop], ids_out[start:stop] = buffer.finish()
-
-        if workers == 1:
-            for start in range(0, num_queries, chunk):
-                solve(start)
-        else:
-            # One single-threaded stream per core: no fork-join per op, and a core taken by
-            # another process slows one stream instead of stalling every parallel op.
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(solve, range(0, num_queries, chunk)))
-    return scores_out, ids_out
-
-
-class _Scratch(NamedTuple):
-    """Per-worker flat score buffers: float32 [q * n] and bfloat16 [q * n] (empty if unused)."""
-
-    float32: torch.Tensor
-    bfloat16: torch.Tensor
-
-    @classmethod
-    def allocate(cls, rows: int, columns: int, bfloat16: bool, device: torch.device) -> _Scratch:
-        size = rows * columns
-        return cls(
-            torch.empty(size, device=device),
-            torch.empty(size if bfloat16 else 0, dtype=torch.bfloat16, device=device),
-        )
-
-
-@dataclass(frozen=True)
-class _Sweep:
-    """What every query chunk's sweep shares: the corpus (float32, optional bf16 copy) and the
-    per-query score error bounds error [Q] / error_bfloat16 [Q] (see ``score_error_bound``)."""
-
-    corpus: torch.Tensor
-    corpus_bfloat16: torch.Tensor | None
-    error: torch.Tensor
-    error_bfloat16: torch.Tensor
-    corpus_chunk: int
-
-    def run(
-        self,
-        buffer: _CandidateBuffer,
-        query_start: int,
-        excluded: _ExcludedPairs | None,
-        scratch: _Scratch,
-    ) -> None:
-        """Feed every corpus chunk's candidates into the buffer of queries from query_start."""
-        num_items, num_rows = self.corpus.shape[0], buffer.queries.shape[0]
-        bounds = None if excluded is None else excluded.chunk_bounds(num_items, self.corpus_chunk)
-        queries_bfloat16 = None
-        if self.corpus_bfloat16 is not None:
-            queries_bfloat16 = buffer.queries.bfloat16()
-        # A float32 score >= threshold implies a bf16 score >= threshold - both errors.
-        bfloat16_margin = buffer.error + self.error_bfloat16[query_start : query_start + num_rows]
-        for chunk_index, start in enumerate(range(0, num_items, self.corpus_chunk)):
-            stop = min(start + self.corpus_chunk, num_items)
-            chunk = _CorpusChunk(
-                start,
-                stop,
-                excluded,
-                None if bounds is None else bounds[chunk_index : chunk_index + 2],
-            )
-            # The int16 trick in _bfloat16_at_least needs positive thresholds; the first chunk
-            # (no threshold yet) and unusual data take the float32 path.
-            if self.corpus_bfloat16 is not None and queries_bfloat16 is not None and start > 0:
-                prefilter = buffer.threshold - bfloat16_margin
-                if bool((prefilter > 0).all()):
-                    self._bfloat16_chunk(
-                        buffer, queries_bfloat16, self.corpus_bfloat16, prefilter, chunk, scratch
-                    )
-                    continue
-            self._float32_chunk(buffer, chunk, scratch)
-
-    def _float32_chunk(
-        self, buffer: _CandidateBuffer, chunk: _CorpusChunk, scratch: _Scratch
-    ) -> None:
-        """Float32 GEMM of the chunk, entries >= the buffer threshold enter the buffer."""
-        num_rows = buffer.queries.shape[0]
-        scores = scratch.float32[: num_rows * chunk.size].view(num_rows, chunk.size)
-        torch.mm(buffer.queries, self.corpus[chunk.start : chunk.stop].T, out=scores)  # [q, n]
-        chunk.mask_excluded(scores)
-        if chunk.start == 0:
-            buffer.raise_threshold(_kth_score_lower_bound(scores, buffer.k))
-        rows, columns, values = _scores_at_least(scores, buffer.threshold)
-        buffer.append(rows, columns + chunk.start, values)
-
-    def _bfloat16_chunk(
-        self,
-        buffer: _CandidateBuffer,
-        queries_bfloat16: torch.Tensor,
-        corpus_bfloat16: torch.Tensor,
-        prefilter: torch.Tensor,
-        chunk: _CorpusChunk,
-        scratch: _Scratch,
-    ) -> None:
-        """bf16 GEMM picks pairs scoring >= prefilter [q]; their float32 scores are checked."""
-        num_rows = buffer.queries.shape[0]
-        scores = scratch.bfloat16[: num_rows * chunk.size].view(num_rows, chunk.size)
-        torch.mm(queries_bfloat16, corpus_bfloat16[chunk.start : chunk.stop].T, out=scores)
-        chunk.mask_excluded(scores)
-        rows, columns = _bfloat16_at_least(scores, prefilter)
-        corpus = self.corpus[chunk.start : chunk.stop]
-        values = _float32_scores(buffer.queries, rows, corpus, columns)
-        keep = values >= buffer.threshold[rows]
-        buffer.append(rows[keep], columns[keep] + chunk.start, values[keep])
-
-
-class _CorpusChunk(NamedTuple):
-    """Corpus rows [start, stop) and the slice [lo, hi) of the excluded pairs falling in them."""
-
-    start: int
-    stop: int
-    excluded: _ExcludedPairs | None
-    excluded_range: list[int] | None
-
-    @property
-    def size(self) -> int:
-        return self.stop - self.start
-
-    def mask_excluded(self, scores: torch.Tensor) -> None:
-        """Set excluded entries of the chunk's scores [q, size] to -inf."""
-        if self.excluded is not None and self.excluded_range is not None:
-            lo, hi = self.excluded_range
-            self.excluded.mask(scores, self.start, lo, hi)
+        scores = torch.full((num_queries, k), float("-inf"), dtype=torch.float64, device=device)
+        return scores, torch.full((num_queries, k), -1, dtype=torch.int64, device=device)
+    excluded = None if exclude is None else _ExcludedPairs.build(exclude.rows(), exclude.ids, ids)
+    return _sweep_topk(
+        queries,
+        corpus,
+        ids,
+        k,
+        excluded,
+        query_chunk,
+        corpus_chunk,
+        num_threads,
+        filter_precision,
+    )
 
 
 def resolved_filter_precision(
     corpus: torch.Tensor, filter_precision: FilterPrecision = "auto", corpus_chunk: int = 8192
 ) -> Literal["bfloat16", "float32"]:
     """The candidate-GEMM precision ``exact_topk`` will use for corpus [N, D] (see there)."""
-    if filter_precision == "float32" or corpus.device.type != "cpu":
-        return "float32"  # GPU bf16 GEMMs may reduce in bf16: the error bound would not hold
-    if filter_precision == "auto":
-        if corpus.shape[0] < 4 * corpus_chunk or not _bfloat16_matmul_is_faster():
-            return "float32"
-    return "bfloat16"
-
-
-def _bfloat16_corpus(
-    corpus: torch.Tensor, filter_precision: FilterPrecision, corpus_chunk: int
-) -> torch.Tensor | None:
-    """bf16 copy [N, D] of the corpus when the bf16 pre-filter is on, else None."""
-    if resolved_filter_precision(corpus, filter_precision, corpus_chunk) == "float32":
-        return None
-    _silence_sparse_csr_beta_warning()
-    return corpus.bfloat16()
-
-
-@functools.cache
-def _silence_sparse_csr_beta_warning() -> None:
-    """torch warns once per process that sparse CSR is beta; use up that warning, silenced."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        empty = torch.zeros(0, dtype=torch.int64)
-        torch.sparse_csr_tensor(
-            torch.zeros(2, dtype=torch.int64), empty, torch.zeros(0), size=(1, 1)
-        )
-
-
-@functools.cache
-def _bfloat16_matmul_is_faster() -> bool:
-    """Whether this CPU multiplies bf16 well (native bf16 dot products): timed once."""
-    left, right = torch.randn(256, 64), torch.randn(8192, 64)
-    out32, out16 = torch.empty(256, 8192), torch.empty(256, 8192, dtype=torch.bfloat16)
-    left16, right16 = left.bfloat16(), right.bfloat16()
-
-    def best_time(run: Callable[[], object]) -> float:
-        times = []
-        for _ in range(5):
-            begin = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - begin)
-        return min(times)
-
-    float32_s = best_time(lambda: torch.mm(left, right.T, out=out32))
-    bfloat16_s = best_time(lambda: torch.mm(left16, right16.T, out=out16))
-    logger.debug("matmul float32 %.2e s, bfloat16 %.2e s", float32_s, bfloat16_s)
-    return bfloat16_s * 1.4 < float32_s
-
-
-def _bfloat16_at_least(
-    scores: torch.Tensor, threshold: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entries of bf16 scores [q, n] >= threshold [q] (float32, all > 0): rows [m], columns [m].
-
-    For non-negative bf16 values the int16 bit patterns sort like the values and negative ones
-    are negative integers, so with a positive threshold the group max and compares run on int16
-    (torch's bf16 reductions are ~7x slower than int16 ones).
-    """
-    bits = scores.view(torch.int16)
-    key = threshold.bfloat16()
-    # Round the key down to a bf16 <= threshold so nothing at the threshold is missed.
-    key_bits = key.view(torch.int16) - (key.float() > threshold).to(torch.int16)
-    num_rows, num_columns = scores.shape
-    if num_columns % _GROUP:
-        rows, columns = (bits >= key_bits.unsqueeze(1)).nonzero(as_tuple=True)
-        return rows, columns
-    groups_per_row = num_columns // _GROUP
-    group_max = bits.view(num_rows, groups_per_row, _GROUP).amax(dim=2)
-    group_rows, group_index = (group_max >= key_bits.unsqueeze(1)).nonzero(as_tuple=True)
-    flat_groups = bits.view(num_rows * groups_per_row, _GROUP)
-    blocks = flat_groups.index_select(0, group_rows * groups_per_row + group_index)
-    hit, offset = (blocks >= key_bits[group_rows].unsqueeze(1)).nonzero(as_tuple=True)
-    return group_rows[hit], group_index[hit] * _GROUP + offset
-
-
-def _float32_scores(
-    queries: torch.Tensor, rows: torch.Tensor, corpus: torch.Tensor, columns: torch.Tensor
-) -> torch.Tensor:
-    """Float32 dot products [m] of pairs (queries[rows[i]], corpus[columns[i]]).
-
-    rows must be ascending with columns ascending within a row (as from nonzero). A sampled
-    matmul on the CSR pattern is ~4x faster than gathering both sides.
-    """
-    num_rows, num_columns = queries.shape[0], corpus.shape[0]
-    if rows.numel() == 0:
-        return queries.new_zeros(0)
-    row_offsets = rows.new_zeros(num_rows + 1)
-    torch.cumsum(_counts_of_sorted(rows, num_rows), 0, out=row_offsets[1:])
-    pattern = torch.sparse_csr_tensor(
-        row_offsets,
-        columns,
-        queries.new_zeros(rows.numel()),
-        size=(num_rows, num_columns),
-        check_invariants=False,
-    )
-    return torch.sparse.sampled_addmm(pattern, queries, corpus.T, beta=0.0).values()
-
-
-def _kth_score_lower_bound(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """A value [q] <= the k-th largest entry of each row of scores [q, n]; seeds the threshold.
-
-    The k-th largest of the maxima of k disjoint column groups is such a bound and costs
-    1/_GROUP of a full top-k; a row with fewer than k entries gets float32 min.
-    """
-    num_rows, num_columns = scores.shape
-    if num_columns % _GROUP == 0 and num_columns // _GROUP >= k:
-        scores = scores.view(num_rows, num_columns // _GROUP, _GROUP).amax(dim=2)
-    if scores.shape[1] < k:
-        return scores.new_full((num_rows,), _FLOAT32_MIN)
-    return torch.topk(scores, k, dim=1, sorted=False).values.amin(dim=1)
-
-
-def _scores_at_least(
-    scores: torch.Tensor, threshold: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Entries of scores [q, n] with value >= threshold [q] of their row.
-
-    Returns rows [m], columns [m], values [m], ordered by (row, column). Groups of ``_GROUP``
-    columns are first reduced to their maximum so the compare touches 1/_GROUP of the scores.
-    """
-    num_rows, num_columns = scores.shape
-    if num_columns % _GROUP:
-        rows, columns = (scores >= threshold.unsqueeze(1)).nonzero(as_tuple=True)
-        return rows, columns, scores[rows, columns]
-    groups_per_row = num_columns // _GROUP
-    group_max = scores.view(num_rows, groups_per_row, _GROUP).amax(dim=2)
-    group_rows, group_index = (group_max >= threshold.unsqueeze(1)).nonzero(as_tuple=True)
-    # index_select on a flat [q * groups, _GROUP] view is ~2x faster than 2-D advanced indexing.
-    flat_groups = scores.view(num_rows * groups_per_row, _GROUP)
-    blocks = flat_groups.index_select(0, group_rows * groups_per_row + group_index)
-    hit, offset = (blocks >= threshold[group_rows].unsqueeze(1)).nonzero(as_tuple=True)
-    values = blocks.view(-1).index_select(0, hit * _GROUP + offset)
-    return group_rows[hit], group_index[hit] * _GROUP + offset, values
-
-
-class _CandidateBuffer:
-    """Candidate items of one query chunk plus the float32 entry threshold of each query.
-
-    Invariant: for every query the buffer holds the whole exact top-k (float64 score desc, id
-    asc) of the items swept so far, and an unseen item scoring below ``threshold`` in float32
-    cannot enter it. Valid entries fill the first ``fill`` slots of each row.
-
-    Fields: scores [q, width] float32 (-inf when empty), positions [q, width] int64 corpus rows
-    (-1 when empty), fill [q] int64, threshold [q] float32, error [q] float32 (see
-    ``score_error_bound``); width >= 4k.
-    """
-
-    def __init__(
-        self,
-        queries: torch.Tensor,
-        corpus: torch.Tensor,
-        corpus_ids: torch.Tensor,
-        k: int,
-        error: torch.Tensor,
-    ) -> None:
-        num_rows, device = queries.shape[0], queries.device
-        self.queries, self.corpus, self.corpus_ids, self.k, self.error = (
-            queries,
-            corpus,
-            corpus_ids,
-            k,
-            error,
-        )
-        width = _BUFFER_WIDTH * k
-        self.scores = torch.full((num_rows, width), float("-inf"), device=device)
-        self.positions = torch.full((num_rows, width), -1, dtype=torch.int64, device=device)
-        self.fill = torch.zeros(num_rows, dtype=torch.int64, device=device)
-        self.threshold = torch.full((num_rows,), _FLOAT32_MIN, device=device)
-
-    def raise_threshold(self, kth_float32: torch.Tensor) -> None:
-        """Tighten with kth_float32 [q]: the k-th best float32 score among valid seen items."""
-        candidate = (kth_float32 - 2.0 * self.error).clamp_min(_FLOAT32_MIN)
-        self.threshold = torch.maximum(self.threshold, candidate)
-
-    def append(self, rows: torch.Tensor, positions: torch.Tensor, scores: torch.Tensor) -> None:
-        """Add candidates [m]; rows must come grouped in ascending order (as from nonzero)."""
-        if rows.numel() == 0:
-            return
-        counts = _counts_of_sorted(rows, self.fill.numel())
-        if int((self.fill + counts).max()) > self.scores.shape[1]:
-            self._compact()
-            keep = scores >= self.threshold[rows]
-            rows, positions, scores = rows[keep], positions[keep], scores[keep]
-            counts = _counts_of_sorted(rows, self.fill.numel())
-            self._grow(int((self.fill + counts).max()))
-        starts = torch.cumsum(counts, 0) - counts
-        slots = self.fill[rows] + torch.arange(rows.numel(), device=rows.device) - starts[rows]
-        self.scores[rows, slots] = scores
-        self.positions[rows, slots] = positions
-        self.fill += counts
-
-    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The exact answer: scores [q, k] float64 and ids [q, k] int64."""
-        self._compact()
-        scores64, ids, _ = self._exact_rows(
-            torch.arange(self.fill.numel(), device=self.fill.device)
-        )
-        return scores64, ids
-
-    def _compact(self) -> None:
-        """Drop entries below the float32 k-th score - 2e; rows left with > 2k ties: exactly."""
-        self.raise_threshold(torch.topk(self.scores, self.k, dim=1, sorted=False).values.amin(1))
-        self.fill = (self.scores >= self.threshold.unsqueeze(1)).sum(dim=1)
-        # The kept entries of a row are its `fill` largest, so a top-`width` keeps all of them.
-        width = max(int(self.fill.max()), 1)
-        self.scores, order = torch.topk(self.scores, width, dim=1)
-        self.positions = self.positions.gather(1, order)
-        dropped = self.scores < self.threshold.unsqueeze(1)
-        self.scores.masked_fill_(dropped, float("-inf"))
-        self.positions.masked_fill_(dropped, -1)
-        self._grow(_BUFFER_WIDTH * self.k)
-        tied_rows = (self.fill > 2 * self.k).nonzero().squeeze(1)
-        if tied_rows.numel():
-            self._prune_exactly(tied_rows)
-
-    def _prune_exactly(self, rows: torch.Tensor) -> None:
-        """Keep only the exact top-k of ``rows`` [r]; their threshold becomes s64_k - e."""
-        scores64, _, order = self._exact_rows(rows)
-        valid = scores64 > float("-inf")
-        kept_scores = self.scores[rows].gather(1, order).masked_fill(~valid, float("-inf"))
-        kept_positions = self.positions[rows].gather(1, order).masked_fill(~valid, -1)
-        self.scores[rows] = float("-inf")
-        self.positions[rows] = -1
-        self.scores[rows, : self.k] = kept_scores
-        self.positions[rows, : self.k] = kept_positions
-        self.fill[rows] = valid.sum(dim=1)
-        lowered = (scores64[:, -1] - self.error[rows].double()).clamp_min(_FLOAT32_MIN)
-        self.threshold[rows] = torch.maximum(self.threshold[rows], lowered.float())
-
-    def _exact_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Float64 top-k of the candidates of ``rows`` [r].
-
-        Returns scores [r, k] float64, ids [r, k] int64 and the buffer slots [r, k] they hold.
-        """
-        positions = self.positions[rows]
-        valid_rows, valid_slots = (positions >= 0).nonzero(as_tuple=True)
-        scores64 = positions.new_full(positions.shape, float("-inf"), dtype=torch.float64)
-        scores64[valid_rows, valid_slots] = _rescore(
-            self.queries, rows[valid_rows], self.corpus, positions[valid_rows, valid_slots]
-        )
-        ids = self.corpus_ids[positions.clamp_min(0)]
-        return _sort_by_score_then_id(scores64, ids, self.k)
-
-    def _grow(self, width: int) -> None:
-        if width > self.scores.shape[1]:
-            self.scores = _pad_columns(self.scores, width, float("-inf"))
-            self.positions = _pad_columns(self.positions, width, -1)
-
-
-class _ExcludedPairs(NamedTuple):
-    """Excluded (query row, corpus position) pairs.
-
-    Fields: rows [m] int64, positions [m] int64. ``build`` sorts them by row (global rows);
-    ``for_queries`` returns rows local to a query chunk sorted by position.
-    """
-
-    rows: torch.Tensor
-    positions: torch.Tensor
-
-    @classmethod
-    def build(cls, exclude: ItemLists, corpus_ids: torch.Tensor) -> _ExcludedPairs:
-        """Map excluded item ids to corpus rows; ids not in the corpus are dropped."""
-        sorted_ids, order = torch.sort(corpus_ids)
-        if bool((sorted_ids[1:] == sorted_ids[:-1]).any()):
-            raise ValueError("corpus_ids must be unique (exclusions and tie-breaks use them)")
-        excluded_ids = exclude.ids.to(corpus_ids.device)
-        index = torch.searchsorted(sorted_ids, excluded_ids).clamp_max(sorted_ids.numel() - 1)
-        found = sorted_ids[index] == excluded_ids
-        return cls(exclude.rows().to(corpus_ids.device)[found], order[index[found]])
-
-    def for_queries(self, start: int, stop: int) -> _ExcludedPairs:
-        edges = torch.tensor([start, stop], device=self.rows.device)
-        lo, hi = torch.searchsorted(self.rows, edges).tolist()
-        positions, order = torch.sort(self.positions[lo:hi])
-        return _ExcludedPairs(self.rows[lo:hi][order] - start, positions)
-
-    def chunk_bounds(self, num_items: int, corpus_chunk: int) -> list[int]:
-        """Index ranges into ``positions`` for each corpus chunk (needs sorted positions)."""
-        edges = torch.arange(0, num_items + corpus_chunk, corpus_chunk, device=self.rows.device)
-        return torch.searchsorted(self.positions, edges).tolist()
-
-    def mask(self, scores: torch.Tensor, start: int, lo: int, hi: int) -> None:
-        """Set the excluded entries of the chunk scores [q, n] starting at corpus row start."""
-        scores[self.rows[lo:hi], self.positions[lo:hi] - start] = float("-inf")
-
-
-def _rescore(
-    queries: torch.Tensor, query_rows: torch.Tensor, corpus: torch.Tensor, positions: torch.Tensor
-) -> torch.Tensor:
-    """Float64 scores [m] of pairs (queries[query_rows[i]], corpus[positions[i]]), blockwise."""
-    out = torch.empty(query_rows.numel(), dtype=torch.float64, device=queries.device)
-    for start in range(0, query_rows.numel(), _RESCORE_BLOCK):
-        stop = start + _RESCORE_BLOCK
-        left = queries[query_rows[start:stop]].double()
-        right = corpus[positions[start:stop]].double()
-        out[start:stop] = (left * right).sum(dim=1)
-    return out
-
-
-def _sort_by_score_then_id(
-    scores: torch.Tensor, ids: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k of each row by (score desc, id asc); -inf scores become padding (id -1).
-
-    Args:
-        scores: [r, m] float, ids: [r, m] int64.
-    Returns:
-        scores [r, k], ids [r, k], columns [r, k] they came from (padding columns point at 0).
-    """
-    by_id = torch.argsort(ids, dim=1)
-    by_score = torch.sort(scores.gather(1, by_id), dim=1, descending=True, stable=True).indices
-    columns = by_id.gather(1, by_score[:, :k])
-    top_scores, top_ids = scores.gather(1, columns), ids.gather(1, columns)
-    if columns.shape[1] < k:
-        top_scores = _pad_columns(top_scores, k, float("-inf"))
-        top_ids = _pad_columns(top_ids, k, -1)
-        columns = _pad_columns(columns, k, 0)
-    top_ids = top_ids.masked_fill(top_scores == float("-inf"), -1)
-    return top_scores, top_ids, columns
-
-
-def _counts_of_sorted(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """Occurrences [num_rows] of each row in ascending rows [m] (bincount is not deterministic
-    on CUDA)."""
-    edges = torch.searchsorted(rows, torch.arange(num_rows + 1, device=rows.device))
-    return edges[1:] - edges[:-1]
-
-
-def _pad_columns(tensor: torch.Tensor, width: int, value: float) -> torch.Tensor:
-    """[r, m] -> [r, width] with ``value`` in the new columns."""
-    padded = tensor.new_full((tensor.shape[0], width), value)
-    padded[:, : tensor.shape[1]] = tensor
-    return padded
+    return _resolve_filter_precision(corpus, filter_precision, corpus_chunk)
 
 
 def _corpus_ids_or_arange(
@@ -842,18 +316,6 @@ def _all_gather_item_lists(local: ItemLists, group: dist.ProcessGroup | None) ->
     offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
     torch.cumsum(lengths, 0, out=offsets[1:])
     return ItemLists(offsets, ids)
-
-
-@contextlib.contextmanager
-def _intra_op_threads(num_threads: int | None) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        if num_threads is not None:
-            torch.set_num_threads(previous)
 
 
 def _check_inputs(

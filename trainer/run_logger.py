@@ -62,11 +62,18 @@ class RunLogger:
 def _start_wandb(run_dir: Path, project: str, name: str, config: dict[str, Any]) -> Any:
     import wandb
 
-    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    mode = os.environ.get("WANDB_MODE") or (
+        "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    )
     os.environ.setdefault("WANDB_SILENT", "true")
     try:
         return wandb.init(
-            project=project, name=name, dir=str(run_dir), mode=mode, config=config, reinit=True
+            project=project,
+            name=name,
+            dir=str(run_dir),
+            mode=mode,  # type: ignore[arg-type]
+            config=config,
+            reinit=True,
         )
     except Exception as error:  # noqa: BLE001 - a metrics sink must never stop training
         logger.warning("wandb disabled: %s", error)

@@ -37,6 +37,7 @@ from trainer.distributed import (
     seed_everything,
     shutdown,
 )
+from trainer.logs import configure_logging
 from trainer.run_logger import RunLogger
 
 logger = logging.getLogger(__name__)
@@ -125,8 +126,12 @@ def train(config: ExperimentConfig) -> TrainResult:
     if env.is_main:
         logger.info("sharding plan:\n%s", model.plan)
     run_log = RunLogger(
-        run_dir, env.is_main, config.logging.wandb, config.logging.wandb_project,
-        config.run.name, to_dict(config),
+        run_dir,
+        env.is_main,
+        config.logging.wandb,
+        config.logging.wandb_project,
+        config.run.name,
+        to_dict(config),
     )
     result = _loop(model, dense_optimizer, loader, weights, config, env, run_log)
     result.checkpoint = str(
@@ -150,7 +155,9 @@ def _loop(
     env: DistributedEnv,
     run_log: RunLogger,
 ) -> TrainResult:
-    rows_per_epoch = sum(f.rows for f in Manifest.load(config.data.path).splits[config.data.train_split].files)
+    rows_per_epoch = sum(
+        f.rows for f in Manifest.load(config.data.path).splits[config.data.train_split].files
+    )
     total_steps = config.train.max_steps
     progress = tqdm(
         total=total_steps, disable=not (env.is_main and config.train.progress_bar), unit="step"
@@ -172,7 +179,9 @@ def _loop(
                 loss_value = _mean_across_ranks(window_loss / window_steps, env.device)
                 elapsed = time.perf_counter() - window_start
                 rate = window_steps * batch.size * env.world_size / max(elapsed, 1e-9)
-                run_log.log({"step": step, "epoch": epoch, "loss": loss_value, "samples_per_s": rate})
+                run_log.log(
+                    {"step": step, "epoch": epoch, "loss": loss_value, "samples_per_s": rate}
+                )
                 progress.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{rate:,.0f}")
                 window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
             progress.update(1)
@@ -195,9 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args:
         print("usage: python -m trainer.train CONFIG [key=value ...]", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
+    configure_logging()
     config = load_config(args[0], args[1:])
     try:
         result = train(config)

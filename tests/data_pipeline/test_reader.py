@@ -11,15 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from data_pipeline.loader import LoaderSpec, build_event_loader
 from data_pipeline.manifest import Manifest
-from data_pipeline.reader import WorkUnit, assign_work_units
+from data_pipeline.reader import ParquetEventStream, WorkUnit, assign_work_units, list_work_units
 from data_pipeline.schema import SchemaError
+from data_pipeline.validation import IdValidator
 from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import write_tiny_dataset
-
-
 
 
 @settings(max_examples=40, deadline=None)
@@ -35,54 +35,79 @@ def test_assignment_is_a_partition(sizes, world_size, workers, epoch, seed) -> N
     seen: Counter[int] = Counter()
     for rank in range(world_size):
         for worker in range(workers):
-            for unit in assign_work_units(units, epoch=epoch, seed=seed, rank=rank,
-                                          world_size=world_size, worker_id=worker,
-                                          num_workers=workers, shuffle=True):
+            for unit in assign_work_units(
+                units,
+                epoch=epoch,
+                seed=seed,
+                rank=rank,
+                world_size=world_size,
+                worker_id=worker,
+                num_workers=workers,
+                shuffle=True,
+            ):
                 seen[unit.row_group] += 1
     assert seen == Counter(range(len(sizes)))
 
 
-def _read_all_rows(rank: int, world_size: int, root: str) -> list[int]:
+def _timestamps(table: pa.Table) -> list[int]:
+    """Row key: train timestamps are unique in the tiny dataset."""
+    return table.column("timestamp").to_pylist()
+
+
+def _timestamp_loader(
+    root: str,
+    rank: int,
+    world_size: int,
+    workers: int,
+    seed: int = 3,
+    batch_size: int = 24,
+    window: int = 2,
+) -> StatefulDataLoader:
+    """The real stream and loader, converting each batch to its row keys."""
     manifest = Manifest.load(root)
-    spec = LoaderSpec(root=root, split="train", batch_size=24, num_workers=2, shuffle=True,
-                      window=2, seed=3)
-    loader = build_event_loader(spec, manifest, rank, world_size)
-    rows = []
-    for batch in loader:
-        rows.extend(_row_ids(batch))
-    return rows
+    units = list_work_units(manifest.split_paths(root, "train"))
+    stream = ParquetEventStream(
+        units,
+        _timestamps,
+        IdValidator(manifest.schema, manifest.tables),
+        batch_size=batch_size,
+        columns=None,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        shuffle=True,
+        window=window,
+    )
+    return StatefulDataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        multiprocessing_context="forkserver" if workers else None,
+    )
 
 
-def _row_ids(batch) -> list[int]:
-    # hist lengths differ per row; the unique timestamp is not in Batch, so rebuild it from the
-    # tiny dataset's construction: train rows are numbered by their `position`+user+item triple.
-    return [hash((u, i, p, float(l))) for u, i, p, l in zip(
-        batch.user_ids.tolist(), batch.item_ids.tolist(), batch.position.tolist(),
-        batch.labels[:, 1].tolist(), strict=True)]
+def _read_all_rows(rank: int, world_size: int, root: str) -> list[int]:
+    return [key for batch in _timestamp_loader(root, rank, world_size, workers=2) for key in batch]
 
 
 def test_two_ranks_two_workers_read_every_row_once(tmp_path: Path) -> None:
     root = write_tiny_dataset(tmp_path / "data")
     per_rank = run_distributed(_read_all_rows, 2, str(root))
-    table = pa.concat_tables(pq.read_table(p) for p in Manifest.load(root).split_paths(root, "train"))
-    expected = Counter(hash((u, i, p, float(l))) for u, i, p, l in zip(
-        table["user_id"].to_pylist(), table["item_id"].to_pylist(), table["position"].to_pylist(),
-        table["label_like"].to_pylist(), strict=True))
+    manifest = Manifest.load(root)
+    table = pa.concat_tables(pq.read_table(p) for p in manifest.split_paths(root, "train"))
     got = Counter(per_rank[0] + per_rank[1])
-    assert got == expected
-    assert sum(got.values()) == table.num_rows
+    assert got == Counter(table["timestamp"].to_pylist())
+    assert max(got.values()) == 1
     assert per_rank[0] and per_rank[1]
 
 
 def test_epochs_reshuffle_and_seed_reproduces(tmp_path: Path) -> None:
     root = str(write_tiny_dataset(tmp_path / "data"))
-    manifest = Manifest.load(root)
-    spec = LoaderSpec(root=root, split="train", batch_size=32, shuffle=True, window=2, seed=1)
-    first = build_event_loader(spec, manifest, 0, 1)
-    epoch0 = [_row_ids(b) for b in first]
-    again = [_row_ids(b) for b in build_event_loader(spec, manifest, 0, 1)]
+    first = _timestamp_loader(root, 0, 1, workers=0)
+    epoch0 = list(first)
+    again = list(_timestamp_loader(root, 0, 1, workers=0))
     first.dataset.set_epoch(1)
-    epoch1 = [_row_ids(b) for b in first]
+    epoch1 = list(first)
     assert epoch0 == again
     assert epoch0 != epoch1
     assert sorted(sum(epoch0, [])) == sorted(sum(epoch1, []))
@@ -91,18 +116,22 @@ def test_epochs_reshuffle_and_seed_reproduces(tmp_path: Path) -> None:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_mid_epoch_continues_exactly(tmp_path: Path, workers: int) -> None:
     root = str(write_tiny_dataset(tmp_path / "data"))
-    manifest = Manifest.load(root)
-    spec = LoaderSpec(root=root, split="train", batch_size=20, num_workers=workers,
-                      shuffle=True, window=3, seed=5)
-    full = [_row_ids(b) for b in build_event_loader(spec, manifest, 0, 1)]
-    loader = build_event_loader(spec, manifest, 0, 1)
+    full = list(_timestamp_loader(root, 0, 1, workers, seed=5, batch_size=20, window=3))
+    loader = _timestamp_loader(root, 0, 1, workers, seed=5, batch_size=20, window=3)
     iterator = iter(loader)
-    head = [_row_ids(next(iterator)) for _ in range(7)]
+    head = [next(iterator) for _ in range(7)]
     state = loader.state_dict()
-    resumed = build_event_loader(spec, manifest, 0, 1)
+    resumed = _timestamp_loader(root, 0, 1, workers, seed=5, batch_size=20, window=3)
     resumed.load_state_dict(state)
-    tail = [_row_ids(b) for b in resumed]
-    assert head + tail == full
+    assert head + list(resumed) == full
+
+
+def test_loader_builds_batches_for_every_row(tmp_path: Path) -> None:
+    root = write_tiny_dataset(tmp_path / "data")
+    spec = LoaderSpec(root=str(root), split="train", batch_size=50, shuffle=True)
+    batches = list(build_event_loader(spec, Manifest.load(root), 0, 1))
+    assert [b.size for b in batches] == [50] * 12 + [40]
+    assert all(b.user_features.stride() == b.size for b in batches)
 
 
 def _rewrite(path: Path, table: pa.Table) -> None:
@@ -137,7 +166,9 @@ def _corrupt_ids(root: Path) -> Path:
     table = pq.read_table(path)
     items = table["item_id"].to_numpy().copy()
     items[100] = 10_000
-    _rewrite(path, table.set_column(table.column_names.index("item_id"), "item_id", pa.array(items)))
+    _rewrite(
+        path, table.set_column(table.column_names.index("item_id"), "item_id", pa.array(items))
+    )
     return path
 
 

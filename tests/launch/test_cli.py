@@ -31,7 +31,10 @@ def test_launch_local_two_ranks_then_eval_and_plot(tmp_path: Path, capsys) -> No
     config = _config(tmp_path, root)
     result = subprocess.run(
         [sys.executable, "-m", "launch.cli", "launch", "local", "--nproc", "2", str(config)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"

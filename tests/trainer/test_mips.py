@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.dist_helpers import run_distributed
-from trainer import mips
+from trainer import mips_sweep as mips  # the bf16 test patches _bfloat16_at_least here
 from trainer.mips import (
     ItemLists,
     bruteforce_topk,
@@ -99,6 +99,19 @@ def test_bfloat16_filter_matches_float64_bruteforce(kind: str, monkeypatch) -> N
     chunks = {"query_chunk": 8, "corpus_chunk": 256, "filter_precision": "bfloat16"}
     _assert_matches_reference(queries, corpus, 25, ids, exclude, **chunks)
     assert bfloat16_chunks, "the bf16 path was not exercised"
+
+
+@pytest.mark.parametrize("filter_precision", ["float32", "bfloat16"])
+def test_excluded_best_items_do_not_raise_the_threshold(filter_precision: str) -> None:
+    # Query 0's best items fill the chunks that seed the threshold (4 of 64) and are excluded:
+    # counting them would push the threshold above its true top-k.
+    generator = torch.Generator().manual_seed(9)
+    queries = torch.randn(4, 16, generator=generator)
+    corpus = torch.randn(64 * 256, 16, generator=generator)
+    corpus[:1024] = queries[0] * 5.0
+    exclude = ItemLists.from_lists([list(range(1024)), [], list(range(0, 600, 2)), [7]])
+    chunks = {"query_chunk": 4, "corpus_chunk": 256, "filter_precision": filter_precision}
+    _assert_matches_reference(queries, corpus, 10, exclude=exclude, **chunks)
 
 
 def test_score_error_bound_holds() -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torchrec.distributed.test_utils.test_sharding import copy_state_dict
 
 from data_pipeline.batch import BatchBuilder
 from data_pipeline.manifest import Manifest
@@ -22,6 +21,19 @@ from trainer.distributed import DistributedEnv, seed_everything
 from trainer.sharding import attach_sparse_optimizer
 
 
+def copy_state_dict(sharded: dict, full: dict) -> None:
+    """Copy each full tensor of ``full`` into the local shards of ``sharded`` (by offsets)."""
+    for name, target in sharded.items():
+        source = full[name]
+        if not isinstance(target, ShardedTensor):
+            target.detach().copy_(source)
+            continue
+        for shard in target.local_shards():
+            rows, cols = shard.metadata.shard_offsets
+            height, width = shard.tensor.shape
+            shard.tensor.detach().copy_(source[rows : rows + height, cols : cols + width])
+
+
 def _batch(root: Path, manifest: Manifest, rows: slice):
     units = list_work_units(manifest.split_paths(root, "train"))
     table = read_unit(units[0], None).slice(rows.start, rows.stop - rows.start)
@@ -31,8 +43,9 @@ def _batch(root: Path, manifest: Manifest, rows: slice):
 def _step(model, optimizer, batch, weights, temperature):
     optimizer.zero_grad()
     user, item = model(batch.user_features, batch.item_features)
-    loss = in_batch_softmax_loss(user, item, batch.item_ids,
-                                 net_user_value(batch.labels, weights), temperature)
+    loss = in_batch_softmax_loss(
+        user, item, batch.item_ids, net_user_value(batch.labels, weights), temperature
+    )
     loss.backward()
     optimizer.step()
     return user.detach(), item.detach(), loss.detach()
@@ -41,11 +54,19 @@ def _step(model, optimizer, batch, weights, temperature):
 def _compare_rank(rank: int, world_size: int, root: str, sharding_type: str) -> dict:
     root_path = Path(root)
     manifest = Manifest.load(root_path)
-    config = load_config(None, [
-        f"data.path={root}", "model.embedding_dim=16", "model.user_mlp=[32]",
-        "model.item_mlp=[32]", "model.output_dim=8", "train.sparse_optimizer=sgd",
-        "train.sparse_lr=0.5", f"sharding.sharding_types=[{sharding_type}]",
-    ])
+    config = load_config(
+        None,
+        [
+            f"data.path={root}",
+            "model.embedding_dim=16",
+            "model.user_mlp=[32]",
+            "model.item_mlp=[32]",
+            "model.output_dim=8",
+            "train.sparse_optimizer=sgd",
+            "train.sparse_lr=0.5",
+            f"sharding.sharding_types=[{sharding_type}]",
+        ],
+    )
     env = DistributedEnv(rank, world_size, rank, torch.device("cpu"), "gloo")
     seed_everything(0)
     reference = build_unsharded_model(manifest, config)
@@ -56,20 +77,25 @@ def _compare_rank(rank: int, world_size: int, root: str, sharding_type: str) -> 
     # Each rank trains on its own half of the global batch; the reference sees the whole batch
     # and scales per-half losses the way DDP averages gradients.
     local = _batch(root_path, manifest, slice(rank * 16, rank * 16 + 16))
-    user, item, loss = _step(sharded, build_dense_optimizer(sharded, config), local, weights,
-                             config.model.temperature)
+    user, item, loss = _step(
+        sharded, build_dense_optimizer(sharded, config), local, weights, config.model.temperature
+    )
     ref_user, ref_item = reference(local.user_features, local.item_features)
     forward_close = torch.allclose(user, ref_user, atol=1e-5) and torch.allclose(
-        item, ref_item, atol=1e-5)
+        item, ref_item, atol=1e-5
+    )
     plan_types = {p.sharding_type for plan in sharded.plan.plan.values() for p in plan.values()}
     return {
         "forward_close": forward_close,
         "loss": float(loss),
         "plan_types": sorted(plan_types),
-        "state": {k: (v.local_shards()[0].tensor.clone(), v.local_shards()[0].metadata.shard_offsets)
-                  if isinstance(v, ShardedTensor) and v.local_shards() else v.clone()
-                  for k, v in sharded.state_dict().items()
-                  if not isinstance(v, ShardedTensor) or v.local_shards()},
+        "state": {
+            k: (v.local_shards()[0].tensor.clone(), v.local_shards()[0].metadata.shard_offsets)
+            if isinstance(v, ShardedTensor) and v.local_shards()
+            else v.clone()
+            for k, v in sharded.state_dict().items()
+            if not isinstance(v, ShardedTensor) or v.local_shards()
+        },
         "reference_initial": {k: v.clone() for k, v in reference.state_dict().items()},
     }
 
@@ -77,29 +103,39 @@ def _compare_rank(rank: int, world_size: int, root: str, sharding_type: str) -> 
 def _reference_step(root: str, initial: dict) -> dict:
     """Unsharded model, one step over both halves with DDP-style gradient averaging."""
     manifest = Manifest.load(Path(root))
-    config = load_config(None, [
-        f"data.path={root}", "model.embedding_dim=16", "model.user_mlp=[32]",
-        "model.item_mlp=[32]", "model.output_dim=8",
-    ])
+    config = load_config(
+        None,
+        [
+            f"data.path={root}",
+            "model.embedding_dim=16",
+            "model.user_mlp=[32]",
+            "model.item_mlp=[32]",
+            "model.output_dim=8",
+        ],
+    )
     model = build_unsharded_model(manifest, config)
     model.load_state_dict(initial)
     weights = torch.tensor([1.0, 0.5])
     dense = [p for n, p in model.named_parameters() if not n.startswith("sparse_arch")]
     optimizer = torch.optim.AdamW(dense, lr=config.train.dense_lr)
     table_optimizer = torch.optim.SGD(
-        [p for n, p in model.named_parameters() if n.startswith("sparse_arch")], lr=0.5)
+        [p for n, p in model.named_parameters() if n.startswith("sparse_arch")], lr=0.5
+    )
     total = 0.0
     for rank in range(2):
         batch = _batch(Path(root), manifest, slice(rank * 16, rank * 16 + 16))
         user, item = model(batch.user_features, batch.item_features)
-        loss = in_batch_softmax_loss(user, item, batch.item_ids,
-                                     net_user_value(batch.labels, weights), config.model.temperature)
+        loss = in_batch_softmax_loss(
+            user,
+            item,
+            batch.item_ids,
+            net_user_value(batch.labels, weights),
+            config.model.temperature,
+        )
         (loss / 2).backward()  # DDP averages dense gradients over 2 ranks
         total += float(loss)
-    # Sharded tables receive the sum of both ranks' gradients, dense layers the mean.
-    for name, param in model.named_parameters():
-        if name.startswith("sparse_arch"):
-            param.grad.mul_(2)
+    # TorchRec divides sharded-table gradients by the world size (gradient division is on by
+    # default), so tables and DDP dense layers both see the mean over ranks: loss / 2 above.
     optimizer.step()
     table_optimizer.step()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -118,6 +154,8 @@ def test_sharded_matches_unsharded(tmp_path: Path, sharding_type: ShardingType) 
                 shard, offsets = value
                 rows = slice(offsets[0], offsets[0] + shard.shape[0])
                 cols = slice(offsets[1], offsets[1] + shard.shape[1])
-                torch.testing.assert_close(shard, expected[name][rows, cols], atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(
+                    shard, expected[name][rows, cols], atol=1e-5, rtol=1e-4, msg=name
+                )
             else:
-                torch.testing.assert_close(value, expected[name], atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(value, expected[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -14,10 +14,17 @@ from trainer.run_logger import read_metrics
 from trainer.train import train
 
 TINY = [
-    "model.embedding_dim=16", "model.user_mlp=[32]", "model.item_mlp=[32]",
-    "model.output_dim=16", "data.batch_size=32", "data.eval_batch_size=16",
-    "train.epochs=2", "train.log_every_steps=2", "train.progress_bar=false",
-    "logging.wandb=false", "loss.label_weights={click: 1.0, like: 0.5}",
+    "model.embedding_dim=16",
+    "model.user_mlp=[32]",
+    "model.item_mlp=[32]",
+    "model.output_dim=16",
+    "data.batch_size=32",
+    "data.eval_batch_size=16",
+    "train.epochs=2",
+    "train.log_every_steps=2",
+    "train.progress_bar=false",
+    "logging.wandb=false",
+    "loss.label_weights={click: 1.0, like: 0.5}",
 ]
 
 
@@ -36,7 +43,7 @@ def test_same_seed_same_losses_two_ranks(tmp_path: Path) -> None:
     for name in ("a", "b"):
         overrides = [*TINY, f"data.path={root}", f"run.dir={tmp_path / name}", "data.num_workers=1"]
         results = run_distributed(_train_rank, 2, overrides)
-        assert results[0]["rows"] == 640  # every training row once per epoch x 2 epochs / 2
+        assert results[0]["rows"] == 2 * 640  # every training row exactly once per epoch
         runs.append(_losses(tmp_path / name))
     assert len(runs[0]) > 3
     assert runs[0] == runs[1]
@@ -54,8 +61,12 @@ def test_movielens_100k_beats_most_popular(tmp_path: Path) -> None:
     data = tmp_path / "ml-100k"
     prepare_movielens(variant="100k", out=data)
     config = Path(__file__).resolve().parents[2] / "configs" / "movielens_100k.yaml"
-    overrides = [f"data.path={data}", f"run.dir={tmp_path / 'run'}", "logging.wandb=false",
-                 "train.progress_bar=false"]
+    overrides = [
+        f"data.path={data}",
+        f"run.dir={tmp_path / 'run'}",
+        "logging.wandb=false",
+        "train.progress_bar=false",
+    ]
     run_distributed(_train_rank, 2, overrides, str(config))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for name in ("hr@10", "ndcg@10"):
