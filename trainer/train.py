@@ -159,8 +159,12 @@ def _loop(
         f.rows for f in Manifest.load(config.data.path).splits[config.data.train_split].files
     )
     total_steps = config.train.max_steps
+    global_batch = config.data.batch_size * env.world_size
+    estimate = -(-rows_per_epoch // global_batch) * config.train.epochs  # tails make it approximate
     progress = tqdm(
-        total=total_steps, disable=not (env.is_main and config.train.progress_bar), unit="step"
+        total=min(total_steps or estimate, estimate),
+        disable=not (env.is_main and config.train.progress_bar),
+        unit="step",
     )
     step, rows, window_loss, window_steps = 0, 0, 0.0, 0
     start = window_start = time.perf_counter()

@@ -34,6 +34,23 @@ def copy_state_dict(sharded: dict, full: dict) -> None:
             shard.tensor.detach().copy_(source[rows : rows + height, cols : cols + width])
 
 
+def _config(root: str, *extra: str):
+    """Small model; SGD tables with a large step so a wrong update shows."""
+    return load_config(
+        None,
+        [
+            f"data.path={root}",
+            "model.embedding_dim=16",
+            "model.user_mlp=[32]",
+            "model.item_mlp=[32]",
+            "model.output_dim=8",
+            "train.sparse_optimizer=sgd",
+            "train.sparse_lr=0.5",
+            *extra,
+        ],
+    )
+
+
 def _batch(root: Path, manifest: Manifest, rows: slice):
     units = list_work_units(manifest.split_paths(root, "train"))
     table = read_unit(units[0], None).slice(rows.start, rows.stop - rows.start)
@@ -54,19 +71,7 @@ def _step(model, optimizer, batch, weights, temperature):
 def _compare_rank(rank: int, world_size: int, root: str, sharding_type: str) -> dict:
     root_path = Path(root)
     manifest = Manifest.load(root_path)
-    config = load_config(
-        None,
-        [
-            f"data.path={root}",
-            "model.embedding_dim=16",
-            "model.user_mlp=[32]",
-            "model.item_mlp=[32]",
-            "model.output_dim=8",
-            "train.sparse_optimizer=sgd",
-            "train.sparse_lr=0.5",
-            f"sharding.sharding_types=[{sharding_type}]",
-        ],
-    )
+    config = _config(root, f"sharding.sharding_types=[{sharding_type}]")
     env = DistributedEnv(rank, world_size, rank, torch.device("cpu"), "gloo")
     seed_everything(0)
     reference = build_unsharded_model(manifest, config)
@@ -103,16 +108,7 @@ def _compare_rank(rank: int, world_size: int, root: str, sharding_type: str) -> 
 def _reference_step(root: str, initial: dict) -> dict:
     """Unsharded model, one step over both halves with DDP-style gradient averaging."""
     manifest = Manifest.load(Path(root))
-    config = load_config(
-        None,
-        [
-            f"data.path={root}",
-            "model.embedding_dim=16",
-            "model.user_mlp=[32]",
-            "model.item_mlp=[32]",
-            "model.output_dim=8",
-        ],
-    )
+    config = _config(root)
     model = build_unsharded_model(manifest, config)
     model.load_state_dict(initial)
     weights = torch.tensor([1.0, 0.5])
