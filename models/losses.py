@@ -11,6 +11,43 @@ def net_user_value(labels: torch.Tensor, label_weights: torch.Tensor) -> torch.T
     return (labels * label_weights).sum(dim=1).clamp_min(0.0)
 
 
+def sampled_softmax_loss(
+    user: torch.Tensor,
+    candidates: torch.Tensor,
+    candidate_ids: torch.Tensor,
+    positive_index: torch.Tensor,
+    row_weights: torch.Tensor,
+    temperature: float,
+    mask_accidental_hits: bool = True,
+) -> torch.Tensor:
+    """Softmax of each row's positive against a shared candidate set.
+
+    Args:
+        user: [B, D] query embeddings.
+        candidates: [C, D] item embeddings; row i's positive is ``candidates[positive_index[i]]``.
+        candidate_ids: [C] item ids; -1 marks padding (never a negative). With
+            ``mask_accidental_hits``, a candidate with the same id as row i's positive is not
+            one of row i's negatives.
+        positive_index: [B] int64 column of each row's positive.
+        row_weights: [B] >= 0, e.g. net user value; normalized to sum 1 within the batch.
+        temperature: logits are u.v / temperature.
+    Returns:
+        scalar: sum_i w_i * CE_i / sum_i w_i (0 with a gradient graph when all weights are 0).
+    """
+    logits = user @ candidates.T / temperature
+    positive_ids = candidate_ids[positive_index]
+    masked = (candidate_ids < 0).unsqueeze(0).expand_as(logits)
+    if mask_accidental_hits:
+        masked = masked | (candidate_ids.unsqueeze(0) == positive_ids.unsqueeze(1))
+    rows = torch.arange(user.shape[0], device=user.device)
+    masked = masked.clone()
+    masked[rows, positive_index] = False
+    logits = logits.masked_fill(masked, float("-inf"))
+    per_row = F.cross_entropy(logits, positive_index, reduction="none")
+    total = row_weights.sum()
+    return (per_row * row_weights).sum() / total.clamp_min(1e-12)
+
+
 def in_batch_softmax_loss(
     user: torch.Tensor,
     item: torch.Tensor,
@@ -24,18 +61,13 @@ def in_batch_softmax_loss(
     Args:
         user: [B, D] query embeddings.
         item: [B, D] positive item embeddings (row i's positive is item[i]).
-        item_ids: [B] ids; another row with the same id as row i's positive is not a negative.
-        row_weights: [B] >= 0, e.g. net user value; normalized to sum 1 within the batch.
+        item_ids: [B] ids of those items.
+        row_weights: [B] >= 0.
         temperature: logits are u.v / temperature.
     Returns:
-        scalar: sum_i w_i * CE_i / sum_i w_i (0 with a gradient graph when all weights are 0).
+        scalar, as :func:`sampled_softmax_loss` with the batch's items as candidates.
     """
-    logits = user @ item.T / temperature
-    if mask_accidental_hits:
-        same = item_ids.unsqueeze(0) == item_ids.unsqueeze(1)
-        same.fill_diagonal_(False)
-        logits = logits.masked_fill(same, float("-inf"))
-    targets = torch.arange(user.shape[0], device=user.device)
-    per_row = F.cross_entropy(logits, targets, reduction="none")
-    total = row_weights.sum()
-    return (per_row * row_weights).sum() / total.clamp_min(1e-12)
+    positive_index = torch.arange(user.shape[0], device=user.device)
+    return sampled_softmax_loss(
+        user, item, item_ids, positive_index, row_weights, temperature, mask_accidental_hits
+    )

@@ -80,6 +80,8 @@ class LossConfig:
     # Net user value = labels . label_weights, clamped at 0; rows with zero value give no signal.
     label_weights: dict[str, float] = field(default_factory=lambda: {"click": 1.0})
     mask_accidental_hits: bool = True
+    # Negatives from every rank's batch (differentiable all-gather), not only this rank's.
+    global_negatives: bool = False
 
 
 @dataclass

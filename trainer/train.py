@@ -21,7 +21,7 @@ from tqdm import tqdm
 from data_pipeline.batch import Batch
 from data_pipeline.loader import build_event_loader
 from data_pipeline.manifest import Manifest
-from models.losses import in_batch_softmax_loss, net_user_value
+from models.losses import net_user_value, sampled_softmax_loss
 from trainer.build import (
     build_dense_optimizer,
     build_sharded_model,
@@ -37,6 +37,7 @@ from trainer.distributed import (
     seed_everything,
     shutdown,
 )
+from trainer.global_negatives import gather_candidates
 from trainer.logs import configure_logging
 from trainer.run_logger import RunLogger
 
@@ -84,10 +85,16 @@ def train_step(
     dense_optimizer.zero_grad()
     user, item = model(batch.user_features, batch.item_features)
     row_weights = net_user_value(batch.labels, weights) * batch.weight
-    loss = in_batch_softmax_loss(
+    if config.loss.global_negatives:
+        candidates, candidate_ids, positive_index = gather_candidates(item, batch.item_ids)
+    else:
+        candidates, candidate_ids = item, batch.item_ids
+        positive_index = torch.arange(item.shape[0], device=item.device)
+    loss = sampled_softmax_loss(
         user,
-        item,
-        batch.item_ids,
+        candidates,
+        candidate_ids,
+        positive_index,
         row_weights,
         config.model.temperature,
         config.loss.mask_accidental_hits,
