@@ -133,8 +133,8 @@ class BatchBuilder:
         else:
             position = np.full(rows, -1, dtype=np.int64)
         if RANKER_SCORE in names:
-            ranker = table.column(RANKER_SCORE).to_numpy(zero_copy_only=False)
-            ranker = np.nan_to_num(ranker.astype(np.float32), nan=np.nan)
+            # Nulls become NaN ("unknown") through the float conversion.
+            ranker = table.column(RANKER_SCORE).to_numpy(zero_copy_only=False).astype(np.float32)
         else:
             ranker = np.full(rows, np.nan, dtype=np.float32)
         user_ids = (

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from data_pipeline.loader import build_event_loader
 from data_pipeline.manifest import Manifest
-from data_pipeline.schema import ITEM_ID, USER_ID
+from data_pipeline.schema import ITEM_ID, USER_ID, Side
 from trainer.build import batch_builder, loader_spec
 from trainer.config import ExperimentConfig
 from trainer.distributed import DistributedEnv, all_ranks_have
@@ -52,7 +52,7 @@ def embed_corpus(
     forward calls (sharded tables need matched collectives).
     """
     items = read_split_columns(
-        config.data.path, manifest, "items", manifest.schema.side_arrow_schema(_item_side()).names
+        config.data.path, manifest, "items", manifest.schema.side_arrow_schema(Side.ITEM).names
     )
     items = items.sort_by(ITEM_ID)
     start, stop = shard_range(items.num_rows, env.rank, env.world_size)
@@ -72,12 +72,6 @@ def embed_corpus(
     dim = config.model.output_dim
     embeddings = torch.cat(outputs) if outputs else torch.zeros(0, dim, device=env.device)
     return ids.to(env.device), embeddings
-
-
-def _item_side():  # noqa: ANN202 - tiny indirection keeps the import local to the schema module
-    from data_pipeline.schema import Side
-
-    return Side.ITEM
 
 
 @torch.no_grad()

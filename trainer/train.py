@@ -140,7 +140,8 @@ def train(config: ExperimentConfig) -> TrainResult:
         config.run.name,
         to_dict(config),
     )
-    result = _loop(model, dense_optimizer, loader, weights, config, env, run_log)
+    rows_per_epoch = manifest.splits[config.data.train_split].rows
+    result = _loop(model, dense_optimizer, loader, weights, config, env, run_log, rows_per_epoch)
     result.checkpoint = str(
         save_checkpoint(run_dir, result.steps, model, {"rows": result.rows_trained}, env.is_main)
     )
@@ -161,10 +162,8 @@ def _loop(
     config: ExperimentConfig,
     env: DistributedEnv,
     run_log: RunLogger,
+    rows_per_epoch: int,
 ) -> TrainResult:
-    rows_per_epoch = sum(
-        f.rows for f in Manifest.load(config.data.path).splits[config.data.train_split].files
-    )
     total_steps = config.train.max_steps
     global_batch = config.data.batch_size * env.world_size
     estimate = -(-rows_per_epoch // global_batch) * config.train.epochs  # tails make it approximate
