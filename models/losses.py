@@ -11,6 +11,12 @@ def net_user_value(labels: torch.Tensor, label_weights: torch.Tensor) -> torch.T
     return (labels * label_weights).sum(dim=1).clamp_min(0.0)
 
 
+def weighted_mean(per_row: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
+    """sum(w * l) / sum(w) for per_row [B] and row_weights [B] >= 0; 0 (still attached to the
+    graph) when all weights are 0."""
+    return (per_row * row_weights).sum() / row_weights.sum().clamp_min(1e-12)
+
+
 def sampled_softmax_loss(
     user: torch.Tensor,
     candidates: torch.Tensor,
@@ -44,8 +50,7 @@ def sampled_softmax_loss(
     masked[rows, positive_index] = False
     logits = logits.masked_fill(masked, float("-inf"))
     per_row = F.cross_entropy(logits, positive_index, reduction="none")
-    total = row_weights.sum()
-    return (per_row * row_weights).sum() / total.clamp_min(1e-12)
+    return weighted_mean(per_row, row_weights)
 
 
 def in_batch_softmax_loss(

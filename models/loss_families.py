@@ -1,0 +1,148 @@
+"""Pointwise, pairwise and listwise retrieval losses as pure functions of scores.
+
+Every loss reduces per-row losses ``l_i`` with row weights ``w_i >= 0`` as
+``sum_i w_i * l_i / sum_i w_i``, like :func:`models.losses.sampled_softmax_loss`, and returns 0
+(still attached to the gradient graph) when all weights are 0. Full in-batch softmax lives in
+:func:`models.losses.in_batch_softmax_loss`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from models.losses import weighted_mean
+
+
+def _masked_row_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of values [B, N] over entries where mask [B, N] is True; 0 for rows with none."""
+    if mask is None:
+        return values.mean(dim=1)
+    # where (not multiply) so a masked nan/inf never leaks into the value or its gradient.
+    kept = torch.where(mask, values, torch.zeros_like(values))
+    return kept.sum(dim=1) / mask.sum(dim=1).clamp_min(1).to(values.dtype)
+
+
+def sigmoid_cross_entropy_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    row_weights: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pointwise binary cross entropy of sigmoid(logits) against labels.
+
+    Args:
+        logits: [B, C] raw scores.
+        labels: [B, C] targets in [0, 1].
+        row_weights: [B] >= 0.
+        mask: [B, C] bool, True where the entry counts; None counts every entry.
+    Returns:
+        scalar: weighted mean over rows of each row's mean BCE over its valid entries
+        (a row with no valid entry has loss 0).
+    """
+    per_entry = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    return weighted_mean(_masked_row_mean(per_entry, mask), row_weights)
+
+
+def cosine_regression_loss(
+    scores: torch.Tensor,
+    row_weights: torch.Tensor,
+    negatives_per_positive: int,
+) -> torch.Tensor:
+    """Squared error pulling the positive's cosine to +1 and the negatives' to -1.
+
+    Args:
+        scores: [B, 1 + N] cosine similarities; column 0 is the positive, the rest negatives.
+        row_weights: [B] >= 0.
+        negatives_per_positive: k, the positive:negative ratio 1:k; only the first k negatives
+            (columns 1..k) are used. Must satisfy 0 <= k <= N.
+    Returns:
+        scalar: weighted mean over rows of ``((s+ - 1)^2 + sum_j (s-_j + 1)^2) / (1 + k)``.
+    """
+    available = scores.shape[1] - 1
+    if negatives_per_positive < 0 or negatives_per_positive > available:
+        raise ValueError(
+            f"negatives_per_positive={negatives_per_positive}: expected between 0 and the "
+            f"{available} negative column(s) of scores with shape {tuple(scores.shape)}"
+        )
+    used = scores[:, : 1 + negatives_per_positive]
+    targets = torch.full_like(used, -1.0)
+    targets[:, 0] = 1.0
+    per_row = (used - targets).square().mean(dim=1)
+    return weighted_mean(per_row, row_weights)
+
+
+def triplet_hinge_loss(
+    positive_scores: torch.Tensor,
+    negative_scores: torch.Tensor,
+    margin: float,
+    row_weights: torch.Tensor,
+    negative_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pairwise hinge: each negative should score at least ``margin`` below the positive.
+
+    Args:
+        positive_scores: [B] score of each row's positive.
+        negative_scores: [B, N] scores of each row's negatives.
+        margin: m >= 0.
+        row_weights: [B] >= 0.
+        negative_mask: [B, N] bool, True for a valid negative; None treats all as valid.
+    Returns:
+        scalar: weighted mean over rows of ``mean_j max(0, s-_j + m - s+)`` over valid negatives
+        (a row with no valid negative has loss 0).
+    """
+    hinge = (negative_scores + margin - positive_scores.unsqueeze(1)).clamp_min(0.0)
+    return weighted_mean(_masked_row_mean(hinge, negative_mask), row_weights)
+
+
+def bpr_loss(
+    positive_scores: torch.Tensor,
+    negative_scores: torch.Tensor,
+    row_weights: torch.Tensor,
+    negative_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bayesian personalized ranking: -log sigmoid(s+ - s-), computed as softplus(s- - s+).
+
+    Args:
+        positive_scores: [B] score of each row's positive.
+        negative_scores: [B, N] scores of each row's negatives.
+        row_weights: [B] >= 0.
+        negative_mask: [B, N] bool, True for a valid negative; None treats all as valid.
+    Returns:
+        scalar: weighted mean over rows of ``mean_j log(1 + exp(s-_j - s+))`` over valid
+        negatives (a row with no valid negative has loss 0).
+    """
+    per_pair = F.softplus(negative_scores - positive_scores.unsqueeze(1))
+    return weighted_mean(_masked_row_mean(per_pair, negative_mask), row_weights)
+
+
+def sampled_listwise_softmax_loss(
+    positive_scores: torch.Tensor,
+    negative_scores: torch.Tensor,
+    temperature: float,
+    row_weights: torch.Tensor,
+    negative_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax cross entropy of each row's positive against its own sampled negatives.
+
+    Row-specific negatives and masks cannot be expressed through
+    :func:`models.losses.sampled_softmax_loss` (shared candidates, id-based masking), so the
+    logits are built here and the same cross entropy and weighting are applied.
+
+    Args:
+        positive_scores: [B] score of each row's positive.
+        negative_scores: [B, N] scores of each row's negatives.
+        temperature: logits are score / temperature.
+        row_weights: [B] >= 0.
+        negative_mask: [B, N] bool, True for a valid negative; None treats all as valid.
+    Returns:
+        scalar: weighted mean over rows of
+        ``-s+/t + log(exp(s+/t) + sum_{valid j} exp(s-_j/t))``.
+    """
+    logits = torch.cat([positive_scores.unsqueeze(1), negative_scores], dim=1) / temperature
+    if negative_mask is not None:
+        keep = torch.cat([torch.ones_like(negative_mask[:, :1]), negative_mask], dim=1)
+        logits = logits.masked_fill(~keep, float("-inf"))
+    target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    per_row = F.cross_entropy(logits, target, reduction="none")
+    return weighted_mean(per_row, row_weights)
