@@ -68,11 +68,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def all_ranks_have(flag: bool, device: torch.device) -> tuple[bool, bool]:
-    """(any rank has, every rank has) ``flag``: one small all-reduce."""
-    value = torch.tensor([int(flag), int(not flag)], device=device)
+def any_rank_has(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any rank: one small all-reduce."""
+    value = torch.tensor([int(flag)], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value[0]), not bool(value[1])
+    return bool(value.item())
 
 
 def shutdown() -> None:

@@ -20,18 +20,21 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
+from data_pipeline.batch import Batch
 from data_pipeline.loader import build_event_loader
 from data_pipeline.manifest import Manifest
 from data_pipeline.schema import ITEM_ID, USER_ID, Side
 from trainer.build import batch_builder, loader_spec
 from trainer.config import ExperimentConfig
-from trainer.distributed import DistributedEnv, all_ranks_have
+from trainer.distributed import DistributedEnv
 from trainer.metrics import MetricCutoffs, retrieval_metrics
 from trainer.mips import ItemLists, distributed_topk, shard_range
+from trainer.synchronized import synchronized
 
 logger = logging.getLogger(__name__)
 
-PRIOR_SPLITS = {"valid": ("train",), "test": ("train", "valid"), "train": ()}
+# Splits besides train whose events come before a split's events (test follows valid).
+EARLIER_SPLITS = {"test": ("valid",)}
 
 
 def read_split_columns(
@@ -90,55 +93,43 @@ def embed_queries(
         loader_spec(config, split, train=False), manifest, env.rank, env.world_size
     )
     users, targets, embeddings = [], [], []
-    iterator = iter(loader)
-    template = None
-    while True:
-        batch = next(iterator, None)
-        any_has, _ = all_ranks_have(batch is not None, env.device)
-        if not any_has:
-            break
-        real = batch is not None
-        if batch is None:
-            batch = template if template is not None else _empty_query_batch(manifest, config)
-        template = batch
-        batch = batch.to(env.device)
+    for batch in synchronized(loader, env, lambda: _first_row(manifest, config, split)):
         user_embeddings, _ = model(batch.user_features, batch.item_features)
-        if real:
-            users.append(batch.user_ids)
-            targets.append(batch.item_ids)
-            embeddings.append(user_embeddings.float())
+        real = batch.weight > 0
+        users.append(batch.user_ids[real])
+        targets.append(batch.item_ids[real])
+        embeddings.append(user_embeddings[real].float())
     if not embeddings:
         empty = torch.zeros(0, dtype=torch.int64, device=env.device)
         return empty, empty, torch.zeros(0, config.model.output_dim, device=env.device)
     return torch.cat(users), torch.cat(targets), torch.cat(embeddings)
 
 
-def _empty_query_batch(manifest: Manifest, config: ExperimentConfig):  # noqa: ANN202
-    """A one-row batch (first eval row) for a rank with no eval rows at all."""
-    paths = manifest.split_paths(config.data.path, config.eval.split)
+def _first_row(manifest: Manifest, config: ExperimentConfig, split: str) -> Batch:
+    """A one-row batch of ``split``: padding for a rank that holds no rows of it."""
+    paths = manifest.split_paths(config.data.path, split)
     table = pq.ParquetFile(paths[0]).read_row_group(0).slice(0, 1)
     return batch_builder(manifest, config)(table)
 
 
-def seen_items(
-    config: ExperimentConfig,
-    manifest: Manifest,
-    split: str,
-    user_ids: np.ndarray,
-    targets: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per query, the items its user had in earlier splits, minus the query's own target.
+def earlier_pairs(
+    config: ExperimentConfig, manifest: Manifest, split: str, train_pairs: pa.Table
+) -> pa.Table:
+    """(user_id, item_id) of every event before ``split``: train, plus valid for test."""
+    if split == config.data.train_split:
+        return train_pairs.slice(0, 0)
+    extra = [
+        read_split_columns(config.data.path, manifest, s, [USER_ID, ITEM_ID])
+        for s in EARLIER_SPLITS.get(split, ())
+    ]
+    return pa.concat_tables([train_pairs, *extra])
 
-    Returns CSR (offsets [q+1] int64, ids [nnz] int64).
-    """
-    if not config.eval.exclude_seen or not PRIOR_SPLITS.get(split):
-        return np.zeros(len(user_ids) + 1, np.int64), np.zeros(0, np.int64)
-    pairs = pa.concat_tables(
-        [
-            read_split_columns(config.data.path, manifest, s, [USER_ID, ITEM_ID])
-            for s in PRIOR_SPLITS[split]
-        ]
-    )
+
+def seen_items(
+    pairs: pa.Table, user_ids: np.ndarray, targets: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, the items its user has in ``pairs`` (user_id, item_id), minus the query's own
+    target. Returns CSR (offsets [q+1] int64, ids [nnz] int64)."""
     users = pairs.column(USER_ID).to_numpy()
     items = pairs.column(ITEM_ID).to_numpy()
     order = np.lexsort((items, users))
@@ -155,10 +146,10 @@ def seen_items(
     return offsets, ids
 
 
-def popularity_scores(config: ExperimentConfig, manifest: Manifest, num_items: int) -> np.ndarray:
+def popularity_scores(train_pairs: pa.Table, num_items: int) -> np.ndarray:
     """[N] training interaction counts: the most-popular baseline's item scores."""
-    items = read_split_columns(config.data.path, manifest, config.data.train_split, [ITEM_ID])
-    return np.bincount(items.column(ITEM_ID).to_numpy(), minlength=num_items).astype(np.float32)
+    items = train_pairs.column(ITEM_ID).to_numpy()
+    return np.bincount(items, minlength=num_items).astype(np.float32)
 
 
 def _reduce_metrics(local: dict[str, float], count: int, device: torch.device) -> dict[str, float]:
@@ -227,9 +218,15 @@ def evaluate_model(
     num_items = manifest.tables["item_id"]
     corpus_ids, corpus = embed_corpus(model, manifest, config, env)
     users, targets, queries = embed_queries(model, manifest, config, env, split)
-    offsets, excluded = seen_items(
-        config, manifest, split, users.cpu().numpy(), targets.cpu().numpy()
+    train_pairs = read_split_columns(
+        config.data.path, manifest, config.data.train_split, [USER_ID, ITEM_ID]
     )
+    excluded_pairs = (
+        earlier_pairs(config, manifest, split, train_pairs)
+        if config.eval.exclude_seen
+        else train_pairs.slice(0, 0)
+    )
+    offsets, excluded = seen_items(excluded_pairs, users.cpu().numpy(), targets.cpu().numpy())
     exclude = ItemLists(torch.from_numpy(offsets), torch.from_numpy(excluded))
     _, topk_ids = distributed_topk(
         queries,
@@ -245,7 +242,7 @@ def evaluate_model(
         "num_items": num_items,
         "model": _score_ranking(topk_ids, targets, config.eval.ks, num_items, env.device),
     }
-    popularity = torch.from_numpy(popularity_scores(config, manifest, num_items))
+    popularity = torch.from_numpy(popularity_scores(train_pairs, num_items))
     _, pop_ids = distributed_topk(
         torch.ones(len(targets), 1, device=env.device),
         popularity[corpus_ids.cpu()].unsqueeze(1).to(env.device),

@@ -22,22 +22,19 @@ from trainer.config import ShardingConfig, ShardingType, SparseOptimizer
 _GPU_ONLY = {ShardingType.ROW_WISE, ShardingType.TABLE_ROW_WISE}
 
 
-def sparse_optimizer_class(kind: SparseOptimizer) -> tuple[type[torch.optim.Optimizer], dict]:
-    if kind is SparseOptimizer.ROWWISE_ADAGRAD:
-        return RowWiseAdagrad, {}
-    if kind is SparseOptimizer.ADAGRAD:
-        return torch.optim.Adagrad, {}
-    if kind is SparseOptimizer.ADAM:
-        return torch.optim.Adam, {}
-    return torch.optim.SGD, {}
+_SPARSE_OPTIMIZERS: dict[SparseOptimizer, type[torch.optim.Optimizer]] = {
+    SparseOptimizer.ROWWISE_ADAGRAD: RowWiseAdagrad,
+    SparseOptimizer.ADAGRAD: torch.optim.Adagrad,
+    SparseOptimizer.ADAM: torch.optim.Adam,
+    SparseOptimizer.SGD: torch.optim.SGD,
+}
 
 
 def attach_sparse_optimizer(model: nn.Module, kind: SparseOptimizer, lr: float) -> None:
     """Register the fused in-backward optimizer on every embedding collection's tables."""
-    optimizer_class, extra = sparse_optimizer_class(kind)
     for module in model.modules():
         if isinstance(module, EmbeddingBagCollection):
-            apply_optimizer_in_backward(optimizer_class, module.parameters(), {"lr": lr, **extra})
+            apply_optimizer_in_backward(_SPARSE_OPTIMIZERS[kind], module.parameters(), {"lr": lr})
 
 
 def allowed_sharding_types(config: ShardingConfig, device: torch.device) -> list[str]:
@@ -74,7 +71,3 @@ def shard_model(
     return DistributedModelParallel(
         module=model, device=device, plan=plan, sharders=[EmbeddingBagCollectionSharder()]
     )
-
-
-def describe_plan(model: DistributedModelParallel) -> str:
-    return str(model.plan)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,6 @@ from trainer.checkpoint import save_checkpoint
 from trainer.config import ExperimentConfig, load_config, to_dict, to_yaml
 from trainer.distributed import (
     DistributedEnv,
-    all_ranks_have,
     init_distributed,
     seed_everything,
     shutdown,
@@ -40,6 +38,7 @@ from trainer.distributed import (
 from trainer.global_negatives import gather_candidates
 from trainer.logs import configure_logging
 from trainer.run_logger import RunLogger
+from trainer.synchronized import synchronized
 
 logger = logging.getLogger(__name__)
 
@@ -51,27 +50,6 @@ class TrainResult:
     final_loss: float
     samples_per_second: float
     checkpoint: str
-
-
-def synchronized(batches: Iterable[Batch], env: DistributedEnv) -> Iterator[Batch]:
-    """Keeps ranks in step: while any rank has data, a rank that ran out repeats its last batch
-    as zero-weight padding (collectives stay matched, no row is dropped or counted twice)."""
-    last: Batch | None = None
-    iterator = iter(batches)
-    while True:
-        batch = next(iterator, None)
-        any_has, _ = all_ranks_have(batch is not None, env.device)
-        if not any_has:
-            return
-        if batch is None:
-            if last is None:
-                raise RuntimeError(
-                    f"rank {env.rank} received no data this epoch while other ranks did: the "
-                    "split has fewer row groups than ranks x loader workers"
-                )
-            batch = last.as_padding()
-        last = batch
-        yield batch.to(env.device, non_blocking=True)
 
 
 def train_step(

@@ -16,9 +16,8 @@ from models.losses import in_batch_softmax_loss, net_user_value
 from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import write_tiny_dataset
 from trainer.build import build_dense_optimizer, build_sharded_model, build_unsharded_model
-from trainer.config import ShardingType, SparseOptimizer, load_config
+from trainer.config import ShardingType, load_config
 from trainer.distributed import DistributedEnv, seed_everything
-from trainer.sharding import attach_sparse_optimizer
 
 
 def copy_state_dict(sharded: dict, full: dict) -> None:
@@ -75,7 +74,6 @@ def _compare_rank(rank: int, world_size: int, root: str, sharding_type: str) -> 
     env = DistributedEnv(rank, world_size, rank, torch.device("cpu"), "gloo")
     seed_everything(0)
     reference = build_unsharded_model(manifest, config)
-    attach_sparse_optimizer(reference, SparseOptimizer.SGD, config.train.sparse_lr)
     sharded = build_sharded_model(manifest, config, env)
     copy_state_dict(sharded.state_dict(), reference.state_dict())
     weights = torch.tensor([1.0, 0.5])
