@@ -16,6 +16,7 @@ from torchrec import KeyedJaggedTensor
 
 from data_pipeline.derived import add_derived_columns
 from data_pipeline.schema import (
+    IMPRESSION_NEGATIVES,
     ITEM_ID,
     POSITION,
     RANKER_SCORE,
@@ -23,6 +24,7 @@ from data_pipeline.schema import (
     EventSchema,
     FeatureKind,
     FeatureSpec,
+    SchemaError,
     label_column,
 )
 
@@ -39,6 +41,8 @@ class Batch:
         user_ids: [B] int64.
         item_ids: [B] int64 (accidental-hit masking, evaluation targets).
         ranker_score: [B] float32 logged ranker score, NaN where unknown.
+        impression_negatives: [B, K] int64 item ids shown with the row's item and not engaged,
+            the first K of ``impression_negative_ids``, -1 padded; [B, 0] when K = 0.
         weight: [B] float32 row multiplier; 0 marks padding rows that must not teach.
     """
 
@@ -49,6 +53,7 @@ class Batch:
     user_ids: torch.Tensor
     item_ids: torch.Tensor
     ranker_score: torch.Tensor
+    impression_negatives: torch.Tensor
     weight: torch.Tensor
 
     @property
@@ -86,6 +91,30 @@ def _jagged(table: pa.Table, feature: FeatureSpec) -> tuple[np.ndarray, np.ndarr
     return values, lengths.astype(np.int64, copy=False)
 
 
+def padded_list_head(table: pa.Table, name: str, width: int) -> np.ndarray:
+    """The first ``width`` values of each row of a list<int> column, -1 padded.
+
+    Returns:
+        [B, width] int64.
+
+    Raises:
+        SchemaError: naming the column, when it holds null values inside its lists.
+    """
+    column = table.column(name).combine_chunks()
+    lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False)
+    flat = pc.list_flatten(column)
+    if flat.null_count:
+        raise SchemaError(f"column '{name}' has {flat.null_count} null values inside its lists")
+    values = flat.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    lengths = lengths.astype(np.int64, copy=False)
+    taken = np.minimum(lengths, width)
+    row = np.repeat(np.arange(lengths.shape[0]), taken)
+    slot = np.arange(row.shape[0]) - np.repeat(np.cumsum(taken) - taken, taken)
+    out = np.full((lengths.shape[0], width), -1, dtype=np.int64)
+    out[row, slot] = values[np.repeat(np.cumsum(lengths) - lengths, taken) + slot]
+    return out
+
+
 def build_kjt(table: pa.Table, features: tuple[FeatureSpec, ...]) -> KeyedJaggedTensor:
     """KJT over ``features`` in order; a feature absent from ``table`` gets zero lengths (used
     when only one tower's columns are read, e.g. the item corpus)."""
@@ -113,10 +142,19 @@ class BatchBuilder:
     Args:
         schema: the model-facing schema (stored plus derived features).
         recent_history: length of the derived newest-items feature (0: not derived).
+        impression_negatives: K, impression hard negatives kept per row (0: none; the table
+            then need not have ``impression_negative_ids``).
     """
 
     schema: EventSchema
     recent_history: int = 0
+    impression_negatives: int = 0
+
+    def __post_init__(self) -> None:
+        if self.impression_negatives < 0:
+            raise ValueError(
+                f"BatchBuilder: impression_negatives must be >= 0, got {self.impression_negatives}"
+            )
 
     def __call__(self, table: pa.Table) -> Batch:
         rows = table.num_rows
@@ -150,5 +188,18 @@ class BatchBuilder:
             user_ids=torch.from_numpy(user_ids),
             item_ids=torch.from_numpy(_column_numpy(table, ITEM_ID).astype(np.int64)),
             ranker_score=torch.from_numpy(np.ascontiguousarray(ranker, dtype=np.float32)),
+            impression_negatives=torch.from_numpy(self._impression_negatives(table)),
             weight=torch.ones(rows, dtype=torch.float32),
         )
+
+    def _impression_negatives(self, table: pa.Table) -> np.ndarray:
+        """[B, K] int64, -1 padded; [B, 0] when K = 0."""
+        if self.impression_negatives == 0:
+            return np.zeros((table.num_rows, 0), dtype=np.int64)
+        if IMPRESSION_NEGATIVES not in table.column_names:
+            raise SchemaError(
+                f"missing column '{IMPRESSION_NEGATIVES}' needed for impression_negatives="
+                f"{self.impression_negatives}; found columns {table.column_names} (the dataset "
+                "has no logged impressions, or it was prepared before the column existed)"
+            )
+        return padded_list_head(table, IMPRESSION_NEGATIVES, self.impression_negatives)

@@ -9,8 +9,9 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from data_pipeline.batch import BatchBuilder
 from data_pipeline.derived import with_derived_features
-from data_pipeline.manifest import Manifest
+from data_pipeline.manifest import MANIFEST_NAME, Manifest
 from data_pipeline.reader import ParquetEventStream, list_work_units, seed_worker
+from data_pipeline.schema import IMPRESSION_NEGATIVES, SchemaError
 from data_pipeline.validation import IdValidator
 
 
@@ -26,6 +27,8 @@ class LoaderSpec:
     id_policy: ``error`` or ``hash``.
     seed: shuffling seed.
     recent_history: newest history items pooled as their own feature (0: off).
+    impression_negatives: K impression hard negatives per row in ``Batch.impression_negatives``
+        (0: off; K > 0 needs a dataset whose manifest has ``has_impression_negatives``).
     """
 
     root: str
@@ -37,6 +40,7 @@ class LoaderSpec:
     id_policy: str = "error"
     seed: int = 0
     recent_history: int = 0
+    impression_negatives: int = 0
 
 
 def build_event_loader(
@@ -45,11 +49,19 @@ def build_event_loader(
     """A StatefulDataLoader yielding ``Batch`` objects for this rank (``state_dict`` resumable)."""
     root = Path(spec.root)
     schema = manifest.schema
+    if spec.impression_negatives > 0 and not schema.has_impression_negatives:
+        raise SchemaError(
+            f"{root / MANIFEST_NAME}: impression_negatives={spec.impression_negatives} needs "
+            f"column '{IMPRESSION_NEGATIVES}', but dataset '{manifest.dataset}' has no logged "
+            "impressions (schema.has_impression_negatives is false)"
+        )
     units = list_work_units(manifest.split_paths(root, spec.split), schema.event_arrow_schema())
     stream = ParquetEventStream(
         units=units,
         convert=BatchBuilder(
-            with_derived_features(schema, spec.recent_history), spec.recent_history
+            with_derived_features(schema, spec.recent_history),
+            spec.recent_history,
+            impression_negatives=spec.impression_negatives,
         ),
         validator=IdValidator(schema, manifest.tables, spec.id_policy),
         batch_size=spec.batch_size,

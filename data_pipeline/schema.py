@@ -11,6 +11,9 @@ column              Arrow type              meaning
 ``position``        int32, nullable         feed position of an impression; null if unknown
 ``label_<name>``    float32                 one column per reward label, in ``manifest.labels``
 ``ranker_score``    float32, optional       logged ranking-model score (synthetic worlds)
+``impression_       list<int64>, optional   items shown in the same request (same user, same
+negative_ids``                              time) and not engaged (every label 0), by
+                                            position, never the row's own item; possibly empty
 ``hist_item_ids``   list<int64>             item ids the user interacted with strictly before
                                             this event, newest first, at most H
 ``hist_<action>``   list<int8>              one aligned action series per history event
@@ -38,6 +41,7 @@ TIMESTAMP = "timestamp"
 POSITION = "position"
 RANKER_SCORE = "ranker_score"
 HISTORY_ITEMS = "hist_item_ids"
+IMPRESSION_NEGATIVES = "impression_negative_ids"
 LABEL_PREFIX = "label_"
 HISTORY_ACTION_PREFIX = "hist_"
 
@@ -112,6 +116,8 @@ class EventSchema:
         history_actions: action names with an aligned ``hist_<action>`` series.
         has_position: whether ``position`` must be present (nullable either way).
         has_ranker_score: whether ``ranker_score`` must be present.
+        has_impression_negatives: whether ``impression_negative_ids`` must be present (logged
+            feeds with unengaged impressions; ratings-only datasets have none).
     """
 
     features: tuple[FeatureSpec, ...]
@@ -119,6 +125,7 @@ class EventSchema:
     history_actions: tuple[str, ...] = ()
     has_position: bool = True
     has_ranker_score: bool = False
+    has_impression_negatives: bool = False
 
     def user_features(self) -> tuple[FeatureSpec, ...]:
         return tuple(f for f in self.features if f.side is Side.USER)
@@ -137,6 +144,8 @@ class EventSchema:
         fields += [pa.field(label_column(x), pa.float32(), nullable=False) for x in self.labels]
         if self.has_ranker_score:
             fields.append(pa.field(RANKER_SCORE, pa.float32(), nullable=True))
+        if self.has_impression_negatives:
+            fields.append(pa.field(IMPRESSION_NEGATIVES, pa.list_(pa.int64()), nullable=False))
         taken = {f.name for f in fields}
         for feature in self.features:
             if feature.name not in taken:
@@ -164,6 +173,7 @@ class EventSchema:
             "history_actions": list(self.history_actions),
             "has_position": self.has_position,
             "has_ranker_score": self.has_ranker_score,
+            "has_impression_negatives": self.has_impression_negatives,
         }
 
     @staticmethod
@@ -174,6 +184,7 @@ class EventSchema:
             history_actions=tuple(data.get("history_actions", ())),
             has_position=bool(data.get("has_position", True)),
             has_ranker_score=bool(data.get("has_ranker_score", False)),
+            has_impression_negatives=bool(data.get("has_impression_negatives", False)),
         )
 
 

@@ -1,4 +1,4 @@
-"""The ``twotower`` command line: prepare, train, eval, launch, plot."""
+"""The ``twotower`` command line: prepare, train, eval, launch, sweep, plot."""
 
 from __future__ import annotations
 
@@ -50,6 +50,18 @@ def _parser() -> argparse.ArgumentParser:
     local.add_argument("--max-restarts", type=int, default=0)
     local.add_argument("config")
     local.add_argument("overrides", nargs="*")
+
+    sweep = commands.add_parser(
+        "sweep", help="train every variant of an experiment file, compare them in tables"
+    )
+    sweep.add_argument("experiments", type=Path, help="experiment file (see launch/sweep.py)")
+    sweep.add_argument(
+        "--dataset", action="append", default=None, help="only this dataset (repeatable)"
+    )
+    sweep.add_argument("--nproc", type=int, default=1, help="ranks per run (torchrun when > 1)")
+    sweep.add_argument(
+        "--only", nargs="+", default=None, metavar="VARIANT", help="only these variants"
+    )
 
     plot = commands.add_parser("plot", help="loss and Recall@K curves of a run as PNG")
     plot.add_argument("--run", required=True, type=Path)
@@ -109,6 +121,19 @@ def _launch(args: argparse.Namespace) -> int:
     return launch_local(args.nproc, args.config, args.overrides, args.max_restarts)
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from launch.sweep import run_sweep
+
+    report = run_sweep(args.experiments, args.dataset, args.nproc, args.only)
+    for dataset, table in report.tables.items():
+        print(f"\n## {report.title}: {dataset}\n\n{table}")
+    if report.failed:
+        logging.getLogger("twotower").error(
+            "%d of %d runs failed; the table names their logs", report.failed, report.runs
+        )
+    return 1 if report.failed else 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from launch.plot import plot_run
 
@@ -124,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": _train,
         "eval": _eval,
         "launch": _launch,
+        "sweep": _sweep,
         "plot": _plot,
     }
     try:

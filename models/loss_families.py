@@ -14,13 +14,15 @@ import torch.nn.functional as F
 from models.losses import weighted_mean
 
 
-def _masked_row_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of values [B, N] over entries where mask [B, N] is True; 0 for rows with none."""
-    if mask is None:
+def _masked_row_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Weighted mean of values [B, N] with entry weights [B, N] (bool or float >= 0; 0 or
+    False excludes an entry); 0 for rows with no weight."""
+    if weights is None:
         return values.mean(dim=1)
-    # where (not multiply) so a masked nan/inf never leaks into the value or its gradient.
-    kept = torch.where(mask, values, torch.zeros_like(values))
-    return kept.sum(dim=1) / mask.sum(dim=1).clamp_min(1).to(values.dtype)
+    weights = weights.to(values.dtype)
+    # where (not multiply) so an excluded nan/inf never leaks into the value or its gradient.
+    kept = torch.where(weights > 0, values * weights, torch.zeros_like(values))
+    return kept.sum(dim=1) / weights.sum(dim=1).clamp_min(1e-12)
 
 
 def sigmoid_cross_entropy_loss(
@@ -35,9 +37,10 @@ def sigmoid_cross_entropy_loss(
         logits: [B, C] raw scores.
         labels: [B, C] targets in [0, 1].
         row_weights: [B] >= 0.
-        mask: [B, C] bool, True where the entry counts; None counts every entry.
+        mask: [B, C] entry weights, bool or float >= 0 (False / 0 excludes); None counts every
+            entry once.
     Returns:
-        scalar: weighted mean over rows of each row's mean BCE over its valid entries
+        scalar: weighted mean over rows of each row's weighted mean BCE over its entries
         (a row with no valid entry has loss 0).
     """
     per_entry = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
@@ -48,6 +51,7 @@ def cosine_regression_loss(
     scores: torch.Tensor,
     row_weights: torch.Tensor,
     negatives_per_positive: int,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Squared error pulling the positive's cosine to +1 and the negatives' to -1.
 
@@ -56,8 +60,11 @@ def cosine_regression_loss(
         row_weights: [B] >= 0.
         negatives_per_positive: k, the positive:negative ratio 1:k; only the first k negatives
             (columns 1..k) are used. Must satisfy 0 <= k <= N.
+        mask: [B, 1 + N] entry weights (bool or float >= 0) as in
+            :func:`sigmoid_cross_entropy_loss`; None counts every used entry once.
     Returns:
-        scalar: weighted mean over rows of ``((s+ - 1)^2 + sum_j (s-_j + 1)^2) / (1 + k)``.
+        scalar: weighted mean over rows of ``((s+ - 1)^2 + sum_j (s-_j + 1)^2) / (1 + k)``
+        (entry-weighted when a mask is given).
     """
     available = scores.shape[1] - 1
     if negatives_per_positive < 0 or negatives_per_positive > available:
@@ -68,7 +75,8 @@ def cosine_regression_loss(
     used = scores[:, : 1 + negatives_per_positive]
     targets = torch.full_like(used, -1.0)
     targets[:, 0] = 1.0
-    per_row = (used - targets).square().mean(dim=1)
+    entry_weights = None if mask is None else mask[:, : 1 + negatives_per_positive]
+    per_row = _masked_row_mean((used - targets).square(), entry_weights)
     return weighted_mean(per_row, row_weights)
 
 
@@ -86,7 +94,8 @@ def triplet_hinge_loss(
         negative_scores: [B, N] scores of each row's negatives.
         margin: m >= 0.
         row_weights: [B] >= 0.
-        negative_mask: [B, N] bool, True for a valid negative; None treats all as valid.
+        negative_mask: [B, N] negative weights, bool or float >= 0 (False / 0 excludes; w counts
+            the negative w times); None treats all as valid with weight 1.
     Returns:
         scalar: weighted mean over rows of ``mean_j max(0, s-_j + m - s+)`` over valid negatives
         (a row with no valid negative has loss 0).
@@ -107,7 +116,8 @@ def bpr_loss(
         positive_scores: [B] score of each row's positive.
         negative_scores: [B, N] scores of each row's negatives.
         row_weights: [B] >= 0.
-        negative_mask: [B, N] bool, True for a valid negative; None treats all as valid.
+        negative_mask: [B, N] negative weights, bool or float >= 0 (False / 0 excludes; w counts
+            the negative w times); None treats all as valid with weight 1.
     Returns:
         scalar: weighted mean over rows of ``mean_j log(1 + exp(s-_j - s+))`` over valid
         negatives (a row with no valid negative has loss 0).
@@ -119,9 +129,11 @@ def bpr_loss(
 def sampled_listwise_softmax_loss(
     positive_scores: torch.Tensor,
     negative_scores: torch.Tensor,
-    temperature: float,
+    temperature: float | torch.Tensor,
     row_weights: torch.Tensor,
     negative_mask: torch.Tensor | None = None,
+    positive_log_q: torch.Tensor | None = None,
+    negative_log_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax cross entropy of each row's positive against its own sampled negatives.
 
@@ -132,17 +144,31 @@ def sampled_listwise_softmax_loss(
     Args:
         positive_scores: [B] score of each row's positive.
         negative_scores: [B, N] scores of each row's negatives.
-        temperature: logits are score / temperature.
+        temperature: logits are score / temperature (a float or a scalar tensor []).
         row_weights: [B] >= 0.
-        negative_mask: [B, N] bool, True for a valid negative; None treats all as valid.
+        negative_mask: [B, N] negative weights, bool or float >= 0 (False / 0 excludes; w counts
+            the negative w times, i.e. adds log w to its logit); None: all valid, weight 1.
+        positive_log_q: [B] sampling-bias correction subtracted from the positive's logit
+            (logQ correction, Yi et al. 2019); None: no correction.
+        negative_log_q: [B, N] the same for the negatives.
     Returns:
-        scalar: weighted mean over rows of
-        ``-s+/t + log(exp(s+/t) + sum_{valid j} exp(s-_j/t))``.
+        scalar: weighted mean over rows of ``-l+ + log(exp(l+) + sum_j w_j exp(l-_j))`` with
+        ``l = s / t - log q``.
     """
     logits = torch.cat([positive_scores.unsqueeze(1), negative_scores], dim=1) / temperature
+    if positive_log_q is not None or negative_log_q is not None:
+        pos_q = positive_log_q if positive_log_q is not None else positive_scores.new_zeros(1)
+        neg_q = negative_log_q if negative_log_q is not None else negative_scores.new_zeros(1)
+        logits = logits - torch.cat(
+            [pos_q.expand_as(positive_scores).unsqueeze(1), neg_q.expand_as(negative_scores)],
+            dim=1,
+        )
     if negative_mask is not None:
-        keep = torch.cat([torch.ones_like(negative_mask[:, :1]), negative_mask], dim=1)
-        logits = logits.masked_fill(~keep, float("-inf"))
+        weights = negative_mask.to(logits.dtype)
+        keep = torch.cat([torch.ones_like(weights[:, :1]), weights], dim=1)
+        # where, not log(0): an excluded entry must not leak nan/inf into the gradient.
+        log_weight = torch.where(keep > 0, keep.clamp_min(1e-30).log(), torch.zeros_like(keep))
+        logits = (logits + log_weight).masked_fill(keep <= 0, float("-inf"))
     target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     per_row = F.cross_entropy(logits, target, reduction="none")
     return weighted_mean(per_row, row_weights)

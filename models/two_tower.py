@@ -5,13 +5,51 @@ Optional parts (history encoder, heads) join by configuration in later issues, n
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
 
 from data_pipeline.schema import EventSchema
+from models.temperature import Temperature
 from models.towers import Tower, table_configs
 from trainer.config import ModelConfig
+
+
+class TowerOutputs(NamedTuple):
+    """What one forward pass returns.
+
+    Args:
+        user: [B, D] user (query) embeddings.
+        item: [B, D] embeddings of the batch's items.
+        extra_items: [E, D] embeddings of extra items (sampled / hard negatives); [0, D] if none.
+        temperature: [] the softmax temperature (learned or fixed).
+    """
+
+    user: torch.Tensor
+    item: torch.Tensor
+    extra_items: torch.Tensor
+    temperature: torch.Tensor
+
+
+def stack_rows(batch: KeyedJaggedTensor, extra: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """Rows of ``extra`` (stride E, any subset of keys) appended under ``batch`` (stride B):
+    stride B + E, keys of ``batch``; keys missing from ``extra`` get empty bags there."""
+    extra_rows = extra.to_dict()
+    count = extra.stride()
+    values, lengths = [], []
+    for key, jagged in batch.to_dict().items():
+        values.append(jagged.values())
+        lengths.append(jagged.lengths())
+        if key in extra_rows:
+            values.append(extra_rows[key].values())
+            lengths.append(extra_rows[key].lengths())
+        else:
+            lengths.append(torch.zeros(count, dtype=jagged.lengths().dtype, device=jagged.device()))
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=batch.keys(), values=torch.cat(values), lengths=torch.cat(lengths)
+    )
 
 
 class TwoTowerModel(nn.Module):
@@ -49,12 +87,22 @@ class TwoTowerModel(nn.Module):
             config.output_dim,
             config.l2_normalize,
         )
-        self.temperature = config.temperature
+        low, high = config.temperature_range
+        self.temperature = Temperature(config.temperature, config.learn_temperature, low, high)
 
     def forward(
-        self, user_features: KeyedJaggedTensor, item_features: KeyedJaggedTensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both KJTs have stride B. Returns (user embeddings [B, D], item embeddings [B, D])."""
-        pooled = self.sparse_arch(KeyedJaggedTensor.concat([user_features, item_features]))
-        embeddings = pooled.to_dict()
-        return self.user_tower(embeddings), self.item_tower(embeddings)
+        self,
+        user_features: KeyedJaggedTensor,
+        item_features: KeyedJaggedTensor,
+        extra_item_features: KeyedJaggedTensor | None = None,
+    ) -> TowerOutputs:
+        """``user_features`` and ``item_features`` have stride B; ``extra_item_features`` (item
+        keys, stride E) are items outside the batch, embedded in the same table lookup."""
+        features = KeyedJaggedTensor.concat([user_features, item_features])
+        rows = features.stride()
+        if extra_item_features is not None:
+            features = stack_rows(features, extra_item_features)
+        pooled = self.sparse_arch(features).to_dict()
+        user = self.user_tower({k: v[:rows] for k, v in pooled.items()})
+        items = self.item_tower(pooled)
+        return TowerOutputs(user, items[:rows], items[rows:], self.temperature())

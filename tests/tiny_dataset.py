@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,13 @@ SCHEMA = EventSchema(
 TABLES = {"user_id": USERS, "user_segment": 3, "item_id": ITEMS, "item_tags": CATEGORIES}
 
 
+def _impression_negatives(rng: np.random.Generator, items: np.ndarray) -> pa.Array:
+    """0-3 items per row "shown with" the row's item and not engaged (never the item itself)."""
+    lengths = rng.integers(0, 4, len(items))
+    lists = [[(int(i) + 1 + 3 * j) % ITEMS for j in range(n)] for i, n in zip(items, lengths)]
+    return pa.array(lists, pa.list_(pa.int64()))
+
+
 def _events(rng: np.random.Generator, rows: int, start: int) -> pa.Table:
     users = rng.integers(0, USERS, rows)
     items = (users * 7 + rng.integers(0, 5, rows)) % ITEMS  # learnable user -> item structure
@@ -50,22 +58,33 @@ def _events(rng: np.random.Generator, rows: int, start: int) -> pa.Table:
 
 
 def write_tiny_dataset(
-    root: Path, train_rows: int = 640, row_group_rows: int = 64, seed: int = 0
+    root: Path,
+    train_rows: int = 640,
+    row_group_rows: int = 64,
+    seed: int = 0,
+    impressions: bool = False,
 ) -> Path:
-    """Writes train/valid/test/items/users + manifest.json under ``root``; returns ``root``."""
+    """Writes train/valid/test/items/users + manifest.json under ``root``; returns ``root``.
+
+    ``impressions`` adds the impression hard-negative column to every event split."""
     rng = np.random.default_rng(seed)
+    schema = replace(SCHEMA, has_impression_negatives=impressions)
     splits = {}
     for split, rows in (("train", train_rows), ("valid", USERS), ("test", USERS)):
         with ShardWriter(
             root,
             split,
-            SCHEMA.event_arrow_schema(),
+            schema.event_arrow_schema(),
             rows_per_file=train_rows // 2,
             row_group_rows=row_group_rows,
         ) as writer:
             table = _events(rng, rows, start=0 if split == "train" else 10**6)
             if split != "train":
                 table = table.set_column(0, "user_id", pa.array(np.arange(USERS)))
+            if impressions:
+                negatives = _impression_negatives(rng, table.column("item_id").to_numpy())
+                table = table.append_column("impression_negative_ids", negatives)
+                table = table.select(schema.event_arrow_schema().names)
             writer.write(table)
         splits[split] = writer.info
     items = pa.table(
@@ -79,5 +98,5 @@ def write_tiny_dataset(
         with ShardWriter(root, split, SCHEMA.side_arrow_schema(side), row_group_rows=16) as writer:
             writer.write(table)
         splits[split] = writer.info
-    Manifest("tiny", SCHEMA, dict(TABLES), splits, history_length=5).save(root)
+    Manifest("tiny", schema, dict(TABLES), splits, history_length=5).save(root)
     return root

@@ -78,4 +78,5 @@ def loader_spec(config: ExperimentConfig, split: str, train: bool) -> LoaderSpec
         id_policy=data.id_policy.value,
         seed=config.seed,
         recent_history=data.recent_history,
+        impression_negatives=config.negatives.impressions.per_row if train else 0,
     )

@@ -23,14 +23,24 @@ def checkpoint_dir(run_dir: Path | str, step: int) -> Path:
 
 
 def save_checkpoint(
-    run_dir: Path | str, step: int, model: nn.Module, meta: dict[str, Any], is_main: bool
+    run_dir: Path | str,
+    step: int,
+    model: nn.Module,
+    meta: dict[str, Any],
+    is_main: bool,
+    samplers: dict[str, Any] | None = None,
 ) -> Path:
-    """Collective: every rank writes its shards; rank 0 marks the folder complete."""
+    """Collective: every rank writes its shards; rank 0 marks the folder complete.
+
+    ``samplers`` holds replicated sampler state (tensors, e.g. the frequency estimator)."""
     path = checkpoint_dir(run_dir, step)
     if is_main and path.exists():
         shutil.rmtree(path)
     dist.barrier()
-    dcp.save({"model": model.state_dict()}, checkpoint_id=str(path))
+    state: dict[str, Any] = {"model": model.state_dict()}
+    if samplers:
+        state["samplers"] = samplers
+    dcp.save(state, checkpoint_id=str(path))
     dist.barrier()
     if is_main:
         (path / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))

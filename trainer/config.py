@@ -8,6 +8,7 @@ Runtime objects (process groups, devices) never live here; they are passed to ``
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,32 @@ class ShardingType(enum.Enum):
     ROW_WISE = "row_wise"
     TABLE_ROW_WISE = "table_row_wise"
     DATA_PARALLEL = "data_parallel"
+
+
+class LossFamily(enum.Enum):
+    """How a row's positive is scored against its negatives (see ``models.losses``).
+
+    ``softmax``: listwise softmax over every candidate (in-batch plus every extra negative).
+    ``sampled_softmax``: listwise softmax over 1 positive + ``loss.negatives_per_row`` negatives.
+    ``sigmoid``: pointwise binary cross entropy (positive 1, negatives 0).
+    ``cosine``: pointwise regression of cosines to +1 / -1 at ratio 1:``negatives_per_row``.
+    ``triplet``: pairwise hinge with ``loss.margin``.
+    ``bpr``: pairwise logistic (triplet logistic / BPR).
+    """
+
+    SOFTMAX = "softmax"
+    SAMPLED_SOFTMAX = "sampled_softmax"
+    SIGMOID = "sigmoid"
+    COSINE = "cosine"
+    TRIPLET = "triplet"
+    BPR = "bpr"
+
+
+class CorpusDistribution(enum.Enum):
+    """Distribution of negatives drawn from the item corpus."""
+
+    UNIFORM = "uniform"
+    UNIGRAM = "unigram"
 
 
 class SparseOptimizer(enum.Enum):
@@ -72,6 +99,9 @@ class ModelConfig:
     item_mlp: list[int] = field(default_factory=lambda: [256, 128])
     output_dim: int = 64
     temperature: float = 0.05
+    # A learned temperature starts at ``temperature`` and is clamped to ``temperature_range``.
+    learn_temperature: bool = False
+    temperature_range: list[float] = field(default_factory=lambda: [0.01, 1.0])
     l2_normalize: bool = True
 
 
@@ -82,6 +112,72 @@ class LossConfig:
     mask_accidental_hits: bool = True
     # Negatives from every rank's batch (differentiable all-gather), not only this rank's.
     global_negatives: bool = False
+    family: LossFamily = LossFamily.SOFTMAX
+    # Negatives per row for sampled_softmax / pointwise / pairwise (drawn from the row's
+    # candidates); null uses every candidate. ``cosine`` needs it (the 1:k ratio).
+    negatives_per_row: int | None = None
+    margin: float = 0.2
+
+
+@dataclass
+class LogQConfig:
+    """Sampling-bias correction (Yi et al. 2019): every logit gets ``- log`` of its item's
+    expected count in the candidate set; in-batch and memory items use a streaming,
+    rank-synchronized frequency estimator, corpus samples their known probability."""
+
+    enabled: bool = False
+    hash_size: int = 1 << 20
+    num_hashes: int = 2
+    alpha: float = 0.01
+
+
+@dataclass
+class MixedNegativesConfig:
+    """Mixed negative sampling (Yang et al. 2020): ``num_samples`` corpus items per step shared by
+    the batch, run through the item tower with their real features. With logQ correction on,
+    their logits get ``- log(num_samples * p(item))``, their own sampling probability."""
+
+    num_samples: int = 0
+    distribution: CorpusDistribution = CorpusDistribution.UNIGRAM
+    alpha: float = 0.75
+
+
+@dataclass
+class MemoryConfig:
+    """Cross-batch memory: a FIFO of recent item embeddings reused as negatives."""
+
+    size: int = 0
+    warmup_steps: int = 100
+    max_staleness_steps: int = 50
+
+
+@dataclass
+class HardNegativesConfig:
+    """Row-specific hard negatives. ``per_row`` is their share (how many per positive row);
+    ``weight`` is how many ordinary negatives each counts as (log-weight in the softmax)."""
+
+    per_row: int = 0
+    weight: float = 1.0
+
+
+@dataclass
+class MinedNegativesConfig(HardNegativesConfig):
+    """Semi-hard negatives from the model's own top-K over the corpus, skipping the top few
+    (Facebook EBR), mined against corpus embeddings refreshed every ``refresh_every_steps``."""
+
+    top_k: int = 100
+    skip_top: int = 10
+    refresh_every_steps: int = 200
+
+
+@dataclass
+class NegativesConfig:
+    log_q: LogQConfig = field(default_factory=LogQConfig)
+    mixed: MixedNegativesConfig = field(default_factory=MixedNegativesConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    # Items shown to the same user in the same request and not engaged (needs the data column).
+    impressions: HardNegativesConfig = field(default_factory=HardNegativesConfig)
+    mined: MinedNegativesConfig = field(default_factory=MinedNegativesConfig)
 
 
 @dataclass
@@ -131,6 +227,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    negatives: NegativesConfig = field(default_factory=NegativesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -193,6 +290,85 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
         fail("loss.label_weights", "name at least one label")
     if not config.sharding.sharding_types:
         fail("sharding.sharding_types", "allow at least one sharding type")
+    _validate_temperature(config.model, fail)
+    _validate_loss(config.loss, fail)
+    _validate_negatives(config.negatives, fail)
+
+
+def _validate_temperature(model: ModelConfig, fail: Callable[[str, str], None]) -> None:
+    low_high = model.temperature_range
+    if len(low_high) != 2 or not 0 < low_high[0] <= low_high[1]:
+        fail(
+            "model.temperature_range", f"expected [low, high] with 0 < low <= high, got {low_high}"
+        )
+    if model.learn_temperature and not low_high[0] <= model.temperature <= low_high[1]:
+        fail(
+            "model.temperature",
+            f"a learned temperature starts inside model.temperature_range {low_high}",
+        )
+
+
+def _validate_loss(loss: LossConfig, fail: Callable[[str, str], None]) -> None:
+    per_row = loss.negatives_per_row
+    if per_row is not None and per_row < 1:
+        fail("loss.negatives_per_row", "must be >= 1 or null (all candidates)")
+    if loss.family in (LossFamily.COSINE, LossFamily.SAMPLED_SOFTMAX) and per_row is None:
+        fail(
+            "loss.negatives_per_row",
+            f"loss.family={loss.family.value} needs the number of negatives per row "
+            "(the positive:negative ratio)",
+        )
+    if loss.family is LossFamily.SOFTMAX and per_row is not None:
+        fail(
+            "loss.negatives_per_row",
+            "loss.family=softmax uses every candidate; use loss.family=sampled_softmax "
+            "to sample negatives per row",
+        )
+    if loss.margin < 0:
+        fail("loss.margin", "must be >= 0")
+
+
+def _validate_negatives(negatives: NegativesConfig, fail: Callable[[str, str], None]) -> None:
+    log_q, mixed, memory, mined = (
+        negatives.log_q,
+        negatives.mixed,
+        negatives.memory,
+        negatives.mined,
+    )
+    if log_q.hash_size < 1 or log_q.hash_size & (log_q.hash_size - 1) or log_q.hash_size > 1 << 31:
+        fail("negatives.log_q.hash_size", "must be a power of two, at most 2**31")
+    if log_q.num_hashes < 1:
+        fail("negatives.log_q.num_hashes", "must be >= 1")
+    if not 0 < log_q.alpha <= 1:
+        fail("negatives.log_q.alpha", "must be in (0, 1]")
+    if mixed.num_samples < 0:
+        fail("negatives.mixed.num_samples", "must be >= 0")
+    if mixed.alpha < 0:
+        fail("negatives.mixed.alpha", "must be >= 0")
+    if memory.size < 0 or memory.warmup_steps < 0:
+        fail("negatives.memory.size", "size and warmup_steps must be >= 0")
+    if memory.size > 0 and memory.max_staleness_steps < 1:
+        fail("negatives.memory.max_staleness_steps", "must be >= 1 when negatives.memory.size > 0")
+    for name, hard in (("impressions", negatives.impressions), ("mined", mined)):
+        if hard.per_row < 0:
+            fail(f"negatives.{name}.per_row", "must be >= 0")
+        if hard.weight <= 0:
+            fail(f"negatives.{name}.weight", "must be > 0")
+    if mined.per_row > 0:
+        if mined.skip_top < 0 or mined.top_k <= mined.skip_top:
+            fail(
+                "negatives.mined.top_k",
+                f"must exceed negatives.mined.skip_top ({mined.skip_top}) so there is a "
+                "semi-hard band to sample from",
+            )
+        if mined.top_k - mined.skip_top < mined.per_row:
+            fail(
+                "negatives.mined.per_row",
+                f"at most negatives.mined.top_k - negatives.mined.skip_top "
+                f"({mined.top_k - mined.skip_top}) distinct items per row",
+            )
+        if mined.refresh_every_steps < 1:
+            fail("negatives.mined.refresh_every_steps", "must be >= 1")
 
 
 def to_yaml(config: ExperimentConfig) -> str:

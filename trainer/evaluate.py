@@ -4,12 +4,17 @@ baseline computed the same way (same queries, same exclusions, same metrics).
 Protocol: one query per row of the eval split (user features and history as of that event); the
 target is the row's item. Items the user interacted with in earlier splits (train, and valid when
 evaluating test) are excluded from the ranking, except the target itself.
+
+Tail recall (``tail_recall@K`` for every K in ``eval.ks``, plus the ``tail_queries`` fraction) is
+recall over the queries whose target is a long-tail item: outside the ``HEAD_FRACTION`` (20%)
+most popular of the items with any training interaction (``trainer.metrics.tail_items``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +32,13 @@ from data_pipeline.schema import ITEM_ID, USER_ID, Side
 from trainer.build import batch_builder, loader_spec
 from trainer.config import ExperimentConfig
 from trainer.distributed import DistributedEnv
-from trainer.metrics import MetricCutoffs, retrieval_metrics
+from trainer.metrics import (
+    HEAD_FRACTION,
+    MetricCutoffs,
+    only_tail,
+    retrieval_metrics,
+    tail_items,
+)
 from trainer.mips import ItemLists, distributed_topk, shard_range
 from trainer.synchronized import synchronized
 
@@ -68,7 +79,7 @@ def embed_corpus(
         real = len(piece) > 0
         table = local.take(piece) if real else items.slice(0, 1)
         batch = build(table).to(env.device)
-        _, item_embeddings = model(batch.user_features, batch.item_features)
+        item_embeddings = model(batch.user_features, batch.item_features).item
         if real:
             outputs.append(item_embeddings.float())
     ids = torch.from_numpy(local.column(ITEM_ID).to_numpy().astype(np.int64))
@@ -94,7 +105,7 @@ def embed_queries(
     )
     users, targets, embeddings = [], [], []
     for batch in synchronized(loader, env, lambda: _first_row(manifest, config, split)):
-        user_embeddings, _ = model(batch.user_features, batch.item_features)
+        user_embeddings = model(batch.user_features, batch.item_features).user
         real = batch.weight > 0
         users.append(batch.user_ids[real])
         targets.append(batch.item_ids[real])
@@ -152,15 +163,21 @@ def popularity_scores(train_pairs: pa.Table, num_items: int) -> np.ndarray:
     return np.bincount(items, minlength=num_items).astype(np.float32)
 
 
-def _reduce_metrics(local: dict[str, float], count: int, device: torch.device) -> dict[str, float]:
-    """Query-weighted mean of per-rank metric means."""
+def _reduce_metrics(
+    local: dict[str, float], count: int, tail_count: int, device: torch.device
+) -> dict[str, float]:
+    """Means over every rank's queries, not means of rank means: each rank's mean is weighted by
+    the queries it averaged over (``count``; ``tail_count`` for tail_recall@k). NaN where no rank
+    had any such query. Coverage is not a mean and is reduced elsewhere."""
     keys = [k for k in local if not k.startswith("coverage")]
-    values = torch.tensor(
-        [local[k] * count for k in keys] + [count], dtype=torch.float64, device=device
-    )
+    weights = [tail_count if k.startswith("tail_recall") else count for k in keys]
+    # A rank without such queries holds NaN (or a placeholder) there: it must add 0, not NaN * 0.
+    sums = [local[k] * w if w else 0.0 for k, w in zip(keys, weights, strict=True)]
+    values = torch.tensor(sums + weights, dtype=torch.float64, device=device)
     dist.all_reduce(values)
-    total = max(values[-1].item(), 1.0)
-    return {k: float(values[i].item() / total) for i, k in enumerate(keys)}
+    totals = values[len(keys) :].tolist()
+    sums = values[: len(keys)].tolist()
+    return {k: s / t if t > 0 else math.nan for k, s, t in zip(keys, sums, totals, strict=True)}
 
 
 def _coverage(top10: torch.Tensor, num_items: int, device: torch.device) -> float:
@@ -172,12 +189,13 @@ def _coverage(top10: torch.Tensor, num_items: int, device: torch.device) -> floa
 
 
 def cutoffs_for(ks: Sequence[int]) -> MetricCutoffs:
-    """HR@10, Recall@each K, NDCG@K for K <= 50, coverage@10."""
+    """HR@10, Recall@each K, NDCG@K for K <= 50, coverage@10, tail Recall@each K."""
     return MetricCutoffs(
         hit_rate=(10,),
         recall=tuple(ks),
         ndcg=tuple(k for k in ks if k <= 50) or (min(ks),),
         coverage=(10,),
+        tail_recall=tuple(ks),
     )
 
 
@@ -186,19 +204,27 @@ def _score_ranking(
     targets: torch.Tensor,
     ks: Sequence[int],
     num_items: int,
+    tail: torch.Tensor,
     device: torch.device,
 ) -> dict[str, float]:
-    """Metrics over all ranks' queries (means weighted by each rank's query count)."""
+    """Metrics over all ranks' queries (means weighted by each rank's query count).
+
+    Args:
+        topk_ids: [q_r, K] this rank's ranked ids; targets: [q_r] int64.
+        tail: [num_items] bool long-tail mask, the same on every rank.
+    """
     cutoffs = cutoffs_for(ks)
+    tail = tail.cpu()
     if len(targets):
-        local = retrieval_metrics(topk_ids.cpu(), targets.cpu(), num_items, cutoffs)
+        local = retrieval_metrics(topk_ids.cpu(), targets.cpu(), num_items, cutoffs, tail)
     else:
         placeholder = torch.zeros(1, max(ks), dtype=torch.int64)
+        one_target = torch.zeros(1, dtype=torch.int64)
         local = dict.fromkeys(
-            retrieval_metrics(placeholder, torch.zeros(1, dtype=torch.int64), num_items, cutoffs),
-            0.0,
+            retrieval_metrics(placeholder, one_target, num_items, cutoffs, tail), 0.0
         )
-    result = _reduce_metrics(local, len(targets), device)
+    tail_count = int((only_tail(targets.cpu(), tail) >= 0).sum())
+    result = _reduce_metrics(local, len(targets), tail_count, device)
     result["coverage@10"] = _coverage(topk_ids[:, :10], num_items, device)
     return result
 
@@ -237,12 +263,15 @@ def evaluate_model(
         query_chunk=config.eval.query_chunk,
         corpus_chunk=config.eval.corpus_chunk,
     )
+    counts = popularity_scores(train_pairs, num_items)
+    tail = torch.from_numpy(tail_items(counts, HEAD_FRACTION))
     results = {
         "split": split,
         "num_items": num_items,
-        "model": _score_ranking(topk_ids, targets, config.eval.ks, num_items, env.device),
+        "head_fraction": HEAD_FRACTION,
+        "model": _score_ranking(topk_ids, targets, config.eval.ks, num_items, tail, env.device),
     }
-    popularity = torch.from_numpy(popularity_scores(train_pairs, num_items))
+    popularity = torch.from_numpy(counts)
     _, pop_ids = distributed_topk(
         torch.ones(len(targets), 1, device=env.device),
         popularity[corpus_ids.cpu()].unsqueeze(1).to(env.device),
@@ -250,7 +279,9 @@ def evaluate_model(
         k,
         exclude=exclude,
     )
-    results["popularity"] = _score_ranking(pop_ids, targets, config.eval.ks, num_items, env.device)
+    results["popularity"] = _score_ranking(
+        pop_ids, targets, config.eval.ks, num_items, tail, env.device
+    )
     count = torch.tensor([len(targets)], device=env.device)
     dist.all_reduce(count)
     results["num_queries"] = int(count.item())

@@ -2,16 +2,25 @@
 
 Every per-query metric is averaged over the queries that have at least one relevant item (NaN
 when there are none); catalog coverage is over all queries. Relevance is binary.
+
+Tail recall is recall restricted to long-tail items (``tail_items``): relevant items in the head
+are dropped, and the mean is over the queries left with at least one relevant (tail) item. With
+one target per query that is recall@k over the queries whose target is a tail item.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import overload
 
+import numpy as np
 import torch
 
 from trainer.mips import ItemLists
+
+# Share of the interacted items that counts as the popular head; the rest is the tail.
+HEAD_FRACTION = 0.2
 
 
 @dataclass(frozen=True)
@@ -22,10 +31,47 @@ class MetricCutoffs:
     recall: tuple[int, ...] = (10, 50, 100)
     ndcg: tuple[int, ...] = (10, 50)
     coverage: tuple[int, ...] = (10,)
+    # Reported only when retrieval_metrics is given a tail mask; None = the recall cutoffs.
+    tail_recall: tuple[int, ...] | None = None
+
+    @property
+    def tail_recall_cutoffs(self) -> tuple[int, ...]:
+        return self.recall if self.tail_recall is None else self.tail_recall
 
     @property
     def largest(self) -> int:
-        return max((*self.hit_rate, *self.recall, *self.ndcg, *self.coverage), default=1)
+        cutoffs = (*self.hit_rate, *self.recall, *self.ndcg, *self.coverage)
+        return max((*cutoffs, *self.tail_recall_cutoffs), default=1)
+
+
+def tail_items(counts: np.ndarray, head_fraction: float = HEAD_FRACTION) -> np.ndarray:
+    """Long-tail mask: every item outside the popular head.
+
+    The head is the ``ceil(head_fraction * P)`` most counted items, where P is the number of
+    items with a count > 0, ordered by count descending then item id ascending (so ties at the
+    head boundary go to the lower ids). Items never interacted with (count 0) are always tail;
+    with P = 0 every item is tail.
+
+    Args:
+        counts: [N] non-negative interaction counts (e.g. ``popularity_scores``); ids 0..N-1.
+        head_fraction: in [0, 1].
+    Returns:
+        [N] bool, True for tail items.
+    """
+    if counts.ndim != 1:
+        raise ValueError(f"counts must be [N], got shape {counts.shape}")
+    if not 0.0 <= head_fraction <= 1.0:
+        raise ValueError(f"head_fraction must be in [0, 1], got {head_fraction}")
+    values = counts.astype(np.float64)
+    if (values < 0).any():
+        raise ValueError("counts must be >= 0")
+    interacted = int((values > 0).sum())
+    # Rounding first keeps float noise (0.2 * 15 = 3.0000000000000004) from adding an item.
+    head_size = math.ceil(round(head_fraction * interacted, 9))
+    head = np.argsort(-values, kind="stable")[:head_size]  # stable: equal counts by lower id
+    tail = np.ones(len(values), dtype=bool)
+    tail[head] = False
+    return tail
 
 
 def retrieval_metrics(
@@ -33,17 +79,22 @@ def retrieval_metrics(
     targets: torch.Tensor | ItemLists,
     num_items: int,
     cutoffs: MetricCutoffs = MetricCutoffs(),
+    tail: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """HR@k, Recall@k, NDCG@k, MRR and catalog coverage@k of ranked retrieval results.
+    """HR@k, Recall@k, NDCG@k, MRR, catalog coverage@k and (given ``tail``) tail Recall@k.
 
     Args:
         topk_ids: [Q, K] int64 ranked item ids per query, distinct within a row; -1 = no item.
         targets: [Q] int64 one relevant item per query, or Q lists of relevant item ids.
         num_items: catalog size (coverage denominator).
         cutoffs: the K's to report; K must be >= cutoffs.largest.
+        tail: [num_items] bool long-tail mask (``tail_items``), or None for no tail metrics.
     Returns:
         {"hr@10", "recall@10", "recall@50", "recall@100", "ndcg@10", "ndcg@50", "mrr",
-        "coverage@10"} for the default cutoffs, as Python floats.
+        "coverage@10"} for the default cutoffs, as Python floats; with ``tail`` also
+        "tail_recall@10", "tail_recall@50", "tail_recall@100" (means over the queries with a
+        tail relevant item, NaN if none) and "tail_queries" (the fraction of evaluated queries
+        that have one).
     """
     if topk_ids.dim() != 2 or topk_ids.shape[1] < cutoffs.largest:
         raise ValueError(
@@ -62,7 +113,43 @@ def retrieval_metrics(
     metrics["mrr"] = _mean(reciprocal_rank(relevant))
     for k in cutoffs.coverage:
         metrics[f"coverage@{k}"] = catalog_coverage(topk_ids[:, :k], num_items)
+    if tail is not None:
+        if tuple(tail.shape) != (num_items,):
+            raise ValueError(
+                f"tail must be [{num_items}] (one flag per item), got {tuple(tail.shape)}"
+            )
+        tail_relevant, tail_num_relevant = relevance_matrix(topk_ids, only_tail(targets, tail))
+        has_tail = tail_num_relevant > 0
+        metrics["tail_queries"] = _mean(has_tail[evaluated].double())
+        tail_relevant = tail_relevant[has_tail].double()
+        tail_num_relevant = tail_num_relevant[has_tail].double()
+        for k in cutoffs.tail_recall_cutoffs:
+            metrics[f"tail_recall@{k}"] = _mean(tail_relevant[:, :k].sum(dim=1) / tail_num_relevant)
     return metrics
+
+
+@overload
+def only_tail(targets: torch.Tensor, tail: torch.Tensor) -> torch.Tensor: ...
+@overload
+def only_tail(targets: ItemLists, tail: torch.Tensor) -> ItemLists: ...
+def only_tail(targets: torch.Tensor | ItemLists, tail: torch.Tensor) -> torch.Tensor | ItemLists:
+    """The relevant items that are tail items; the others (and -1) become "no target".
+
+    Args:
+        targets: [Q] int64 single targets (-1 = none), or Q lists of relevant ids.
+        tail: [N] bool long-tail mask.
+    Returns:
+        [Q] int64 with non-tail targets set to -1, or Q lists holding only their tail ids.
+    """
+    tail = tail.to(torch.bool)
+    if isinstance(targets, torch.Tensor):
+        keep = (targets >= 0) & tail[targets.clamp_min(0)]
+        return torch.where(keep, targets, -1)
+    keep = (targets.ids >= 0) & tail[targets.ids.clamp_min(0)]
+    kept_per_list = torch.bincount(targets.rows()[keep], minlength=targets.num_lists)
+    offsets = torch.zeros_like(targets.offsets)
+    torch.cumsum(kept_per_list, 0, out=offsets[1:])
+    return ItemLists(offsets, targets.ids[keep])
 
 
 def relevance_matrix(

@@ -6,10 +6,11 @@ Run as ``twotower train CONFIG [k=v ...]`` (one process) or
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ from tqdm import tqdm
 from data_pipeline.batch import Batch
 from data_pipeline.loader import build_event_loader
 from data_pipeline.manifest import Manifest
-from models.losses import net_user_value, sampled_softmax_loss
+from models.losses import net_user_value
+from models.retrieval_loss import retrieval_loss
 from trainer.build import (
     build_dense_optimizer,
     build_sharded_model,
@@ -35,8 +37,8 @@ from trainer.distributed import (
     seed_everything,
     shutdown,
 )
-from trainer.global_negatives import gather_candidates
 from trainer.logs import configure_logging
+from trainer.negative_sampling import NegativeSampling, step_generator
 from trainer.run_logger import RunLogger
 from trainer.synchronized import synchronized
 
@@ -52,33 +54,40 @@ class TrainResult:
     checkpoint: str
 
 
-def train_step(
-    model: torch.nn.Module,
-    dense_optimizer: torch.optim.Optimizer,
-    batch: Batch,
-    weights: torch.Tensor,
-    config: ExperimentConfig,
-) -> torch.Tensor:
+@dataclass
+class StepContext:
+    """What a training step needs besides the model and the batch.
+
+    Args:
+        dense_optimizer: optimizer of the data-parallel parameters.
+        label_weights: [T] net-user-value weights.
+        negatives: the configured negative sources.
+        manifest: the dataset manifest (corpus for mined negatives).
+        config: the experiment configuration.
+        rank: this rank (seeds the step's random draws).
+    """
+
+    dense_optimizer: torch.optim.Optimizer
+    label_weights: torch.Tensor
+    negatives: NegativeSampling
+    manifest: Manifest
+    config: ExperimentConfig
+    rank: int
+
+
+def train_step(model: torch.nn.Module, batch: Batch, step: int, ctx: StepContext) -> torch.Tensor:
     """One step. The fused table optimizer updates inside ``backward()``. Returns the loss."""
-    dense_optimizer.zero_grad()
-    user, item = model(batch.user_features, batch.item_features)
-    row_weights = net_user_value(batch.labels, weights) * batch.weight
-    if config.loss.global_negatives:
-        candidates, candidate_ids, positive_index = gather_candidates(item, batch.item_ids)
-    else:
-        candidates, candidate_ids = item, batch.item_ids
-        positive_index = torch.arange(item.shape[0], device=item.device)
-    loss = sampled_softmax_loss(
-        user,
-        candidates,
-        candidate_ids,
-        positive_index,
-        row_weights,
-        config.model.temperature,
-        config.loss.mask_accidental_hits,
-    )
+    ctx.dense_optimizer.zero_grad()
+    generator = step_generator(ctx.config.seed, ctx.rank, step, batch.item_ids.device)
+    extra = ctx.negatives.plan(model, batch, step, generator, ctx.manifest)
+    outputs = model(batch.user_features, batch.item_features, ctx.negatives.features(extra))
+    ctx.negatives.observe(batch, step)
+    scored, in_batch = ctx.negatives.score(outputs, batch, extra, step)
+    row_weights = net_user_value(batch.labels, ctx.label_weights) * batch.weight
+    loss = retrieval_loss(scored, outputs.temperature, row_weights, ctx.config.loss, generator)
     loss.backward()
-    dense_optimizer.step()
+    ctx.dense_optimizer.step()
+    ctx.negatives.remember(in_batch, step)
     return loss.detach()
 
 
@@ -102,9 +111,15 @@ def train(config: ExperimentConfig) -> TrainResult:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     dist.barrier()
 
-    weights = label_weights(manifest, config).to(env.device)
     model = build_sharded_model(manifest, config, env)
-    dense_optimizer = build_dense_optimizer(model, config)
+    context = StepContext(
+        dense_optimizer=build_dense_optimizer(model, config),
+        label_weights=label_weights(manifest, config).to(env.device),
+        negatives=NegativeSampling.build(config, manifest, env),
+        manifest=manifest,
+        config=config,
+        rank=env.rank,
+    )
     loader = build_event_loader(
         loader_spec(config, config.data.train_split, train=True), manifest, env.rank, env.world_size
     )
@@ -119,10 +134,14 @@ def train(config: ExperimentConfig) -> TrainResult:
         to_dict(config),
     )
     rows_per_epoch = manifest.splits[config.data.train_split].rows
-    result = _loop(model, dense_optimizer, loader, weights, config, env, run_log, rows_per_epoch)
+    result = _loop(model, context, loader, env, run_log, rows_per_epoch)
+    meta = {"rows": result.rows_trained}
+    samplers = context.negatives.state_dict()
     result.checkpoint = str(
-        save_checkpoint(run_dir, result.steps, model, {"rows": result.rows_trained}, env.is_main)
+        save_checkpoint(run_dir, result.steps, model, meta, env.is_main, samplers)
     )
+    if env.is_main:
+        (run_dir / "train_summary.json").write_text(json.dumps(asdict(result), indent=2))
     if config.eval.at_end:
         from trainer.evaluate import evaluate_model
 
@@ -134,14 +153,13 @@ def train(config: ExperimentConfig) -> TrainResult:
 
 def _loop(
     model: torch.nn.Module,
-    dense_optimizer: torch.optim.Optimizer,
+    context: StepContext,
     loader: Any,
-    weights: torch.Tensor,
-    config: ExperimentConfig,
     env: DistributedEnv,
     run_log: RunLogger,
     rows_per_epoch: int,
 ) -> TrainResult:
+    config = context.config
     total_steps = config.train.max_steps
     global_batch = config.data.batch_size * env.world_size
     estimate = -(-rows_per_epoch // global_batch) * config.train.epochs  # tails make it approximate
@@ -157,7 +175,7 @@ def _loop(
     for epoch in range(config.train.epochs):
         loader.dataset.set_epoch(epoch)
         for batch in synchronized(loader, env):
-            loss = train_step(model, dense_optimizer, batch, weights, config)
+            loss = train_step(model, batch, step, context)
             step += 1
             live_rows = int((batch.weight > 0).sum())
             rows += live_rows

@@ -11,6 +11,10 @@ clicked with probability ``examination × sigmoid(relevance)``. Every impression
 ``label_click`` is 0 for the ones not clicked; ``label_like`` and ``label_long_view`` can only be 1
 on clicks. All impressions of a session share its timestamp.
 
+**Impression negatives.** ``impression_negative_ids`` lists, for every row, the other items of
+the same session (same user, same request, shown together) whose labels are all 0, by position:
+hard negatives that are point-in-time by construction, since they come from one request only.
+
 **History.** ``hist_item_ids`` holds the items the user clicked in earlier sessions (strictly
 before the row's timestamp), newest first (within a session, the lower slot counts as older),
 at most H, with aligned ``hist_like`` and ``hist_long_view``. Impressions of one session share the
@@ -43,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from data_pipeline.datasets.history import jagged_offsets
 from data_pipeline.datasets.output import clear_output, save_array, write_side_table
 from data_pipeline.datasets.synthetic_feed import (
     HISTORY_ACTIONS,
@@ -59,6 +64,7 @@ from data_pipeline.datasets.synthetic_world import SyntheticWorld, WorldConfig, 
 from data_pipeline.manifest import Manifest, SplitInfo
 from data_pipeline.schema import (
     HISTORY_ITEMS,
+    IMPRESSION_NEGATIVES,
     ITEM_ID,
     POSITION,
     RANKER_SCORE,
@@ -249,6 +255,7 @@ def synthetic_schema() -> EventSchema:
         history_actions=HISTORY_ACTIONS,
         has_position=True,
         has_ranker_score=True,
+        has_impression_negatives=True,
     )
 
 
@@ -282,6 +289,7 @@ def impression_table(
     }
     for name in LABELS:
         columns[label_column(name)] = feed.labels[name][rows].astype(np.float32)
+    columns[IMPRESSION_NEGATIVES] = session_impression_negatives(feed, config.positions, rows)
     for name, lists in histories.items():
         columns[name] = lists.take(local_session)
     for name, values in world.user_features.items():
@@ -289,3 +297,33 @@ def impression_table(
     for name, values in world.item_features.items():
         columns[name] = values[item]
     return pa.table(columns)
+
+
+def session_impression_negatives(feed: FeedChunk, positions: int, rows: np.ndarray) -> pa.ListArray:
+    """Unengaged impressions of each row's own session, in position order.
+
+    Args:
+        feed: one chunk, rows in (session, position) order, ``R = S × P`` (the last session
+            may be cut short).
+        positions: P, slots per session.
+        rows: [Q] int64 indices into the chunk.
+
+    Returns:
+        Q lists of item ids (list<int64>, possibly empty): the items of the row's session with
+        every label 0, excluding the row's own item, jagged ``[sum(lengths)]`` values.
+    """
+    total = feed.user.shape[0]
+    sessions = -(-total // positions)
+    # Slots past the end of a cut session count as engaged, so they are never listed.
+    engaged = np.ones(sessions * positions, dtype=bool)
+    engaged[:total] = np.logical_or.reduce([values != 0 for values in feed.labels.values()])
+    slot_items = np.full(sessions * positions, -1, dtype=np.int64)
+    slot_items[:total] = feed.item
+    slot_items = slot_items.reshape(sessions, positions)
+    row_items = feed.item[rows].astype(np.int64)
+    session_items = slot_items[rows // positions]  # [Q, P]
+    negative = ~engaged.reshape(sessions, positions)[rows // positions]
+    negative &= session_items != row_items[:, None]
+    offsets = pa.array(jagged_offsets(negative.sum(axis=1)))
+    # Row-major boolean selection keeps each row's items in position order.
+    return pa.ListArray.from_arrays(offsets, pa.array(session_items[negative]))

@@ -1,5 +1,6 @@
 """Synthetic world: determinism, chunked generation, history against a sequential reference,
-labels, positions, popularity skew and the logged ranker score."""
+labels, positions, popularity skew, the logged ranker score, and impression hard negatives (column
+against a per-session reference; ``BatchBuilder`` / loader padding to ``[B, K]``)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
+from data_pipeline.batch import BatchBuilder
 from data_pipeline.datasets.synthetic import prepare_synthetic
 from data_pipeline.datasets.synthetic_world import WorldConfig
+from data_pipeline.loader import LoaderSpec, build_event_loader
 from data_pipeline.manifest import Manifest, sha256_file
-from data_pipeline.schema import validate_arrow_schema
+from data_pipeline.schema import (
+    IMPRESSION_NEGATIVES,
+    EventSchema,
+    FeatureKind,
+    FeatureSpec,
+    SchemaError,
+    Side,
+    validate_arrow_schema,
+)
+from tests.tiny_dataset import write_tiny_dataset
 
 SMALL = {"users": 40, "items": 200, "events": 6000, "seed": 7, "history_length": 5}
 
@@ -162,3 +175,149 @@ def test_invalid_arguments(tmp_path: Path) -> None:
         prepare_synthetic(users=1, items=1, events=0, seed=0, out=tmp_path)
     with pytest.raises(ValueError, match="candidates_per_session"):
         WorldConfig(positions=10, candidates_per_session=5)
+
+
+def _session_reference(rows: list[dict]) -> dict[tuple[int, int], list[tuple[int, int, bool]]]:
+    """(user, timestamp) -> [(position, item, engaged)] of every impression of that session."""
+    sessions: dict[tuple[int, int], list[tuple[int, int, bool]]] = defaultdict(list)
+    for row in rows:
+        engaged = any(row[f"label_{x}"] != 0 for x in ("click", "like", "long_view"))
+        sessions[row["user_id"], row["timestamp"]].append(
+            (row["position"], row["item_id"], engaged)
+        )
+    return sessions
+
+
+def _check_train_negatives(train: pa.Table) -> int:
+    """Every train row's list equals its session's unengaged items, by position, minus its own;
+    returns how many rows have a non-empty list."""
+    rows = train.to_pylist()
+    sessions = _session_reference(rows)
+    non_empty = 0
+    for row in rows:
+        shown = sorted(sessions[row["user_id"], row["timestamp"]])
+        expected = [item for _, item, engaged in shown if not engaged and item != row["item_id"]]
+        assert row[IMPRESSION_NEGATIVES] == expected
+        non_empty += bool(expected)
+    return non_empty
+
+
+def test_impression_negatives_match_session_reference(chunked: tuple[Path, Manifest]) -> None:
+    """Train keeps every impression, so each session is complete there: the column must be
+    exactly the same-session unengaged items (never the row's own item, never another session's
+    item, ordered by position). Chunks hold 30 sessions, so chunk boundaries are crossed."""
+    out, _ = chunked
+    table = events(out)
+    split = np.array(table["split"].to_pylist())
+    train = table.filter(pa.array(split == "train"))
+    assert _check_train_negatives(train) > 0.5 * train.num_rows
+    # Eval rows keep only clicks; their lists still avoid every click of their session.
+    evaluation = table.filter(pa.array(split != "train")).to_pylist()
+    clicked = defaultdict(set)
+    for row in evaluation:
+        clicked[row["user_id"], row["timestamp"]].add(row["item_id"])
+    for row in evaluation:
+        assert not clicked[row["user_id"], row["timestamp"]] & set(row[IMPRESSION_NEGATIVES])
+    assert any(row[IMPRESSION_NEGATIVES] for row in evaluation)
+
+
+def test_impression_negatives_of_a_cut_last_session(tmp_path: Path) -> None:
+    """1003 events = 100 full sessions + a 3-slot one; chunks of 25 sessions; all rows in train."""
+    manifest = prepare_synthetic(
+        users=20,
+        items=100,
+        events=1003,
+        seed=3,
+        out=tmp_path,
+        history_length=3,
+        valid_fraction=0.0,
+        test_fraction=0.0,
+        chunk_events=250,
+    )
+    train = pq.read_table(tmp_path / "train")
+    assert train.num_rows == 1003
+    _check_train_negatives(train)
+    last = train.slice(1000).to_pylist()
+    unengaged = [r["item_id"] for r in last if r["label_click"] == 0]
+    for row in last:
+        assert row[IMPRESSION_NEGATIVES] == [i for i in unengaged if i != row["item_id"]]
+    assert manifest.schema.has_impression_negatives
+
+
+def test_impression_negatives_flag_round_trips(chunked: tuple[Path, Manifest]) -> None:
+    out, manifest = chunked
+    assert manifest.schema.has_impression_negatives
+    assert Manifest.load(out).schema == manifest.schema
+    assert IMPRESSION_NEGATIVES in manifest.schema.event_arrow_schema().names
+    old = manifest.schema.to_json()
+    del old["has_impression_negatives"]  # a manifest written before the flag existed
+    schema = EventSchema.from_json(old)
+    assert not schema.has_impression_negatives
+    assert IMPRESSION_NEGATIVES not in schema.event_arrow_schema().names
+
+
+def test_loader_pads_impression_negatives(chunked: tuple[Path, Manifest]) -> None:
+    out, manifest = chunked
+    spec = LoaderSpec(root=str(out), split="train", batch_size=128, impression_negatives=3)
+    got = torch.cat([b.impression_negatives for b in build_event_loader(spec, manifest, 0, 1)])
+    lists = pq.read_table(out / "train")[IMPRESSION_NEGATIVES].to_pylist()
+    expected = [(x[:3] + [-1, -1, -1])[:3] for x in lists]
+    assert torch.equal(got, torch.tensor(expected, dtype=torch.int64))
+
+
+def test_loader_without_impressions_names_the_column(tmp_path: Path) -> None:
+    root = write_tiny_dataset(tmp_path / "data")
+    spec = LoaderSpec(root=str(root), split="train", batch_size=64, impression_negatives=2)
+    with pytest.raises(SchemaError, match=IMPRESSION_NEGATIVES):
+        build_event_loader(spec, Manifest.load(root), 0, 1)
+
+
+ITEM_ONLY = EventSchema(
+    features=(FeatureSpec("item_id", Side.ITEM, FeatureKind.ID, "item_id"),), labels=("click",)
+)
+
+
+def _hand_built_events() -> pa.Table:
+    """Lists of length 0, 1 and 3, in two chunks with a non-zero offset (sliced)."""
+    first = pa.table(
+        {
+            "item_id": pa.array([99, 4], pa.int64()),
+            "label_click": pa.array([1, 1], pa.float32()),
+            IMPRESSION_NEGATIVES: pa.array([[98], []], pa.list_(pa.int64())),
+        }
+    )
+    second = pa.table(
+        {
+            "item_id": pa.array([5, 6], pa.int64()),
+            "label_click": pa.array([1, 0], pa.float32()),
+            IMPRESSION_NEGATIVES: pa.array([[7], [1, 2, 3]], pa.list_(pa.int64())),
+        }
+    )
+    return pa.concat_tables([first, second]).slice(1)
+
+
+def test_batch_builder_pads_impression_negatives() -> None:
+    table = _hand_built_events()
+    batch = BatchBuilder(ITEM_ONLY, impression_negatives=2)(table)
+    expected = torch.tensor([[-1, -1], [7, -1], [1, 2]], dtype=torch.int64)
+    assert torch.equal(batch.impression_negatives, expected)
+    assert torch.equal(batch.to(torch.device("cpu")).impression_negatives, expected)
+    assert torch.equal(batch.as_padding().impression_negatives, expected)
+    wide = BatchBuilder(ITEM_ONLY, impression_negatives=4)(table).impression_negatives
+    assert wide.tolist() == [[-1, -1, -1, -1], [7, -1, -1, -1], [1, 2, 3, -1]]
+    off = BatchBuilder(ITEM_ONLY)(table).impression_negatives
+    assert off.shape == (3, 0) and off.dtype == torch.int64
+    assert BatchBuilder(ITEM_ONLY)(
+        table.drop([IMPRESSION_NEGATIVES])
+    ).impression_negatives.shape == (
+        3,
+        0,
+    )
+
+
+def test_batch_builder_missing_impression_column_is_named() -> None:
+    table = _hand_built_events().drop([IMPRESSION_NEGATIVES])
+    with pytest.raises(SchemaError, match=f"missing column '{IMPRESSION_NEGATIVES}'"):
+        BatchBuilder(ITEM_ONLY, impression_negatives=2)(table)
+    with pytest.raises(ValueError, match="impression_negatives"):
+        BatchBuilder(ITEM_ONLY, impression_negatives=-1)

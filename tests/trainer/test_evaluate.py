@@ -1,11 +1,21 @@
-"""Evaluation's pure pieces: seen-item exclusion and popularity counts."""
+"""Evaluation's pure pieces: seen-item exclusion and popularity counts; metrics reduced over 2
+ranks equal the metrics of all queries in one process."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyarrow as pa
+import pytest
+import torch
 
-from trainer.evaluate import popularity_scores, seen_items
+from tests.dist_helpers import run_distributed
+from trainer.evaluate import _score_ranking, cutoffs_for, popularity_scores, seen_items
+from trainer.metrics import retrieval_metrics, tail_items
+
+KS = (10, 20)
+NUM_ITEMS = 40
 
 
 def _pairs(users: list[int], items: list[int]) -> pa.Table:
@@ -23,3 +33,52 @@ def test_seen_items_excludes_history_but_not_the_target() -> None:
 def test_popularity_counts_training_events() -> None:
     scores = popularity_scores(_pairs([0, 1, 2, 3], [2, 2, 0, 2]), num_items=4)
     assert scores.tolist() == [1.0, 0.0, 3.0, 0.0]
+
+
+def _ranking_case(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """topk [12, 20], targets [12] (tail targets in the first 5 rows only), tail [40] bool."""
+    generator = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 6, (NUM_ITEMS,), generator=generator).numpy()
+    tail = torch.from_numpy(tail_items(counts, 0.2))
+    topk = torch.stack([torch.randperm(NUM_ITEMS, generator=generator)[:20] for _ in range(12)])
+    head_ids, tail_ids = torch.nonzero(~tail).flatten(), torch.nonzero(tail).flatten()
+    targets = torch.cat([tail_ids[:5], head_ids[torch.arange(7) % len(head_ids)]])
+    # Put some targets inside the retrieved lists so every metric is non-trivial.
+    topk[::2, 3] = targets[::2]
+    topk = torch.stack([_dedupe(row) for row in topk])
+    return topk, targets, tail
+
+
+def _dedupe(row: torch.Tensor) -> torch.Tensor:
+    seen: list[int] = []
+    for item in row.tolist():
+        seen.append(item if item not in seen else -1)
+    return torch.tensor(seen)
+
+
+def _score_rank_shares(
+    rank: int, world_size: int, seed: int, splits: tuple[int, ...]
+) -> list[dict[str, float]]:
+    """Rank 0 scores rows [0, split), rank 1 rows [split, 12), for each split."""
+    topk, targets, tail = _ranking_case(seed)
+    results = []
+    for split in splits:
+        rows = slice(0, split) if rank == 0 else slice(split, None)
+        cpu = torch.device("cpu")
+        results.append(_score_ranking(topk[rows], targets[rows], KS, NUM_ITEMS, tail, cpu))
+    return results
+
+
+def test_two_rank_metrics_equal_one_process() -> None:
+    # Rows 0-4 are the tail queries. Split 3: both ranks have some, in unequal numbers (a mean of
+    # rank means would differ); 5: rank 1 has none; 9: rank 1 has head rows only; 12: no rows.
+    splits = (3, 5, 9, 12)
+    per_rank = run_distributed(_score_rank_shares, 2, 7, splits)
+    topk, targets, tail = _ranking_case(7)
+    expected = retrieval_metrics(topk, targets, NUM_ITEMS, cutoffs_for(KS), tail)
+    assert expected["tail_queries"] == pytest.approx(5 / 12)
+    assert 0 < expected["tail_recall@10"] < 1
+    for results in per_rank:
+        for split, result in zip(splits, results, strict=True):
+            assert result == pytest.approx(expected), split
+            assert not any(math.isnan(v) for v in result.values())

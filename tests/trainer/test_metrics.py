@@ -1,15 +1,17 @@
-"""Retrieval metrics against hand-computed values; the popularity baseline against exact MIPS."""
+"""Retrieval metrics against hand-computed values; the popularity baseline against exact MIPS;
+the long-tail mask and tail recall by hand and against simple reference implementations."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.metrics import MetricCutoffs, popularity_topk, retrieval_metrics
+from trainer.metrics import MetricCutoffs, popularity_topk, retrieval_metrics, tail_items
 from trainer.mips import ItemLists, exact_topk
 
 SMALL = MetricCutoffs(hit_rate=(2,), recall=(2, 4), ndcg=(2, 4), coverage=(2,))
@@ -107,3 +109,85 @@ def test_popularity_topk_equals_exact_topk_on_counts(seed, num_items, num_querie
     )
     assert torch.equal(ids, expected_ids)
     assert torch.equal(scores, expected_scores)
+
+
+# 8 items; 6 with a count > 0. Ordered by (count desc, id asc): 0, 2, 3, 5, 7, 4.
+COUNTS = np.array([5, 0, 3, 3, 1, 3, 0, 2], dtype=np.float32)
+TAIL_SMALL = MetricCutoffs(hit_rate=(2,), recall=(2,), ndcg=(2,), coverage=(2,), tail_recall=(2, 4))
+
+
+def test_tail_items_by_hand() -> None:
+    # Head = ceil(0.5 * 6) = 3 items: 0, 2, 3; item 5 ties with 2 and 3 but has the higher id.
+    assert np.flatnonzero(tail_items(COUNTS, 0.5)).tolist() == [1, 4, 5, 6, 7]
+    # ceil(0.2 * 6) = 2: items 0 and 2 (2 beats 3 and 5 on id).
+    assert np.flatnonzero(~tail_items(COUNTS, 0.2)).tolist() == [0, 2]
+    # Zero-count items stay tail even when the whole interacted set is head.
+    assert np.flatnonzero(tail_items(COUNTS, 1.0)).tolist() == [1, 6]
+    assert tail_items(COUNTS, 0.0).all()
+    assert tail_items(np.zeros(4), 0.2).all()
+    # 0.2 * 15 is 3.0000000000000004 in floats: still a head of 3.
+    assert (~tail_items(np.arange(15, 0, -1), 0.2)).sum() == 3
+    with pytest.raises(ValueError, match="head_fraction"):
+        tail_items(COUNTS, 1.5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(counts=st.lists(st.integers(0, 4), max_size=40), head_fraction=st.floats(0.0, 1.0))
+def test_tail_items_equals_sorted_reference(counts: list[int], head_fraction: float) -> None:
+    interacted = sum(c > 0 for c in counts)
+    head_size = math.ceil(round(head_fraction * interacted, 9))
+    head = sorted(range(len(counts)), key=lambda i: (-counts[i], i))[:head_size]
+    expected = [i not in head for i in range(len(counts))]
+    assert tail_items(np.array(counts, dtype=np.int64), head_fraction).tolist() == expected
+
+
+def test_tail_recall_single_targets_by_hand() -> None:
+    tail = torch.from_numpy(tail_items(COUNTS, 0.5))  # tail = {1, 4, 5, 6, 7}
+    topk = torch.tensor([[0, 5, 2, 3], [5, 0, 2, 7], [0, 2, 3, 5], [2, 3, 0, 5]])
+    # Targets 5 (tail, hit at 2), 7 (tail, hit at 4), 2 (head: not a tail query), 1 (tail, count 0,
+    # missed).
+    metrics = retrieval_metrics(topk, torch.tensor([5, 7, 2, 1]), 8, TAIL_SMALL, tail)
+    assert metrics["tail_queries"] == pytest.approx(3 / 4)
+    assert metrics["tail_recall@2"] == pytest.approx(1 / 3)
+    assert metrics["tail_recall@4"] == pytest.approx(2 / 3)
+    assert metrics["recall@2"] == pytest.approx(2 / 4)  # the other metrics are unchanged
+    head_only = retrieval_metrics(topk[2:3], torch.tensor([2]), 8, TAIL_SMALL, tail)
+    assert head_only["tail_queries"] == 0.0
+    assert math.isnan(head_only["tail_recall@2"])
+    assert "tail_recall@2" not in retrieval_metrics(topk, torch.tensor([5, 7, 2, 1]), 8, TAIL_SMALL)
+    with pytest.raises(ValueError, match="tail must be"):
+        retrieval_metrics(topk, torch.tensor([5, 7, 2, 1]), 8, TAIL_SMALL, tail[:7])
+
+
+def test_tail_recall_list_targets_by_hand() -> None:
+    tail = torch.from_numpy(tail_items(COUNTS, 0.5))  # tail = {1, 4, 5, 6, 7}
+    topk = torch.tensor([[0, 5, 2, 3], [5, 0, 2, 7], [5, 0, 2, 7]])
+    # Only tail relevant items count: query 0 keeps {5}, query 1 none, query 2 {1, 7} (7 once).
+    targets = ItemLists.from_lists([[5, 0], [2], [1, 7, 7]])
+    metrics = retrieval_metrics(topk, targets, 8, TAIL_SMALL, tail)
+    assert metrics["tail_queries"] == pytest.approx(2 / 3)
+    assert metrics["tail_recall@2"] == pytest.approx((1 + 0) / 2)
+    assert metrics["tail_recall@4"] == pytest.approx((1 + 1 / 2) / 2)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), num_queries=st.integers(1, 12))
+def test_tail_recall_equals_loop_reference(seed: int, num_queries: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    num_items, k = 20, 6
+    counts = torch.randint(0, 4, (num_items,), generator=generator).numpy()
+    tail = torch.from_numpy(tail_items(counts, 0.2))
+    topk = torch.stack(
+        [torch.randperm(num_items, generator=generator)[:k] for _ in range(num_queries)]
+    )
+    targets = torch.randint(0, num_items, (num_queries,), generator=generator)
+    cutoffs = MetricCutoffs(
+        hit_rate=(k,), recall=(k,), ndcg=(k,), coverage=(k,), tail_recall=(3, k)
+    )
+    metrics = retrieval_metrics(topk, targets, num_items, cutoffs, tail)
+    tail_queries = [q for q in range(num_queries) if tail[targets[q]]]
+    assert metrics["tail_queries"] == pytest.approx(len(tail_queries) / num_queries)
+    for cutoff in (3, k):
+        hits = [int(targets[q]) in topk[q, :cutoff].tolist() for q in tail_queries]
+        expected = sum(hits) / len(hits) if hits else math.nan
+        assert metrics[f"tail_recall@{cutoff}"] == pytest.approx(expected, nan_ok=True)

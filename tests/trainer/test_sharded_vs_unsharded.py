@@ -10,6 +10,7 @@ import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from data_pipeline.batch import BatchBuilder
+from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.manifest import Manifest
 from data_pipeline.reader import list_work_units, read_unit
 from models.losses import in_batch_softmax_loss, net_user_value
@@ -58,7 +59,7 @@ def _batch(root: Path, manifest: Manifest, rows: slice):
 
 def _step(model, optimizer, batch, weights, temperature):
     optimizer.zero_grad()
-    user, item = model(batch.user_features, batch.item_features)
+    user, item, _, _ = model(batch.user_features, batch.item_features)
     loss = in_batch_softmax_loss(
         user, item, batch.item_ids, net_user_value(batch.labels, weights), temperature
     )
@@ -80,12 +81,20 @@ def _compare_rank(rank: int, world_size: int, root: str, sharding_type: str) -> 
     # Each rank trains on its own half of the global batch; the reference sees the whole batch
     # and scales per-half losses the way DDP averages gradients.
     local = _batch(root_path, manifest, slice(rank * 16, rank * 16 + 16))
+    # Extra items (sampled / hard negatives) ride in the same sharded lookup as extra rows.
+    extra = ItemFeatureStore.load(root_path, manifest).lookup(torch.tensor([3, 7, 3, 59]))
+    with torch.no_grad():
+        sharded_extra = sharded(local.user_features, local.item_features, extra).extra_items
+        reference_extra = reference(local.user_features, local.item_features, extra).extra_items
+    extra_close = torch.allclose(sharded_extra, reference_extra, atol=1e-5)
     user, item, loss = _step(
         sharded, build_dense_optimizer(sharded, config), local, weights, config.model.temperature
     )
-    ref_user, ref_item = reference(local.user_features, local.item_features)
-    forward_close = torch.allclose(user, ref_user, atol=1e-5) and torch.allclose(
-        item, ref_item, atol=1e-5
+    ref_user, ref_item, _, _ = reference(local.user_features, local.item_features)
+    forward_close = (
+        torch.allclose(user, ref_user, atol=1e-5)
+        and torch.allclose(item, ref_item, atol=1e-5)
+        and extra_close
     )
     plan_types = {p.sharding_type for plan in sharded.plan.plan.values() for p in plan.values()}
     return {
@@ -118,7 +127,7 @@ def _reference_step(root: str, initial: dict) -> dict:
     total = 0.0
     for rank in range(2):
         batch = _batch(Path(root), manifest, slice(rank * 16, rank * 16 + 16))
-        user, item = model(batch.user_features, batch.item_features)
+        user, item, _, _ = model(batch.user_features, batch.item_features)
         loss = in_batch_softmax_loss(
             user,
             item,

@@ -1,0 +1,198 @@
+"""One entry point for every loss family over a row-wise candidate layout.
+
+Whatever the negatives' source (in-batch, global, corpus samples, memory, hard negatives), the
+trainer lays them out per row as :class:`ScoredCandidates`; :func:`retrieval_loss` dispatches on
+:class:`trainer.config.LossFamily` through a registry of pure functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from models.loss_families import (
+    bpr_loss,
+    cosine_regression_loss,
+    sampled_listwise_softmax_loss,
+    sigmoid_cross_entropy_loss,
+    triplet_hinge_loss,
+)
+from trainer.config import LossConfig, LossFamily
+
+
+@dataclass
+class ScoredCandidates:
+    """Scores of each row's positive and negatives (raw inner products, before temperature).
+
+    Args:
+        positive: [B] s(u_i, i+).
+        negatives: [B, N] s(u_i, j) for every candidate j of row i.
+        weights: [B, N] >= 0; 0 excludes a candidate from row i (padding, accidental hit, the
+            positive itself); w counts it as w negatives (hard-negative weight).
+        positive_log_q: [B] logQ correction of the positive (0: none).
+        negative_log_q: [B, N] logQ correction of the negatives (0: none).
+        ids: [B, N] int64 item id of each candidate (-1 padding), for inspection and for
+            losses that score candidates with another model; None when unknown.
+    """
+
+    positive: torch.Tensor
+    negatives: torch.Tensor
+    weights: torch.Tensor
+    positive_log_q: torch.Tensor
+    negative_log_q: torch.Tensor
+    ids: torch.Tensor | None = None
+
+    def select(self, index: torch.Tensor, valid: torch.Tensor) -> ScoredCandidates:
+        """Keep the columns ``index`` [B, k] of each row; ``valid`` [B, k] False zeroes one."""
+        weights = self.weights.gather(1, index) * valid.to(self.weights.dtype)
+        return ScoredCandidates(
+            self.positive,
+            self.negatives.gather(1, index),
+            weights,
+            self.positive_log_q,
+            self.negative_log_q.gather(1, index),
+            None if self.ids is None else self.ids.gather(1, index),
+        )
+
+
+def sample_negative_columns(
+    weights: torch.Tensor, count: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` distinct valid columns per row, uniformly at random.
+
+    Args:
+        weights: [B, N] candidate weights; columns with weight 0 are never chosen while a row
+            has enough valid ones.
+        count: k, columns per row.
+        generator: seeded generator (on ``weights``' device) for reproducible draws.
+    Returns:
+        index [B, min(k, N)] int64 and valid [B, min(k, N)] bool (False where a row had fewer
+        than k valid candidates).
+    """
+    keys = torch.rand(weights.shape, generator=generator, device=weights.device)
+    keys = keys.masked_fill(weights <= 0, -1.0)
+    top = keys.topk(min(count, weights.shape[1]), dim=1)
+    return top.indices, top.values >= 0
+
+
+LossFunction = Callable[
+    [ScoredCandidates, torch.Tensor, torch.Tensor, LossConfig, torch.Generator | None],
+    torch.Tensor,
+]
+
+
+def _maybe_sample(
+    scored: ScoredCandidates, config: LossConfig, generator: torch.Generator | None
+) -> ScoredCandidates:
+    if config.negatives_per_row is None:
+        return scored
+    index, valid = sample_negative_columns(scored.weights, config.negatives_per_row, generator)
+    return scored.select(index, valid)
+
+
+def _softmax(
+    s: ScoredCandidates,
+    temperature: torch.Tensor,
+    row_weights: torch.Tensor,
+    config: LossConfig,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    if config.family is LossFamily.SAMPLED_SOFTMAX:
+        s = _maybe_sample(s, config, generator)
+    return sampled_listwise_softmax_loss(
+        s.positive,
+        s.negatives,
+        temperature,
+        row_weights,
+        s.weights,
+        s.positive_log_q,
+        s.negative_log_q,
+    )
+
+
+def _sigmoid(
+    s: ScoredCandidates,
+    temperature: torch.Tensor,
+    row_weights: torch.Tensor,
+    config: LossConfig,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    s = _maybe_sample(s, config, generator)
+    logits = torch.cat([s.positive.unsqueeze(1), s.negatives], dim=1) / temperature
+    labels = torch.zeros_like(logits)
+    labels[:, 0] = 1.0
+    entry_weights = torch.cat([torch.ones_like(s.weights[:, :1]), s.weights], dim=1)
+    return sigmoid_cross_entropy_loss(logits, labels, row_weights, entry_weights)
+
+
+def _cosine(
+    s: ScoredCandidates,
+    temperature: torch.Tensor,
+    row_weights: torch.Tensor,
+    config: LossConfig,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    del temperature  # regresses the raw cosines
+    s = _maybe_sample(s, config, generator)
+    scores = torch.cat([s.positive.unsqueeze(1), s.negatives], dim=1)
+    entry_weights = torch.cat([torch.ones_like(s.weights[:, :1]), s.weights], dim=1)
+    return cosine_regression_loss(scores, row_weights, s.negatives.shape[1], entry_weights)
+
+
+def _triplet(
+    s: ScoredCandidates,
+    temperature: torch.Tensor,
+    row_weights: torch.Tensor,
+    config: LossConfig,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    del temperature  # the margin is in score units
+    s = _maybe_sample(s, config, generator)
+    return triplet_hinge_loss(s.positive, s.negatives, config.margin, row_weights, s.weights)
+
+
+def _bpr(
+    s: ScoredCandidates,
+    temperature: torch.Tensor,
+    row_weights: torch.Tensor,
+    config: LossConfig,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    s = _maybe_sample(s, config, generator)
+    return bpr_loss(s.positive / temperature, s.negatives / temperature, row_weights, s.weights)
+
+
+LOSSES: dict[LossFamily, LossFunction] = {
+    LossFamily.SOFTMAX: _softmax,
+    LossFamily.SAMPLED_SOFTMAX: _softmax,
+    LossFamily.SIGMOID: _sigmoid,
+    LossFamily.COSINE: _cosine,
+    LossFamily.TRIPLET: _triplet,
+    LossFamily.BPR: _bpr,
+}
+
+
+def retrieval_loss(
+    scored: ScoredCandidates,
+    temperature: torch.Tensor,
+    row_weights: torch.Tensor,
+    config: LossConfig,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The configured family's loss (scalar).
+
+    Softmax families use temperature, logQ corrections and log-weights; ``sigmoid`` and
+    ``bpr`` use score / temperature and weight each negative's term; ``cosine`` and
+    ``triplet`` work on raw scores. With ``loss.negatives_per_row`` set, every family except
+    ``softmax`` first keeps that many random valid negatives per row.
+
+    Args:
+        scored: per-row positive and negative scores.
+        temperature: [] scalar.
+        row_weights: [B] >= 0 (net user value times the padding mask).
+        config: the loss section (family, negatives_per_row, margin).
+        generator: seeded generator for per-row negative sampling.
+    """
+    return LOSSES[config.family](scored, temperature, row_weights, config, generator)
