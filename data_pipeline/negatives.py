@@ -393,15 +393,21 @@ class StreamingFrequencyEstimator:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Restore from ``state_dict()``; shapes must match this estimator's configuration."""
-        for key, target in (("last_seen_step", self.last_seen_step), ("interval", self.interval)):
-            if tuple(state[key].shape) != tuple(target.shape):
-                raise ValueError(
-                    f"state '{key}' has shape {tuple(state[key].shape)}, expected "
-                    f"{tuple(target.shape)} (num_hashes, hash_size)"
-                )
-            target.copy_(state[key])
+        arrays = {"last_seen_step": self.last_seen_step, "interval": self.interval}
+        copy_state(arrays, state, "(num_hashes, hash_size)")
         self.first_step = int(state["first_step"])
         self.last_step = int(state["last_step"])
+
+
+def copy_state(targets: dict[str, Tensor], state: dict[str, Tensor], shape_meaning: str) -> None:
+    """Copy ``state[key]`` into each target array in place; a shape mismatch names the key."""
+    for key, target in targets.items():
+        if tuple(state[key].shape) != tuple(target.shape):
+            raise ValueError(
+                f"state '{key}' has shape {tuple(state[key].shape)}, expected "
+                f"{tuple(target.shape)} {shape_meaning}"
+            )
+        target.copy_(state[key])
 
 
 def gather_ids(local_ids: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
@@ -535,13 +541,11 @@ class CrossBatchMemory:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Restore from ``state_dict()``; capacity and dim must match."""
-        for key in ("embeddings", "ids", "inserted_step"):
-            target = getattr(self, key)
-            if tuple(state[key].shape) != tuple(target.shape):
-                raise ValueError(
-                    f"state '{key}' has shape {tuple(state[key].shape)}, expected "
-                    f"{tuple(target.shape)} (capacity, dim)"
-                )
-            target.copy_(state[key])
+        arrays = {
+            "embeddings": self.embeddings,
+            "ids": self.ids,
+            "inserted_step": self.inserted_step,
+        }
+        copy_state(arrays, state, "(capacity, dim)")
         self.next_position = int(state["next_position"])
         self.size = int(state["size"])

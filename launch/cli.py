@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     local.add_argument("--max-restarts", type=int, default=0)
     local.add_argument("config")
     local.add_argument("overrides", nargs="*")
+    _add_slurm_parser(launchers)
 
     sweep = commands.add_parser(
         "sweep", help="train every variant of an experiment file, compare them in tables"
@@ -67,6 +68,32 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--run", required=True, type=Path)
     plot.add_argument("--out", type=Path, default=None)
     return parser
+
+
+def _add_slurm_parser(launchers: argparse._SubParsersAction) -> None:
+    slurm = launchers.add_parser(
+        "slurm", help="submit to SLURM through submitit (see launch/slurm.py)"
+    )
+    slurm.add_argument("--nodes", type=int, default=1)
+    slurm.add_argument("--gpus-per-node", type=int, default=0, help="one rank per GPU (NCCL)")
+    slurm.add_argument(
+        "--cpu-ranks", type=int, default=None, help="ranks per node on CPU nodes (gloo)"
+    )
+    slurm.add_argument("--cpus-per-task", type=int, default=None, help="cores per rank")
+    slurm.add_argument("--partition", default=None)
+    slurm.add_argument(
+        "--time", type=int, default=60, metavar="MIN", help="minutes per attempt (requeued after)"
+    )
+    slurm.add_argument("--account", default=None)
+    slurm.add_argument("--job-name", default="twotower")
+    slurm.add_argument(
+        "--log-dir", type=Path, default=None, help="submitit folder (default: <run.dir>/slurm)"
+    )
+    slurm.add_argument(
+        "--dry-run", action="store_true", help="print the sbatch script, submit nothing"
+    )
+    slurm.add_argument("config")
+    slurm.add_argument("overrides", nargs="*")
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -116,9 +143,35 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
+    if args.launcher == "slurm":
+        return _launch_slurm(args)
     from launch.local import launch_local
 
     return launch_local(args.nproc, args.config, args.overrides, args.max_restarts)
+
+
+def _launch_slurm(args: argparse.Namespace) -> int:
+    from launch.slurm import SlurmOptions, make_task, sbatch_script, submit
+
+    options = SlurmOptions(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        cpu_ranks=args.cpu_ranks,
+        time_min=args.time,
+        partition=args.partition,
+        account=args.account,
+        job_name=args.job_name,
+        cpus_per_task=args.cpus_per_task,
+        log_dir=args.log_dir,
+    )
+    task = make_task(options, args.config, args.overrides)
+    if args.dry_run:
+        print(sbatch_script(options, task))
+        return 0
+    job = submit(options, task)
+    print(f"submitted SLURM job {job.job_id}; logs in {job.paths.folder}")
+    print(f"watch: squeue -j {job.job_id}; cancel: scancel {job.job_id}")
+    return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from models.loss_families import (
     bpr_loss,
@@ -77,91 +78,39 @@ def sample_negative_columns(
     return top.indices, top.values >= 0
 
 
-LossFunction = Callable[
-    [ScoredCandidates, torch.Tensor, torch.Tensor, LossConfig, torch.Generator | None],
-    torch.Tensor,
-]
+LossFunction = Callable[[ScoredCandidates, Tensor, Tensor, LossConfig], Tensor]
 
 
-def _maybe_sample(
-    scored: ScoredCandidates, config: LossConfig, generator: torch.Generator | None
-) -> ScoredCandidates:
-    if config.negatives_per_row is None:
-        return scored
-    index, valid = sample_negative_columns(scored.weights, config.negatives_per_row, generator)
-    return scored.select(index, valid)
-
-
-def _softmax(
-    s: ScoredCandidates,
-    temperature: torch.Tensor,
-    row_weights: torch.Tensor,
-    config: LossConfig,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    if config.family is LossFamily.SAMPLED_SOFTMAX:
-        s = _maybe_sample(s, config, generator)
+def _softmax(s: ScoredCandidates, t: Tensor, w: Tensor, config: LossConfig) -> Tensor:
     return sampled_listwise_softmax_loss(
-        s.positive,
-        s.negatives,
-        temperature,
-        row_weights,
-        s.weights,
-        s.positive_log_q,
-        s.negative_log_q,
+        s.positive, s.negatives, t, w, s.weights, s.positive_log_q, s.negative_log_q
     )
 
 
-def _sigmoid(
-    s: ScoredCandidates,
-    temperature: torch.Tensor,
-    row_weights: torch.Tensor,
-    config: LossConfig,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    s = _maybe_sample(s, config, generator)
-    logits = torch.cat([s.positive.unsqueeze(1), s.negatives], dim=1) / temperature
+def _sigmoid(s: ScoredCandidates, t: Tensor, w: Tensor, config: LossConfig) -> Tensor:
+    logits = torch.cat([s.positive.unsqueeze(1), s.negatives], dim=1) / t
     labels = torch.zeros_like(logits)
     labels[:, 0] = 1.0
-    entry_weights = torch.cat([torch.ones_like(s.weights[:, :1]), s.weights], dim=1)
-    return sigmoid_cross_entropy_loss(logits, labels, row_weights, entry_weights)
+    return sigmoid_cross_entropy_loss(logits, labels, w, _with_positive(s.weights))
 
 
-def _cosine(
-    s: ScoredCandidates,
-    temperature: torch.Tensor,
-    row_weights: torch.Tensor,
-    config: LossConfig,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    del temperature  # regresses the raw cosines
-    s = _maybe_sample(s, config, generator)
-    scores = torch.cat([s.positive.unsqueeze(1), s.negatives], dim=1)
-    entry_weights = torch.cat([torch.ones_like(s.weights[:, :1]), s.weights], dim=1)
-    return cosine_regression_loss(scores, row_weights, s.negatives.shape[1], entry_weights)
+def _cosine(s: ScoredCandidates, t: Tensor, w: Tensor, config: LossConfig) -> Tensor:
+    scores = torch.cat([s.positive.unsqueeze(1), s.negatives], dim=1)  # raw cosines, no t
+    return cosine_regression_loss(scores, w, s.negatives.shape[1], _with_positive(s.weights))
 
 
-def _triplet(
-    s: ScoredCandidates,
-    temperature: torch.Tensor,
-    row_weights: torch.Tensor,
-    config: LossConfig,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    del temperature  # the margin is in score units
-    s = _maybe_sample(s, config, generator)
-    return triplet_hinge_loss(s.positive, s.negatives, config.margin, row_weights, s.weights)
+def _triplet(s: ScoredCandidates, t: Tensor, w: Tensor, config: LossConfig) -> Tensor:
+    # The margin is in score units, so no temperature.
+    return triplet_hinge_loss(s.positive, s.negatives, config.margin, w, s.weights)
 
 
-def _bpr(
-    s: ScoredCandidates,
-    temperature: torch.Tensor,
-    row_weights: torch.Tensor,
-    config: LossConfig,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    s = _maybe_sample(s, config, generator)
-    return bpr_loss(s.positive / temperature, s.negatives / temperature, row_weights, s.weights)
+def _bpr(s: ScoredCandidates, t: Tensor, w: Tensor, config: LossConfig) -> Tensor:
+    return bpr_loss(s.positive / t, s.negatives / t, w, s.weights)
+
+
+def _with_positive(weights: Tensor) -> Tensor:
+    """[B, N] negative weights -> [B, 1 + N] entry weights with the positive counted once."""
+    return torch.cat([torch.ones_like(weights[:, :1]), weights], dim=1)
 
 
 LOSSES: dict[LossFamily, LossFunction] = {
@@ -195,4 +144,7 @@ def retrieval_loss(
         config: the loss section (family, negatives_per_row, margin).
         generator: seeded generator for per-row negative sampling.
     """
-    return LOSSES[config.family](scored, temperature, row_weights, config, generator)
+    if config.negatives_per_row is not None:
+        index, valid = sample_negative_columns(scored.weights, config.negatives_per_row, generator)
+        scored = scored.select(index, valid)
+    return LOSSES[config.family](scored, temperature, row_weights, config)

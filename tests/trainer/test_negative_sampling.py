@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 
 from data_pipeline.manifest import Manifest
 from tests.dist_helpers import run_distributed
@@ -76,6 +77,16 @@ def test_every_source_and_family_trains(tmp_path: Path) -> None:
     for name in VARIANTS:
         assert (tmp_path / "runs" / name / "metrics.json").exists()
         assert (tmp_path / "runs" / name / "train_summary.json").exists()
+    # The frequency estimator is checkpointed with the model.
+    checkpoint = tmp_path / "runs" / "log_q" / "checkpoints" / "step-20"
+    keys = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    assert "samplers.frequency_estimator.interval" in keys
+    assert not any(
+        k.startswith("samplers")
+        for k in FileSystemReader(str(tmp_path / "runs" / "memory" / "checkpoints" / "step-20"))
+        .read_metadata()
+        .state_dict_metadata
+    )
 
 
 ALL_ON = [
