@@ -144,11 +144,13 @@ class BatchBuilder:
         recent_history: length of the derived newest-items feature (0: not derived).
         impression_negatives: K, impression hard negatives kept per row (0: none; the table
             then need not have ``impression_negative_ids``).
+        recency_buckets: buckets of the derived ``hist_recency`` feature (<= 0: not derived).
     """
 
     schema: EventSchema
     recent_history: int = 0
     impression_negatives: int = 0
+    recency_buckets: int = 0
 
     def __post_init__(self) -> None:
         if self.impression_negatives < 0:
@@ -158,7 +160,7 @@ class BatchBuilder:
 
     def __call__(self, table: pa.Table) -> Batch:
         rows = table.num_rows
-        table = add_derived_columns(table, self.recent_history)
+        table = add_derived_columns(table, self.recent_history, self.recency_buckets)
         names = set(table.column_names)
         if all(label_column(x) in names for x in self.schema.labels):
             labels = np.stack(

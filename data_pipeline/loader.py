@@ -29,6 +29,8 @@ class LoaderSpec:
     recent_history: newest history items pooled as their own feature (0: off).
     impression_negatives: K impression hard negatives per row in ``Batch.impression_negatives``
         (0: off; K > 0 needs a dataset whose manifest has ``has_impression_negatives``).
+    recency_buckets: -1: no per-event history features; >= 0: the history encoder's action
+        features, and ``hist_recency`` with that many buckets when > 0.
     """
 
     root: str
@@ -41,6 +43,7 @@ class LoaderSpec:
     seed: int = 0
     recent_history: int = 0
     impression_negatives: int = 0
+    recency_buckets: int = -1
 
 
 def build_event_loader(
@@ -59,9 +62,10 @@ def build_event_loader(
     stream = ParquetEventStream(
         units=units,
         convert=BatchBuilder(
-            with_derived_features(schema, spec.recent_history),
+            with_derived_features(schema, spec.recent_history, spec.recency_buckets),
             spec.recent_history,
             impression_negatives=spec.impression_negatives,
+            recency_buckets=spec.recency_buckets,
         ),
         validator=IdValidator(schema, manifest.tables, spec.id_policy),
         batch_size=spec.batch_size,

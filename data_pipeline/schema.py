@@ -42,6 +42,8 @@ POSITION = "position"
 RANKER_SCORE = "ranker_score"
 HISTORY_ITEMS = "hist_item_ids"
 IMPRESSION_NEGATIVES = "impression_negative_ids"
+# Event time of each history entry, aligned with hist_item_ids (recency features).
+HISTORY_TIMESTAMPS = "hist_timestamps"
 LABEL_PREFIX = "label_"
 HISTORY_ACTION_PREFIX = "hist_"
 
@@ -118,6 +120,8 @@ class EventSchema:
         has_ranker_score: whether ``ranker_score`` must be present.
         has_impression_negatives: whether ``impression_negative_ids`` must be present (logged
             feeds with unengaged impressions; ratings-only datasets have none).
+        has_history_timestamps: whether ``hist_timestamps`` (event time of each history entry,
+            aligned with ``hist_item_ids``) must be present.
     """
 
     features: tuple[FeatureSpec, ...]
@@ -126,6 +130,7 @@ class EventSchema:
     has_position: bool = True
     has_ranker_score: bool = False
     has_impression_negatives: bool = False
+    has_history_timestamps: bool = False
 
     def user_features(self) -> tuple[FeatureSpec, ...]:
         return tuple(f for f in self.features if f.side is Side.USER)
@@ -155,6 +160,8 @@ class EventSchema:
             pa.field(history_action_column(a), pa.list_(pa.int8()), nullable=False)
             for a in self.history_actions
         ]
+        if self.has_history_timestamps:
+            fields.append(pa.field(HISTORY_TIMESTAMPS, pa.list_(pa.int64()), nullable=False))
         return pa.schema(fields)
 
     def side_arrow_schema(self, side: Side) -> pa.Schema:
@@ -174,6 +181,7 @@ class EventSchema:
             "has_position": self.has_position,
             "has_ranker_score": self.has_ranker_score,
             "has_impression_negatives": self.has_impression_negatives,
+            "has_history_timestamps": self.has_history_timestamps,
         }
 
     @staticmethod
@@ -185,6 +193,7 @@ class EventSchema:
             has_position=bool(data.get("has_position", True)),
             has_ranker_score=bool(data.get("has_ranker_score", False)),
             has_impression_negatives=bool(data.get("has_impression_negatives", False)),
+            has_history_timestamps=bool(data.get("has_history_timestamps", False)),
         )
 
 

@@ -31,9 +31,11 @@ variant, the train summaries, the commands), rewritten after each run.
 from __future__ import annotations
 
 import enum
+import itertools
 import json
 import logging
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -94,6 +96,9 @@ class SweepSpec:
     out: str = MISSING
     datasets: dict[str, DatasetSpec] = field(default_factory=dict)
     variants: list[VariantSpec] = field(default_factory=list)
+    # Every (dataset, variant) runs once per seed and the table shows mean ± standard deviation;
+    # empty: once, with the base config's seed.
+    seeds: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -218,12 +223,16 @@ def _validate(spec: SweepSpec, source: str) -> None:
         fail("datasets", "name at least one dataset")
     if not spec.variants:
         fail("variants", "list at least one variant")
+    if len(set(spec.seeds)) != len(spec.seeds):
+        fail("seeds", f"{spec.seeds} repeats a seed")
     for name, dataset in spec.datasets.items():
         if not DATASET_NAME.fullmatch(name):
             fail(f"datasets.{name}", "a dataset name is a directory name: letters, digits, . _ -")
         for key in _override_keys(dataset.overrides):
             if key in SWEEP_OWNED:
                 fail(f"datasets.{name}.overrides", f"'{key}' is set by the sweep")
+            if spec.seeds and key in DATASET_OWNED:
+                fail(f"datasets.{name}.overrides", f"'{key}' comes from the sweep's 'seeds'")
     slugs: dict[str, str] = {}
     for index, variant in enumerate(spec.variants):
         where = f"variants[{index}] ('{variant.name}')"
@@ -283,13 +292,18 @@ def plan_sweep(
     runs = []
     for dataset_name in chosen_datasets:
         dataset = spec.datasets[dataset_name]
-        for variant in chosen_variants:
+        seeds: list[int | None] = list(spec.seeds) or [None]
+        for variant, seed in itertools.product(chosen_variants, seeds):
             if variant.datasets and dataset_name not in variant.datasets:
                 continue
             run_dir = Path(spec.out) / dataset_name / slugify(variant.name)
+            seeded: tuple[str, ...] = ()
+            if seed is not None:
+                run_dir, seeded = run_dir / f"seed-{seed}", (f"seed={seed}",)
             overrides = (
                 *dataset.overrides,
                 *variant.overrides,
+                *seeded,
                 f"run.dir={run_dir}",
                 "logging.wandb=false",
                 "train.progress_bar=false",
@@ -427,29 +441,43 @@ def run_sweep(
 
 
 def results_table(outcomes: Sequence[RunOutcome]) -> str:
-    """Markdown table: one row per variant, then the most-popular baseline (taken from the first
-    successful run; every variant of a dataset evaluates the same queries)."""
+    """Markdown table: one row per variant (mean ± standard deviation over its seeds when it ran
+    with several), then the most-popular baseline (taken from the first successful run; every
+    variant of a dataset evaluates the same queries)."""
     header = ["variant", *(column.title for column in COLUMNS)]
     lines = [_row(header), "|---|" + "---:|" * len(COLUMNS)]
+    groups: dict[str, list[RunOutcome]] = {}
     for outcome in outcomes:
-        if outcome.status is RunStatus.OK:
-            cells = [_cell(outcome, column, "model") for column in COLUMNS]
-        else:
-            failure = f"**failed** ({outcome.error}): `{outcome.run.log_path}`"
+        groups.setdefault(outcome.run.variant, []).append(outcome)
+    for variant, group in groups.items():
+        failed = [o for o in group if o.status is not RunStatus.OK]
+        if failed:
+            failure = f"**failed** ({failed[0].error}): `{failed[0].run.log_path}`"
             cells = [failure, *[""] * (len(COLUMNS) - 1)]
-        lines.append(_row([outcome.run.variant, *cells]))
+        else:
+            cells = [_cell(group, column, "model") for column in COLUMNS]
+        lines.append(_row([variant, *cells]))
     done = [o for o in outcomes if o.status is RunStatus.OK]
     if done:
-        lines.append(_row([BASELINE_ROW, *(_cell(done[0], c, "popularity") for c in COLUMNS)]))
+        lines.append(_row([BASELINE_ROW, *(_cell(done[:1], c, "popularity") for c in COLUMNS)]))
     return "\n".join(lines)
 
 
-def _cell(outcome: RunOutcome, column: Column, ranking: str) -> str:
-    if column.source is Source.TRAIN:
-        value = outcome.summary.get(column.key) if ranking == "model" else None
-    else:
-        value = outcome.metrics.get(ranking, {}).get(column.key)
-    return MISSING_CELL if value is None else format(value, column.format)
+def _cell(group: Sequence[RunOutcome], column: Column, ranking: str) -> str:
+    """One value, or ``mean ± std`` (sample standard deviation) over a variant's seeds."""
+    values = []
+    for outcome in group:
+        if column.source is Source.TRAIN:
+            value = outcome.summary.get(column.key) if ranking == "model" else None
+        else:
+            value = outcome.metrics.get(ranking, {}).get(column.key)
+        if value is None:
+            return MISSING_CELL
+        values.append(float(value))
+    if len(values) == 1:
+        return format(values[0], column.format)
+    mean, spread = statistics.mean(values), statistics.stdev(values)
+    return f"{format(mean, column.format)} ± {format(spread, column.format)}"
 
 
 def _row(cells: Sequence[str]) -> str:
@@ -462,7 +490,8 @@ def write_results(dataset_dir: Path, title: str, outcomes: Sequence[RunOutcome])
     dataset_dir.mkdir(parents=True, exist_ok=True)
     heading = (
         f"# {title}: {first.dataset}\n\n"
-        f"Base config `{first.config}`, seed {first.seed}; each run's overrides and log are in "
+        f"Base config `{first.config}`, seeds {sorted({o.run.seed for o in outcomes})}; each "
+        "run's overrides and log are in "
         "results.json.\n\n"
     )
     (dataset_dir / "results.md").write_text(heading + results_table(outcomes) + "\n")
@@ -471,7 +500,7 @@ def write_results(dataset_dir: Path, title: str, outcomes: Sequence[RunOutcome])
         "title": title,
         "dataset": first.dataset,
         "config": first.config,
-        "seed": first.seed,
+        "seeds": sorted({o.run.seed for o in outcomes}),
         "popularity": done[0].metrics.get("popularity", {}) if done else {},
         "variants": [_outcome_record(o) for o in outcomes],
     }

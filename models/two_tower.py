@@ -9,12 +9,17 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
+from torchrec import EmbeddingBagCollection, EmbeddingCollection, KeyedJaggedTensor
 
-from data_pipeline.schema import EventSchema
+from data_pipeline.derived import history_feature_tables
+from data_pipeline.schema import ITEM_ID, EventSchema
+from models.sequence_arch import HistoryArch, sequence_feature_names, sequence_table_configs
 from models.temperature import Temperature
 from models.towers import Tower, table_configs
 from trainer.config import ModelConfig
+
+# Key of the history encoder's output among the user tower's inputs.
+HISTORY_OUTPUT = "history_encoder"
 
 
 class TowerOutputs(NamedTuple):
@@ -31,6 +36,12 @@ class TowerOutputs(NamedTuple):
     item: torch.Tensor
     extra_items: torch.Tensor
     temperature: torch.Tensor
+
+
+def select_keys(features: KeyedJaggedTensor, keys: list[str]) -> KeyedJaggedTensor:
+    """The KJT restricted to ``keys`` (in that order), same stride."""
+    index = {key: i for i, key in enumerate(features.keys())}
+    return features.permute([index[key] for key in keys])
 
 
 def stack_rows(batch: KeyedJaggedTensor, extra: KeyedJaggedTensor) -> KeyedJaggedTensor:
@@ -68,10 +79,28 @@ class TwoTowerModel(nn.Module):
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
-        configs = table_configs(schema.features, tables, config.embedding_dim, config.table_dims)
-        dims = {name: c.embedding_dim for c in configs for name in c.feature_names}
-        self.sparse_arch = EmbeddingBagCollection(tables=configs, device=device)
+        self.sequence_features: list[str] = []
+        self.sequence_arch: EmbeddingCollection | None = None
+        self.history: HistoryArch | None = None
+        dims: dict[str, int] = {}
         user_features = [f.name for f in schema.user_features()]
+        if config.history.enabled:
+            history_tables = history_feature_tables(schema, config.history.recency_buckets)
+            item_dim = config.table_dims.get(ITEM_ID, config.embedding_dim)
+            self.sequence_features = sequence_feature_names(history_tables)
+            self.sequence_arch = EmbeddingCollection(
+                tables=sequence_table_configs(tables, history_tables, item_dim), device=device
+            )
+            self.history = HistoryArch(history_tables, config.history, item_dim)
+            dims[ITEM_ID] = item_dim
+            dims[HISTORY_OUTPUT] = self.history.output_dim
+            user_features = [f for f in user_features if f not in self.sequence_features]
+            user_features.append(HISTORY_OUTPUT)
+        pooled = [f for f in schema.features if f.name not in self.sequence_features]
+        self.pooled_features = [f.name for f in pooled]
+        configs = table_configs(pooled, tables, config.embedding_dim, config.table_dims)
+        dims.update({name: c.embedding_dim for c in configs for name in c.feature_names})
+        self.sparse_arch = EmbeddingBagCollection(tables=configs, device=device)
         item_features = [f.name for f in schema.item_features()]
         self.user_tower = Tower(
             user_features,
@@ -102,7 +131,13 @@ class TwoTowerModel(nn.Module):
         rows = features.stride()
         if extra_item_features is not None:
             features = stack_rows(features, extra_item_features)
-        pooled = self.sparse_arch(features).to_dict()
-        user = self.user_tower({k: v[:rows] for k, v in pooled.items()})
-        items = self.item_tower(pooled)
+        if self.sequence_arch is None or self.history is None:
+            embeddings = self.sparse_arch(features).to_dict()
+        else:
+            embeddings = self.sparse_arch(select_keys(features, self.pooled_features)).to_dict()
+            sequences = self.sequence_arch(select_keys(features, self.sequence_features))
+            embeddings[ITEM_ID] = sequences[ITEM_ID].values()  # one id per row: [B + E, D]
+            embeddings[HISTORY_OUTPUT] = self.history(sequences, rows)
+        user = self.user_tower({k: v[:rows] for k, v in embeddings.items()})
+        items = self.item_tower(embeddings)
         return TowerOutputs(user, items[:rows], items[rows:], self.temperature())

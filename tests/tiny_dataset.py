@@ -36,6 +36,16 @@ def _impression_negatives(rng: np.random.Generator, items: np.ndarray) -> pa.Arr
     return pa.array(lists, pa.list_(pa.int64()))
 
 
+def _history_times(table: pa.Table) -> pa.Array:
+    """One history entry per hour before the event, newest first."""
+    lengths = table.column("hist_item_ids").to_pylist()
+    now = table.column("timestamp").to_pylist()
+    return pa.array(
+        [[t - 3600 * (j + 1) for j in range(len(h))] for t, h in zip(now, lengths)],
+        pa.list_(pa.int64()),
+    )
+
+
 def _events(rng: np.random.Generator, rows: int, start: int) -> pa.Table:
     users = rng.integers(0, USERS, rows)
     items = (users * 7 + rng.integers(0, 5, rows)) % ITEMS  # learnable user -> item structure
@@ -63,12 +73,18 @@ def write_tiny_dataset(
     row_group_rows: int = 64,
     seed: int = 0,
     impressions: bool = False,
+    history_timestamps: bool = False,
 ) -> Path:
     """Writes train/valid/test/items/users + manifest.json under ``root``; returns ``root``.
 
-    ``impressions`` adds the impression hard-negative column to every event split."""
+    ``impressions`` adds the impression hard-negative column to every event split;
+    ``history_timestamps`` adds ``hist_timestamps`` (recency features)."""
     rng = np.random.default_rng(seed)
-    schema = replace(SCHEMA, has_impression_negatives=impressions)
+    schema = replace(
+        SCHEMA,
+        has_impression_negatives=impressions,
+        has_history_timestamps=history_timestamps,
+    )
     splits = {}
     for split, rows in (("train", train_rows), ("valid", USERS), ("test", USERS)):
         with ShardWriter(
@@ -84,7 +100,9 @@ def write_tiny_dataset(
             if impressions:
                 negatives = _impression_negatives(rng, table.column("item_id").to_numpy())
                 table = table.append_column("impression_negative_ids", negatives)
-                table = table.select(schema.event_arrow_schema().names)
+            if history_timestamps:
+                table = table.append_column("hist_timestamps", _history_times(table))
+            table = table.select(schema.event_arrow_schema().names)
             writer.write(table)
         splits[split] = writer.info
     items = pa.table(

@@ -9,27 +9,52 @@ from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from data_pipeline.batch import BatchBuilder
-from data_pipeline.derived import with_derived_features
+from data_pipeline.derived import history_feature_tables, with_derived_features
 from data_pipeline.loader import LoaderSpec
 from data_pipeline.manifest import Manifest
+from data_pipeline.schema import EventSchema
 from models.two_tower import TwoTowerModel
 from trainer.config import ConfigError, ExperimentConfig
 from trainer.distributed import DistributedEnv
 from trainer.sharding import attach_sparse_optimizer, shard_model
 
 
+def history_recency(config: ExperimentConfig) -> int:
+    """-1 without the history encoder (no per-event features), else its recency buckets."""
+    history = config.model.history
+    return history.recency_buckets if history.enabled else -1
+
+
+def model_schema(manifest: Manifest, config: ExperimentConfig) -> EventSchema:
+    """The model-facing schema: stored features plus the derived ones the config switches on."""
+    return with_derived_features(
+        manifest.schema, config.data.recent_history, history_recency(config)
+    )
+
+
+def model_tables(manifest: Manifest, config: ExperimentConfig) -> dict[str, int]:
+    """Table sizes: the manifest's plus the history encoder's per-event tables."""
+    recency = history_recency(config)
+    if recency < 0:
+        return dict(manifest.tables)
+    return {**manifest.tables, **history_feature_tables(manifest.schema, recency)}
+
+
 def batch_builder(manifest: Manifest, config: ExperimentConfig) -> BatchBuilder:
     """Arrow -> Batch for the model's features (stored plus derived)."""
-    recent = config.data.recent_history
-    return BatchBuilder(with_derived_features(manifest.schema, recent), recent)
+    return BatchBuilder(
+        model_schema(manifest, config),
+        config.data.recent_history,
+        recency_buckets=max(history_recency(config), 0),
+    )
 
 
 def build_unsharded_model(
     manifest: Manifest, config: ExperimentConfig, device: torch.device | None = None
 ) -> TwoTowerModel:
     try:
-        schema = with_derived_features(manifest.schema, config.data.recent_history)
-        return TwoTowerModel(schema, manifest.tables, config.model, device=device)
+        schema = model_schema(manifest, config)
+        return TwoTowerModel(schema, model_tables(manifest, config), config.model, device=device)
     except ValueError as error:
         raise ConfigError(f"model: {error}") from error
 
@@ -79,4 +104,5 @@ def loader_spec(config: ExperimentConfig, split: str, train: bool) -> LoaderSpec
         seed=config.seed,
         recent_history=data.recent_history,
         impression_negatives=config.negatives.impressions.per_row if train else 0,
+        recency_buckets=history_recency(config),
     )

@@ -16,6 +16,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from models.history import Combiner, Encoder, Positions, Summary
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
@@ -91,6 +93,27 @@ class DataConfig:
 
 
 @dataclass
+class HistoryConfig:
+    """The user-history encoder. Off: ``hist_item_ids`` is mean-pooled as one bag by the
+    EmbeddingBagCollection. On: every history event's item embedding (from the same sharded
+    ``item_id`` table, now in an EmbeddingCollection), one embedding per action flag and a
+    recency embedding are combined per event and encoded (``models/history.py``)."""
+
+    enabled: bool = False
+    encoder: Encoder = Encoder.SELF_ATTENTION
+    combiner: Combiner = Combiner.SUM
+    # Log-scale buckets of the time since each history event (0: no recency embedding).
+    recency_buckets: int = 16
+    max_length: int = 50
+    num_layers: int = 2
+    num_heads: int = 2
+    # Attention and residual dropout; 0 keeps CPU self-attention on the fused SDPA kernel.
+    dropout: float = 0.0
+    positions: Positions = Positions.LEARNED
+    summary: Summary = Summary.NEWEST_AND_MEAN
+
+
+@dataclass
 class ModelConfig:
     embedding_dim: int = 64
     # Per-table embedding dimension overrides, e.g. {item_id: 128}.
@@ -103,6 +126,7 @@ class ModelConfig:
     learn_temperature: bool = False
     temperature_range: list[float] = field(default_factory=lambda: [0.01, 1.0])
     l2_normalize: bool = True
+    history: HistoryConfig = field(default_factory=HistoryConfig)
 
 
 @dataclass
@@ -291,6 +315,7 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
     if not config.sharding.sharding_types:
         fail("sharding.sharding_types", "allow at least one sharding type")
     _validate_temperature(config.model, fail)
+    _validate_history(config, fail)
     _validate_loss(config.loss, fail)
     _validate_negatives(config.negatives, fail)
 
@@ -305,6 +330,31 @@ def _validate_temperature(model: ModelConfig, fail: Callable[[str, str], None]) 
         fail(
             "model.temperature",
             f"a learned temperature starts inside model.temperature_range {low_high}",
+        )
+
+
+def _validate_history(config: ExperimentConfig, fail: Callable[[str, str], None]) -> None:
+    history = config.model.history
+    if not history.enabled:
+        return
+    if history.max_length < 1 or history.num_layers < 1 or history.num_heads < 1:
+        fail("model.history.max_length", "max_length, num_layers and num_heads must be >= 1")
+    if history.recency_buckets < 0:
+        fail("model.history.recency_buckets", "must be >= 0 (0: no recency embedding)")
+    if not 0 <= history.dropout < 1:
+        fail("model.history.dropout", "must be in [0, 1)")
+    dim = config.model.table_dims.get("item_id", config.model.embedding_dim)
+    if history.encoder is Encoder.SELF_ATTENTION and dim % history.num_heads:
+        fail(
+            "model.history.num_heads",
+            f"must divide the item embedding dimension {dim} (model.embedding_dim / "
+            "model.table_dims.item_id)",
+        )
+    if config.data.recent_history > 0:
+        fail(
+            "data.recent_history",
+            "the history encoder sees the newest events itself; set data.recent_history=0 "
+            "with model.history.enabled=true",
         )
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchrec import EmbeddingBagCollection
+from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-from torchrec.distributed.types import ShardingPlan
+from torchrec.distributed.types import ModuleSharder, ShardingPlan
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
@@ -33,7 +34,7 @@ _SPARSE_OPTIMIZERS: dict[SparseOptimizer, type[torch.optim.Optimizer]] = {
 def attach_sparse_optimizer(model: nn.Module, kind: SparseOptimizer, lr: float) -> None:
     """Register the fused in-backward optimizer on every embedding collection's tables."""
     for module in model.modules():
-        if isinstance(module, EmbeddingBagCollection):
+        if isinstance(module, EmbeddingBagCollection | EmbeddingCollection):
             apply_optimizer_in_backward(_SPARSE_OPTIMIZERS[kind], module.parameters(), {"lr": lr})
 
 
@@ -57,17 +58,25 @@ def plan_sharding(
         if isinstance(module, EmbeddingBagCollection):
             for table in module.embedding_bag_configs():
                 constraints[table.name] = ParameterConstraints(sharding_types=sharding_types)
+        if isinstance(module, EmbeddingCollection):
+            for sequence_table in module.embedding_configs():
+                constraints[sequence_table.name] = ParameterConstraints(
+                    sharding_types=sharding_types
+                )
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=world_size, compute_device=device.type),
         constraints=constraints,
     )
-    return planner.collective_plan(model, [EmbeddingBagCollectionSharder()], dist.GroupMember.WORLD)
+    return planner.collective_plan(model, sharders(), dist.GroupMember.WORLD)
+
+
+def sharders() -> list[ModuleSharder[nn.Module]]:
+    """Pooled (EmbeddingBagCollection) and sequence (EmbeddingCollection) tables."""
+    return [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
 
 
 def shard_model(
     model: nn.Module, config: ShardingConfig, device: torch.device, world_size: int
 ) -> DistributedModelParallel:
     plan = plan_sharding(model, config, device, world_size)
-    return DistributedModelParallel(
-        module=model, device=device, plan=plan, sharders=[EmbeddingBagCollectionSharder()]
-    )
+    return DistributedModelParallel(module=model, device=device, plan=plan, sharders=sharders())

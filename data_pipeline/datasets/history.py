@@ -49,17 +49,24 @@ class HistoryBatch:
         offsets: [R + 1] int32, row r owns ``values[offsets[r]:offsets[r + 1]]``.
         item_ids: [sum(lengths)] int64 history item ids.
         actions: action name -> [sum(lengths)] int8 series aligned with ``item_ids``.
+        timestamps: [sum(lengths)] int64 event time of each history entry.
     """
 
     offsets: np.ndarray
     item_ids: np.ndarray
     actions: dict[str, np.ndarray]
+    timestamps: np.ndarray
 
     def item_ids_arrow(self) -> pa.ListArray:
         return pa.ListArray.from_arrays(pa.array(self.offsets), pa.array(self.item_ids))
 
     def action_arrow(self, action: str) -> pa.ListArray:
         return pa.ListArray.from_arrays(pa.array(self.offsets), pa.array(self.actions[action]))
+
+    def timestamps_arrow(self) -> pa.ListArray:
+        return pa.ListArray.from_arrays(
+            pa.array(self.offsets), pa.array(self.timestamps, pa.int64())
+        )
 
 
 def build_timeline(user: np.ndarray, timestamp: np.ndarray, item: np.ndarray) -> UserTimeline:
@@ -123,6 +130,7 @@ def history_for_rows(
     actions: dict[str, np.ndarray],
     rows: np.ndarray,
     history_length: int,
+    timestamp: np.ndarray | None = None,
 ) -> HistoryBatch:
     """Point-in-time histories of selected events.
 
@@ -130,6 +138,7 @@ def history_for_rows(
         timeline: from :func:`build_timeline` over the whole log.
         item: [N] int64 item ids, input order.
         actions: action name -> [N] int8 per-event action (``like``), input order.
+        timestamp: [N] int64 event times, input order (None: zeros in ``timestamps``).
         rows: [R] int64 input indices to build histories for, in output order.
         history_length: H, the most history events kept per row.
 
@@ -143,4 +152,9 @@ def history_for_rows(
         offsets=jagged_offsets(lengths),
         item_ids=item[source].astype(np.int64),
         actions={name: values[source].astype(np.int8) for name, values in actions.items()},
+        timestamps=(
+            timestamp[source].astype(np.int64)
+            if timestamp is not None
+            else np.zeros(source.shape[0], np.int64)
+        ),
     )

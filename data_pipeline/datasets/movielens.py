@@ -36,6 +36,7 @@ from data_pipeline.datasets.split import MIN_EVENTS_TO_HOLD_OUT, SPLIT_NAMES, le
 from data_pipeline.manifest import Manifest, SplitInfo
 from data_pipeline.schema import (
     HISTORY_ITEMS,
+    HISTORY_TIMESTAMPS,
     ITEM_ID,
     POSITION,
     TIMESTAMP,
@@ -52,7 +53,10 @@ from data_pipeline.shard_writer import ShardWriter
 logger = logging.getLogger(__name__)
 
 LABELS = ("click", "like")
-HISTORY_ACTIONS = ("like",)
+# like: rating >= 4 (explicit approval). dislike: rating <= 2, explicit disapproval: a rated item
+# the user did not enjoy tells the encoder what to steer away from, which a click cannot.
+HISTORY_ACTIONS = ("like", "dislike")
+DISLIKE_THRESHOLD = 2.0
 LIKE_THRESHOLD = 4.0
 SMALL_DATASET_EVENTS = 2_000_000
 SMALL_ROW_GROUP_ROWS = 8192
@@ -70,6 +74,7 @@ class MovieLensLog:
         user, item: [N] int64 dense ids.
         timestamp: [N] int64 seconds.
         like: [N] int8, 1 where rating >= 4.
+        dislike: [N] int8, 1 where rating <= 2.
         users, items: side features indexed by dense id.
         user_map, item_map: [U], [I] int64 raw id of each dense id.
     """
@@ -78,6 +83,7 @@ class MovieLensLog:
     item: np.ndarray
     timestamp: np.ndarray
     like: np.ndarray
+    dislike: np.ndarray
     users: features_module.SideFeatures
     items: features_module.SideFeatures
     user_map: np.ndarray
@@ -171,6 +177,7 @@ def load_log(resolved: ResolvedSource) -> MovieLensLog:
         item=features_module.to_dense(ratings.item, item_map),
         timestamp=ratings.timestamp,
         like=(ratings.rating >= LIKE_THRESHOLD).astype(np.int8),
+        dislike=(ratings.rating <= DISLIKE_THRESHOLD).astype(np.int8),
         users=features_module.user_features(user_map, users),
         items=features_module.item_features(item_map, items),
         user_map=user_map,
@@ -198,6 +205,7 @@ def movielens_schema(log: MovieLensLog) -> EventSchema:
         history_actions=HISTORY_ACTIONS,
         has_position=True,
         has_ranker_score=False,
+        has_history_timestamps=True,
     )
 
 
@@ -205,7 +213,8 @@ def event_table(
     log: MovieLensLog, timeline: UserTimeline, rows: np.ndarray, history_length: int
 ) -> pa.Table:
     """The event rows ``rows`` ([R] input indices) with labels, features and history."""
-    history = history_for_rows(timeline, log.item, {"like": log.like}, rows, history_length)
+    actions = {"like": log.like, "dislike": log.dislike}
+    history = history_for_rows(timeline, log.item, actions, rows, history_length, log.timestamp)
     n = int(rows.shape[0])
     user, item = log.user[rows], log.item[rows]
     columns: dict[str, np.ndarray | pa.Array] = {
@@ -216,7 +225,8 @@ def event_table(
         label_column("click"): np.ones(n, dtype=np.float32),
         label_column("like"): log.like[rows].astype(np.float32),
         HISTORY_ITEMS: history.item_ids_arrow(),
-        history_action_column("like"): history.action_arrow("like"),
+        **{history_action_column(a): history.action_arrow(a) for a in HISTORY_ACTIONS},
+        HISTORY_TIMESTAMPS: history.timestamps_arrow(),
     }
     for taken in (log.users.take(user), log.items.take(item)):
         columns.update({k: v for k, v in taken.items() if k not in columns})
@@ -294,6 +304,7 @@ def _extra(
             "timestamp": [int(log.timestamp.min()), int(log.timestamp.max())],
         },
         "like_threshold": LIKE_THRESHOLD,
+        "dislike_threshold": DISLIKE_THRESHOLD,
         "event_order": (
             "history: per user by (timestamp, item_id, input position); "
             "shards: by (timestamp, user_id, item_id)"

@@ -226,9 +226,7 @@ def generate_events(
         feed = simulate_feed(world, config, first, sessions, rng)
         feed = truncate_feed(feed, run.events - counts["impressions"])
         clicks = sort_clicks(feed, first, sessions)
-        histories = session_histories(
-            feed, clicks, state, first, config.positions, run.history_length
-        )
+        histories = session_histories(feed, clicks, state, first, config, run.history_length)
         update_state(state, clicks, np.unique(feed.user[feed.labels["click"] == 1]))
         masks = run.split_masks(feed)
         for name, mask in masks.items():
@@ -256,6 +254,7 @@ def synthetic_schema() -> EventSchema:
         has_position=True,
         has_ranker_score=True,
         has_impression_negatives=True,
+        has_history_timestamps=True,
     )
 
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from data_pipeline.datasets.history import backward_gather_index, jagged_offsets
 from data_pipeline.datasets.synthetic_world import SyntheticWorld, WorldConfig, sample_from_cdf
-from data_pipeline.schema import HISTORY_ITEMS, history_action_column
+from data_pipeline.schema import HISTORY_ITEMS, HISTORY_TIMESTAMPS, history_action_column
 
 LABELS = ("click", "like", "long_view")
 HISTORY_ACTIONS = ("like", "long_view")
@@ -27,11 +27,13 @@ class HistoryState:
     Args:
         items: [N, H] int32 clicked item ids; only the first ``length[u]`` of row u are valid.
         actions: action name -> [N, H] int8 aligned series.
+        sessions: [N, H] int64 global session index of each click (its time).
         length: [N] int32 valid entries per user.
     """
 
     items: np.ndarray
     actions: dict[str, np.ndarray]
+    sessions: np.ndarray
     length: np.ndarray
 
     @staticmethod
@@ -39,6 +41,7 @@ class HistoryState:
         return HistoryState(
             items=np.zeros((users, history_length), dtype=np.int32),
             actions={a: np.zeros((users, history_length), dtype=np.int8) for a in HISTORY_ACTIONS},
+            sessions=np.zeros((users, history_length), dtype=np.int64),
             length=np.zeros(users, dtype=np.int32),
         )
 
@@ -51,12 +54,14 @@ class ChunkClicks:
         key: [C] int64 ``user * (sessions + 1) + session``, ascending.
         items: [C] int64 clicked item ids.
         actions: action name -> [C] int8.
+        click_sessions: [C] int64 global session index of each click.
         sessions: S, sessions in the chunk.
     """
 
     key: np.ndarray
     items: np.ndarray
     actions: dict[str, np.ndarray]
+    click_sessions: np.ndarray
     sessions: int
 
 
@@ -152,6 +157,7 @@ def sort_clicks(feed: FeedChunk, first_session: int, sessions: int) -> ChunkClic
         key=key[order],
         items=feed.item[rows],
         actions={a: feed.labels[a][rows] for a in HISTORY_ACTIONS},
+        click_sessions=feed.session[rows],
         sessions=sessions,
     )
 
@@ -162,14 +168,15 @@ def gather_history(
     user: np.ndarray,
     local_session: np.ndarray,
     history_length: int,
-) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], np.ndarray]:
     """Histories of ``user`` ([Q] int64) as of the start of ``local_session`` ([Q] int64).
 
     Newest first: the user's clicks earlier in this chunk (latest first), then the state carried
     from earlier chunks, cut at H.
 
     Returns:
-        lengths [Q] int64, item ids [sum(lengths)] int64, action -> [sum(lengths)] int8.
+        lengths [Q] int64, item ids [sum(lengths)] int64, action -> [sum(lengths)] int8,
+        global session index of each history click [sum(lengths)] int64.
     """
     base = user * (clicks.sessions + 1)
     start = np.searchsorted(clicks.key, base, side="left")
@@ -183,28 +190,30 @@ def gather_history(
     chunk_index = backward_gather_index(end, from_chunk)
     state_user = user[row_of_value[~in_chunk]]
     state_slot = (step - from_chunk[row_of_value])[~in_chunk]
-    items = np.empty(step.shape[0], dtype=np.int64)
-    items[in_chunk] = clicks.items[chunk_index]
-    items[~in_chunk] = state.items[state_user, state_slot]
-    actions = {}
-    for name in HISTORY_ACTIONS:
-        values = np.empty(step.shape[0], dtype=np.int8)
-        values[in_chunk] = clicks.actions[name][chunk_index]
-        values[~in_chunk] = state.actions[name][state_user, state_slot]
-        actions[name] = values
-    return lengths, items, actions
+
+    def series(from_chunk: np.ndarray, from_state: np.ndarray, dtype: type) -> np.ndarray:
+        values = np.empty(step.shape[0], dtype=dtype)
+        values[in_chunk] = from_chunk[chunk_index]
+        values[~in_chunk] = from_state[state_user, state_slot]
+        return values
+
+    items = series(clicks.items, state.items, np.int64)
+    actions = {a: series(clicks.actions[a], state.actions[a], np.int8) for a in HISTORY_ACTIONS}
+    sessions = series(clicks.click_sessions, state.sessions, np.int64)
+    return lengths, items, actions, sessions
 
 
 def update_state(state: HistoryState, clicks: ChunkClicks, clicking_users: np.ndarray) -> None:
     """Fold the chunk's clicks into the rolling state of ``clicking_users`` ([U'] int64)."""
     history_length = state.items.shape[1]
     end_of_chunk = np.full(clicking_users.shape[0], clicks.sessions, dtype=np.int64)
-    lengths, items, actions = gather_history(
+    lengths, items, actions, sessions = gather_history(
         state, clicks, clicking_users, end_of_chunk, history_length
     )
     row = np.repeat(clicking_users, lengths)
     slot = np.arange(items.shape[0]) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     state.items[row, slot] = items
+    state.sessions[row, slot] = sessions
     for name in HISTORY_ACTIONS:
         state.actions[name][row, slot] = actions[name]
     state.length[clicking_users] = lengths
@@ -215,16 +224,17 @@ def session_histories(
     clicks: ChunkClicks,
     state: HistoryState,
     first_session: int,
-    positions: int,
+    config: WorldConfig,
     history_length: int,
 ) -> dict[str, pa.ListArray]:
     """The history each session of the chunk was served with, one list per session.
 
     Returns:
-        column name (``hist_item_ids``, ``hist_<action>``) -> S lists, S = sessions in the chunk.
+        column name (``hist_item_ids``, ``hist_<action>``, ``hist_timestamps``) -> S lists,
+        S = sessions in the chunk.
     """
-    session_rows = np.arange(0, feed.user.shape[0], positions)
-    lengths, items, actions = gather_history(
+    session_rows = np.arange(0, feed.user.shape[0], config.positions)
+    lengths, items, actions, sessions = gather_history(
         state,
         clicks,
         feed.user[session_rows],
@@ -233,6 +243,8 @@ def session_histories(
     )
     offsets = pa.array(jagged_offsets(lengths))
     lists = {HISTORY_ITEMS: pa.ListArray.from_arrays(offsets, pa.array(items))}
+    times = config.start_timestamp + sessions * config.session_interval_s
+    lists[HISTORY_TIMESTAMPS] = pa.ListArray.from_arrays(offsets, pa.array(times, pa.int64()))
     for name in HISTORY_ACTIONS:
         lists[history_action_column(name)] = pa.ListArray.from_arrays(
             offsets, pa.array(actions[name])

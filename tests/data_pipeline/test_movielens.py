@@ -112,7 +112,8 @@ def test_tiny_ml100k_folder(tmp_path: Path) -> None:
         "year_bucket": 24,
     }
     assert manifest.schema.labels == ("click", "like")
-    assert manifest.schema.history_actions == ("like",)
+    assert manifest.schema.history_actions == ("like", "dislike")
+    assert manifest.schema.has_history_timestamps
     assert {s: i.rows for s, i in manifest.splits.items()} == {
         "train": 10,
         "valid": 4,
@@ -159,6 +160,8 @@ def test_tiny_ml100k_folder(tmp_path: Path) -> None:
     assert by_key[1, 5]["split"] == "test" and by_key[1, 5]["raw_history"] == [6, 3, 2]
     assert by_key[1, 6]["split"] == "valid" and by_key[1, 6]["raw_history"] == [3, 2, 1]
     assert by_key[1, 6]["hist_like"] == [0, 0, 1]
+    assert by_key[1, 6]["hist_dislike"] == [1, 0, 0]  # ratings 2, 3, 5
+    assert by_key[1, 6]["hist_timestamps"] == [300, 200, 100]
     assert by_key[1, 1]["raw_history"] == []
 
 

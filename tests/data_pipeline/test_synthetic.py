@@ -132,6 +132,7 @@ def test_history_matches_sequential_reference(chunked: tuple[Path, Manifest]) ->
         assert row["hist_item_ids"] == [c[2] for c in earlier]
         assert row["hist_like"] == [c[3] for c in earlier]
         assert row["hist_long_view"] == [c[4] for c in earlier]
+        assert row["hist_timestamps"] == [c[0] for c in earlier]  # strictly before the row
         checked += len(earlier) == SMALL["history_length"]
     assert checked > 100  # the truncation at H is exercised
 

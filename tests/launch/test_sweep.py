@@ -207,6 +207,41 @@ def test_results_table_rows_failures_and_baseline(tmp_path: Path) -> None:
     )
 
 
+def test_seeds_run_every_variant_per_seed_and_report_mean_and_spread(tmp_path: Path) -> None:
+    _tiny_config(tmp_path, tmp_path / "data")
+    path = _experiment(tmp_path, TWO_VARIANTS)
+    path.write_text(path.read_text() + "seeds: [0, 7]\n")
+    runs = plan_sweep(load_sweep(path))
+    assert [(r.variant, r.seed, r.run_dir.name) for r in runs] == [
+        ("t=0.1", 0, "seed-0"),
+        ("t=0.1", 7, "seed-7"),
+        ("+ hotter", 0, "seed-0"),
+        ("+ hotter", 7, "seed-7"),
+    ]
+    assert "seed=7" in runs[1].overrides
+    seeded = path.read_text().replace("overrides: [train.max_steps=3]", "overrides: [seed=3]")
+    path.write_text(seeded)
+    with pytest.raises(ConfigError, match=r"datasets\.tiny\.overrides.*'seeds'"):
+        load_sweep(path)
+
+    def outcome(seed: int, value: float) -> RunOutcome:
+        run = PlannedRun("tiny", "v", "c.yaml", (), tmp_path / f"seed-{seed}", seed)
+        metrics = {c.key: value for c in COLUMNS}
+        return RunOutcome(
+            run,
+            RunStatus.OK,
+            0,
+            1.0,
+            [],
+            metrics={"model": metrics, "popularity": metrics},
+            summary={"samples_per_second": 1000.0 * (1 + seed)},
+        )
+
+    row = results_table([outcome(0, 0.2), outcome(1, 0.4)]).splitlines()[2]
+    assert row.startswith("| v | 0.3000 ± 0.1414 | 0.3000 ± 0.1414 |")
+    assert row.endswith("| 1,500 ± 707 |")
+
+
 def test_sweep_end_to_end_two_variants_and_a_failure(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -234,5 +269,5 @@ def test_sweep_end_to_end_two_variants_and_a_failure(
         assert by_name[name]["train"]["steps"] == 3
     # Same seed and data, different temperatures: the runs really differ.
     assert by_name["t=0.1"]["metrics"]["model"] != by_name["+ hotter"]["metrics"]["model"]
-    assert results["seed"] == 0 and "recall@10" in results["popularity"]
+    assert results["seeds"] == [0] and "recall@10" in results["popularity"]
     assert "| t=0.1 |" in (dataset_dir / "results.md").read_text()

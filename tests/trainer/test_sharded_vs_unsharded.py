@@ -9,14 +9,18 @@ import pytest
 import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-from data_pipeline.batch import BatchBuilder
 from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.manifest import Manifest
 from data_pipeline.reader import list_work_units, read_unit
 from models.losses import in_batch_softmax_loss, net_user_value
 from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import write_tiny_dataset
-from trainer.build import build_dense_optimizer, build_sharded_model, build_unsharded_model
+from trainer.build import (
+    batch_builder,
+    build_dense_optimizer,
+    build_sharded_model,
+    build_unsharded_model,
+)
 from trainer.config import ShardingType, load_config
 from trainer.distributed import DistributedEnv, seed_everything
 
@@ -51,10 +55,10 @@ def _config(root: str, *extra: str):
     )
 
 
-def _batch(root: Path, manifest: Manifest, rows: slice):
+def _batch(root: Path, manifest: Manifest, rows: slice, config):
     units = list_work_units(manifest.split_paths(root, "train"))
     table = read_unit(units[0], None).slice(rows.start, rows.stop - rows.start)
-    return BatchBuilder(manifest.schema)(table)
+    return batch_builder(manifest, config)(table)
 
 
 def _step(model, optimizer, batch, weights, temperature):
@@ -68,10 +72,12 @@ def _step(model, optimizer, batch, weights, temperature):
     return user.detach(), item.detach(), loss.detach()
 
 
-def _compare_rank(rank: int, world_size: int, root: str, sharding_type: str) -> dict:
+def _compare_rank(
+    rank: int, world_size: int, root: str, sharding_type: str, extra: list[str]
+) -> dict:
     root_path = Path(root)
     manifest = Manifest.load(root_path)
-    config = _config(root, f"sharding.sharding_types=[{sharding_type}]")
+    config = _config(root, f"sharding.sharding_types=[{sharding_type}]", *extra)
     env = DistributedEnv(rank, world_size, rank, torch.device("cpu"), "gloo")
     seed_everything(0)
     reference = build_unsharded_model(manifest, config)
@@ -80,7 +86,7 @@ def _compare_rank(rank: int, world_size: int, root: str, sharding_type: str) -> 
     weights = torch.tensor([1.0, 0.5])
     # Each rank trains on its own half of the global batch; the reference sees the whole batch
     # and scales per-half losses the way DDP averages gradients.
-    local = _batch(root_path, manifest, slice(rank * 16, rank * 16 + 16))
+    local = _batch(root_path, manifest, slice(rank * 16, rank * 16 + 16), config)
     # Extra items (sampled / hard negatives) ride in the same sharded lookup as extra rows.
     extra = ItemFeatureStore.load(root_path, manifest).lookup(torch.tensor([3, 7, 3, 59]))
     with torch.no_grad():
@@ -112,21 +118,22 @@ def _compare_rank(rank: int, world_size: int, root: str, sharding_type: str) -> 
     }
 
 
-def _reference_step(root: str, initial: dict) -> dict:
+def _reference_step(root: str, initial: dict, extra: list[str]) -> dict:
     """Unsharded model, one step over both halves with DDP-style gradient averaging."""
     manifest = Manifest.load(Path(root))
-    config = _config(root)
+    config = _config(root, *extra)
     model = build_unsharded_model(manifest, config)
     model.load_state_dict(initial)
     weights = torch.tensor([1.0, 0.5])
-    dense = [p for n, p in model.named_parameters() if not n.startswith("sparse_arch")]
+    tables = ("sparse_arch", "sequence_arch")
+    dense = [p for n, p in model.named_parameters() if not n.startswith(tables)]
     optimizer = torch.optim.AdamW(dense, lr=config.train.dense_lr)
     table_optimizer = torch.optim.SGD(
-        [p for n, p in model.named_parameters() if n.startswith("sparse_arch")], lr=0.5
+        [p for n, p in model.named_parameters() if n.startswith(tables)], lr=0.5
     )
     total = 0.0
     for rank in range(2):
-        batch = _batch(Path(root), manifest, slice(rank * 16, rank * 16 + 16))
+        batch = _batch(Path(root), manifest, slice(rank * 16, rank * 16 + 16), config)
         user, item, _, _ = model(batch.user_features, batch.item_features)
         loss = in_batch_softmax_loss(
             user,
@@ -144,13 +151,34 @@ def _reference_step(root: str, initial: dict) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("sharding_type", [ShardingType.TABLE_WISE, ShardingType.COLUMN_WISE])
-def test_sharded_matches_unsharded(tmp_path: Path, sharding_type: ShardingType) -> None:
-    root = write_tiny_dataset(tmp_path / "data")
-    results = run_distributed(_compare_rank, 2, str(root), sharding_type.value)
+# The history encoder: item_id moves to an EmbeddingCollection shared with the history.
+HISTORY = [
+    "model.history.enabled=true",
+    "model.history.encoder=self_attention",
+    "model.history.combiner=gated",
+    "model.history.recency_buckets=4",
+    "model.history.dropout=0.0",
+]
+
+
+@pytest.mark.parametrize(
+    ("sharding_type", "history"),
+    [
+        (ShardingType.TABLE_WISE, False),
+        (ShardingType.COLUMN_WISE, False),
+        (ShardingType.TABLE_WISE, True),
+        (ShardingType.COLUMN_WISE, True),
+    ],
+)
+def test_sharded_matches_unsharded(
+    tmp_path: Path, sharding_type: ShardingType, history: bool
+) -> None:
+    root = write_tiny_dataset(tmp_path / "data", history_timestamps=history)
+    extra = HISTORY if history else []
+    results = run_distributed(_compare_rank, 2, str(root), sharding_type.value, extra)
     assert all(r["forward_close"] for r in results)
     assert all(r["plan_types"] == [sharding_type.value] for r in results)
-    expected = _reference_step(str(root), results[0]["reference_initial"])
+    expected = _reference_step(str(root), results[0]["reference_initial"], extra)
     for result in results:
         for name, value in result["state"].items():
             if isinstance(value, tuple):
