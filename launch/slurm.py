@@ -35,6 +35,7 @@ one-node cluster on this machine; then ``twotower launch slurm --nodes 1 --cpu-r
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shlex
@@ -153,6 +154,19 @@ def rank_environment(
     }
 
 
+def _exit_without_teardown() -> None:
+    """Leave a task that succeeded without interpreter teardown.
+
+    Seen on a requeued job: a C++ thread of the distributed runtime still joinable at
+    finalization aborted rank 0 ("terminate called without an active exception", exit 134)
+    after the task had finished and its result was written, and SLURM recorded the whole job
+    FAILED. Only registered after success, so failures keep their exit code and traceback.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 @dataclass(frozen=True)
 class TrainTask(Checkpointable):
     """What every SLURM task runs: one trainer rank of ``config`` with ``overrides``.
@@ -197,9 +211,12 @@ class TrainTask(Checkpointable):
             os.environ.get("SLURM_RESTART_COUNT", "0"),
         )
         try:
-            return train(load_config(self.config, list(self.overrides)))
+            result = train(load_config(self.config, list(self.overrides)))
         finally:
             shutdown()
+        # Runs after submitit has written this task's result and logged success.
+        atexit.register(_exit_without_teardown)
+        return result
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
         # The trainer's checkpoints in run.dir hold all the state; the requeued job runs the same
