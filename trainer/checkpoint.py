@@ -1,60 +1,120 @@
-"""Model checkpoints with torch.distributed.checkpoint (sharded tables stay sharded on disk).
+"""Checkpoints with torch.distributed.checkpoint (DCP): sharded tables stay sharded on disk.
 
-A checkpoint lives in ``<run>/checkpoints/step-N`` and is valid only once ``.complete`` exists,
-written by rank 0 after every rank finished saving; loading never unpickles arbitrary objects.
+A checkpoint lives in ``<run>/checkpoints/step-N`` and is visible only once ``.complete`` exists,
+written by rank 0 after every rank finished writing (an interrupted save is ignored and replaced).
+It holds everything a run needs to continue as if it had never stopped:
+
+- ``model``: sharded tables (ShardedTensor) and dense parameters;
+- ``sparse_optimizer``: the fused table optimizer's state (sharded like its tables);
+- ``dense_optimizer``: the data-parallel optimizer's state (replicated);
+- ``samplers``: replicated sampler state (the logQ frequency estimator);
+- ``rank<r>``: per-rank state: RNG states and the cross-batch memory;
+- ``meta.json``: step, epoch, rows trained, skipped steps, world size, every rank's data-loader
+  position (as of the last trained step) and the resolved config.
+
+DCP reshards tables and replicated state to any world size; per-rank state (RNG, loader
+position, memory) applies only at the world size it was saved with. Loading reads tensors only
+(DCP plus ``weights_only``), never arbitrary pickles.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import random
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from trainer.config import CheckpointConfig
+
+logger = logging.getLogger(__name__)
+
 COMPLETE = ".complete"
+META = "meta.json"
+
+
+@dataclass
+class Progress:
+    """Where training stands (the same on every rank).
+
+    Args:
+        step: optimizer steps taken (skipped non-finite steps included).
+        epoch: current epoch.
+        rows: live rows trained so far over all ranks.
+        skipped_steps: steps skipped for a non-finite loss.
+        row_digest: order-free digest of the rows trained so far (see ``trainer.train``).
+    """
+
+    step: int = 0
+    epoch: int = 0
+    rows: int = 0
+    skipped_steps: int = 0
+    row_digest: int = 0
+
+
+@dataclass
+class Restored:
+    """What :meth:`Checkpointer.restore` found.
+
+    Args:
+        path: the checkpoint folder.
+        progress: step, epoch and rows at save time.
+        loader_state: this rank's data-loader state, None when the world size changed.
+        rank_state: this rank's own state as loaded (None when the world size changed).
+    """
+
+    path: Path
+    progress: Progress
+    loader_state: dict[str, Any] | None
+    rank_state: dict[str, Any] | None
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def checkpoint_dir(run_dir: Path | str, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step}"
 
 
-def save_checkpoint(
-    run_dir: Path | str,
-    step: int,
-    model: nn.Module,
-    meta: dict[str, Any],
-    is_main: bool,
-    samplers: dict[str, Any] | None = None,
-) -> Path:
-    """Collective: every rank writes its shards; rank 0 marks the folder complete.
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-")[1])
 
-    ``samplers`` holds replicated sampler state (tensors, e.g. the frequency estimator)."""
-    path = checkpoint_dir(run_dir, step)
-    if is_main and path.exists():
-        shutil.rmtree(path)
-    dist.barrier()
-    state: dict[str, Any] = {"model": model.state_dict()}
-    if samplers:
-        state["samplers"] = samplers
-    dcp.save(state, checkpoint_id=str(path))
-    dist.barrier()
-    if is_main:
-        (path / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
-        (path / COMPLETE).touch()
-    dist.barrier()
-    return path
+
+def complete_checkpoints(run_dir: Path | str) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.exists():
+        return []
+    found = [p for p in root.glob("step-*") if (p / COMPLETE).exists()]
+    return sorted(found, key=_step_of)
 
 
 def latest_checkpoint(run_dir: Path | str) -> Path | None:
-    root = Path(run_dir) / "checkpoints"
-    if not root.exists():
-        return None
-    complete = [p for p in root.glob("step-*") if (p / COMPLETE).exists()]
-    return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
+    complete = complete_checkpoints(run_dir)
+    return complete[-1] if complete else None
+
+
+def resolve_checkpoint(path: Path | str) -> Path:
+    """A complete checkpoint folder, or a run directory's latest complete checkpoint.
+
+    Raises:
+        FileNotFoundError: neither (names the path).
+    """
+    path = Path(path)
+    if (path / COMPLETE).exists():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(
+            f"{path}: neither a complete checkpoint (no {COMPLETE}) nor a run directory with one"
+        )
+    return latest
 
 
 def load_model(path: Path, model: nn.Module) -> dict[str, Any]:
@@ -62,4 +122,170 @@ def load_model(path: Path, model: nn.Module) -> dict[str, Any]:
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=str(path))
     model.load_state_dict(state["model"])
-    return json.loads((path / "meta.json").read_text())
+    return json.loads((path / META).read_text())
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's global RNG states as tensors (torch, CUDA, numpy, Python)."""
+    _, keys, position, has_gauss, gauss = np.random.get_state()
+    version, python_state, _ = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "numpy_rest": torch.tensor([position, has_gauss, gauss], dtype=torch.float64),
+        "python": torch.tensor([version, *python_state], dtype=torch.int64),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    position, has_gauss, gauss = state["numpy_rest"].tolist()
+    keys = state["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, int(position), int(has_gauss), float(gauss)))
+    version, *python_state = state["python"].tolist()
+    random.setstate((version, tuple(python_state), None))
+
+
+class Checkpointer:
+    """Saves and restores a training run (collective: every rank calls every method).
+
+    Args:
+        run_dir: the run directory; checkpoints go to ``run_dir/checkpoints``.
+        config: the ``checkpoint`` section.
+        rank, world_size: this process's place in the job.
+    """
+
+    def __init__(self, run_dir: Path | str, config: CheckpointConfig, rank: int, world_size: int):
+        self.run_dir = Path(run_dir)
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self._pending: tuple[Any, Path, dict[str, Any]] | None = None
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.run_dir)
+
+    def due(self, step: int) -> bool:
+        every = self.config.every_n_steps
+        return every is not None and step % every == 0
+
+    def save(
+        self,
+        parts: dict[str, Any],
+        rank_parts: dict[str, Any],
+        progress: Progress,
+        loader_state: dict[str, Any],
+        extra_meta: dict[str, Any],
+    ) -> Path:
+        """Writes ``step-<progress.step>``; complete (and older ones purged) once every rank is
+        done, right away or, with ``async_save``, at the next save or :meth:`finish`.
+
+        Args:
+            parts: replicated or sharded state (same keys on every rank), e.g. ``model``.
+            rank_parts: this rank's own state (stored under ``rank<r>``).
+            progress: step, epoch, rows, skipped steps.
+            loader_state: this rank's data-loader state as of the last trained step.
+            extra_meta: JSON-safe additions to meta.json (e.g. the resolved config).
+        """
+        self.finish()
+        path = checkpoint_dir(self.run_dir, progress.step)
+        if self.rank == 0 and path.exists():
+            shutil.rmtree(path)  # an interrupted save of the same step
+        dist.barrier()
+        state = {**parts, f"rank{self.rank}": {**rank_parts, "rng": rng_state()}}
+        meta = {
+            **extra_meta,
+            "step": progress.step,
+            "epoch": progress.epoch,
+            "rows": progress.rows,
+            "skipped_steps": progress.skipped_steps,
+            "row_digest": progress.row_digest,
+            "world_size": self.world_size,
+            "loader": _gather_json(loader_state, self.world_size),
+        }
+        if self.config.async_save:
+            self._pending = (dcp.async_save(state, checkpoint_id=str(path)), path, meta)
+        else:
+            dcp.save(state, checkpoint_id=str(path))
+            self._mark_complete(path, meta)
+        return path
+
+    def finish(self) -> None:
+        """Completes a pending asynchronous save (collective)."""
+        if self._pending is None:
+            return
+        future, path, meta = self._pending
+        self._pending = None
+        future.result()
+        self._mark_complete(path, meta)
+
+    def _mark_complete(self, path: Path, meta: dict[str, Any]) -> None:
+        dist.barrier()
+        if self.rank == 0:
+            (path / META).write_text(json.dumps(meta, indent=2))
+            (path / COMPLETE).touch()
+            self._purge(keep_from=_step_of(path))
+        dist.barrier()
+
+    def _purge(self, keep_from: int) -> None:
+        """Keeps the newest ``keep_last`` complete checkpoints; drops older partial ones."""
+        complete = complete_checkpoints(self.run_dir)
+        for old in complete[: -self.config.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        for partial in (self.run_dir / "checkpoints").glob("step-*"):
+            if not (partial / COMPLETE).exists() and _step_of(partial) < keep_from:
+                shutil.rmtree(partial, ignore_errors=True)
+
+    def restore(
+        self, parts: dict[str, Any], rank_parts: dict[str, Any], path: Path | None = None
+    ) -> Restored | None:
+        """Loads the latest complete checkpoint (or ``path``) in place into ``parts`` and, at
+        the saved world size, ``rank_parts`` and the RNG. None when there is none.
+
+        ``parts`` values must be state dicts whose tensors are the live ones (DCP loads in
+        place); the caller re-applies ``parts["model"]`` with ``load_state_dict``.
+        """
+        path = path or latest_checkpoint(self.run_dir)
+        if path is None:
+            return None
+        meta = json.loads((path / META).read_text())
+        same = int(meta["world_size"]) == self.world_size
+        state: dict[str, Any] = dict(parts)
+        if same:
+            state[f"rank{self.rank}"] = {**rank_parts, "rng": rng_state()}
+        dcp.load(state, checkpoint_id=str(path))
+        rank_state = state.get(f"rank{self.rank}")
+        if rank_state is not None:
+            set_rng_state(rank_state["rng"])
+        else:
+            logger.warning(
+                "%s was saved by %s ranks, resuming with %s: tables and optimizer state "
+                "reshard, but data positions, RNG and cross-batch memory are per rank, so "
+                "epoch %s restarts from its beginning",
+                path,
+                meta["world_size"],
+                self.world_size,
+                meta["epoch"],
+            )
+        progress = Progress(
+            step=int(meta["step"]),
+            epoch=int(meta["epoch"]),
+            rows=int(meta["rows"]),
+            skipped_steps=int(meta.get("skipped_steps", 0)),
+            row_digest=int(meta.get("row_digest", 0)),
+        )
+        loader = meta["loader"][self.rank] if same else None
+        return Restored(path, progress, loader, rank_state, meta)
+
+
+def _gather_json(value: dict[str, Any], world_size: int) -> list[Any]:
+    """Every rank's JSON-safe ``value``, in rank order (collective)."""
+    encoded = json.dumps(value)
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, encoded)
+    return [json.loads(item) for item in gathered]

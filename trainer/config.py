@@ -67,6 +67,13 @@ class CorpusDistribution(enum.Enum):
     UNIGRAM = "unigram"
 
 
+class NonFinitePolicy(enum.Enum):
+    """What a step with a NaN or infinite loss does (decided collectively, before backward)."""
+
+    SKIP = "skip"  # no update on any rank; counted, the batch saved under <run>/bad_batches
+    HALT = "halt"  # save the batch, then stop with an error
+
+
 class SparseOptimizer(enum.Enum):
     """Fused (in-backward) optimizers for embedding tables."""
 
@@ -214,6 +221,28 @@ class TrainConfig:
     sparse_lr: float = 0.05
     log_every_steps: int = 20
     progress_bar: bool = True
+    non_finite_loss: NonFinitePolicy = NonFinitePolicy.SKIP
+    # Halt once this many steps were skipped for a non-finite loss (a broken run, not a bad row).
+    max_skipped_steps: int = 100
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints under ``<run.dir>/checkpoints/step-N`` (see ``trainer.checkpoint``).
+
+    ``every_n_steps`` null saves only at the end (and on a signal). ``resume`` picks up the
+    latest complete checkpoint of ``run.dir`` automatically. ``signals`` are caught: every rank
+    finishes its step, the job saves and stops (exit 128 + signal number).
+    """
+
+    every_n_steps: int | None = None
+    keep_last: int = 2
+    resume: bool = True
+    # Start from this checkpoint folder (or a run directory's latest) when run.dir has none:
+    # warm starts, or continuing a run on another world size.
+    resume_from: str | None = None
+    async_save: bool = False
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
 
 @dataclass
@@ -253,6 +282,7 @@ class ExperimentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -314,10 +344,24 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
         fail("loss.label_weights", "name at least one label")
     if not config.sharding.sharding_types:
         fail("sharding.sharding_types", "allow at least one sharding type")
+    if config.train.max_skipped_steps < 0:
+        fail("train.max_skipped_steps", "must be >= 0")
+    _validate_checkpoint(config.checkpoint, fail)
     _validate_temperature(config.model, fail)
     _validate_history(config, fail)
     _validate_loss(config.loss, fail)
     _validate_negatives(config.negatives, fail)
+
+
+def _validate_checkpoint(checkpoint: CheckpointConfig, fail: Callable[[str, str], None]) -> None:
+    if checkpoint.every_n_steps is not None and checkpoint.every_n_steps < 1:
+        fail("checkpoint.every_n_steps", "must be >= 1 or null (save only at the end)")
+    if checkpoint.keep_last < 1:
+        fail("checkpoint.keep_last", "must be >= 1")
+    known = {"SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"}
+    unknown = sorted(set(checkpoint.signals) - known)
+    if unknown:
+        fail("checkpoint.signals", f"unknown signals {unknown} (choose from {sorted(known)})")
 
 
 def _validate_temperature(model: ModelConfig, fail: Callable[[str, str], None]) -> None:

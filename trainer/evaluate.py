@@ -104,7 +104,7 @@ def embed_queries(
         loader_spec(config, split, train=False), manifest, env.rank, env.world_size
     )
     users, targets, embeddings = [], [], []
-    for batch in synchronized(loader, env, lambda: _first_row(manifest, config, split)):
+    for batch in synchronized(loader, env, lambda: first_row_batch(manifest, config, split)):
         user_embeddings = model(batch.user_features, batch.item_features).user
         real = batch.weight > 0
         users.append(batch.user_ids[real])
@@ -116,7 +116,7 @@ def embed_queries(
     return torch.cat(users), torch.cat(targets), torch.cat(embeddings)
 
 
-def _first_row(manifest: Manifest, config: ExperimentConfig, split: str) -> Batch:
+def first_row_batch(manifest: Manifest, config: ExperimentConfig, split: str) -> Batch:
     """A one-row batch of ``split``: padding for a rank that holds no rows of it."""
     paths = manifest.split_paths(config.data.path, split)
     table = pq.ParquetFile(paths[0]).read_row_group(0).slice(0, 1)

@@ -191,7 +191,11 @@ class NegativeSampling:
         :meth:`remember`)."""
         user, item = outputs.user, outputs.item
         positive_ids = batch.item_ids
-        in_batch, positive_index = self._in_batch(item, positive_ids)
+        # Padding rows (weight 0, a rank out of data) are no one's negatives.
+        candidate_ids = torch.where(
+            batch.weight > 0, positive_ids, torch.full_like(positive_ids, -1)
+        )
+        in_batch, positive_index = self._in_batch(item, candidate_ids)
         blocks = [in_batch]
         if extra is not None and extra.num_samples > 0:
             blocks.append(self._corpus_samples(outputs.extra_items, extra))
@@ -224,8 +228,7 @@ class NegativeSampling:
 
     def state_dict(self) -> dict[str, Any]:
         """Replicated sampler state for checkpoints (tensors only): the frequency estimator,
-        identical on every rank. The cross-batch memory is per rank and the mined index is
-        rebuilt on the first step."""
+        identical on every rank."""
         if self.estimator is None:
             return {}
         return {"frequency_estimator": self.estimator.state_dict()}
@@ -233,6 +236,18 @@ class NegativeSampling:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.estimator is not None and "frequency_estimator" in state:
             self.estimator.load_state_dict(state["frequency_estimator"])
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        """This rank's own sampler state: the cross-batch memory (it holds this rank's items).
+
+        The mined-negative index is not saved: a resumed run rebuilds it at its first step."""
+        if self.memory is None:
+            return {}
+        return {"memory": self.memory.state_dict()}
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        if self.memory is not None and "memory" in state:
+            self.memory.load_state_dict(state["memory"])
 
     def _in_batch(
         self, item: torch.Tensor, item_ids: torch.Tensor

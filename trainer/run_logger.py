@@ -53,6 +53,23 @@ class RunLogger:
                 {k: v for k, v in record.items() if isinstance(v, int | float)}, step=step
             )
 
+    def start(self, resumed_at: int | None) -> None:
+        """A fresh run starts a fresh log; a resumed run keeps the records up to its checkpoint
+        step and drops later ones (they are trained again, and logged once), and the cut-short
+        window logged at the checkpoint step (the resumed run completes that window)."""
+        if not self.enabled:
+            return
+        if resumed_at is None:
+            self.path.unlink(missing_ok=True)
+            return
+        kept = [
+            r
+            for r in read_metrics(self.path.parent)
+            if r.get("step", 0) < resumed_at
+            or (r.get("step", 0) == resumed_at and not r.get("partial_window"))
+        ]
+        self.path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
     def close(self) -> None:
         if self._wandb_run is not None:
             self._wandb_run.finish()

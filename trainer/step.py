@@ -1,0 +1,118 @@
+"""One training step: forward, loss, a collective vote (finite loss? stop requested?),
+backward and the optimizer updates.
+
+The fused table optimizer updates inside ``backward()``, so a non-finite loss must be caught
+before it; the decision is one all-reduce, so every rank skips (or stops) together.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline.batch import Batch
+from data_pipeline.manifest import Manifest
+from models.losses import net_user_value
+from models.retrieval_loss import retrieval_loss
+from trainer.config import ExperimentConfig
+from trainer.distributed import DistributedEnv
+from trainer.negative_sampling import NegativeSampling, step_generator
+from trainer.signals import StopSignals
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepContext:
+    """What a training step needs besides the model and the batch.
+
+    Args:
+        dense_optimizer: optimizer of the data-parallel parameters.
+        label_weights: [T] net-user-value weights.
+        negatives: the configured negative sources.
+        manifest: the dataset manifest (corpus for mined negatives).
+        config: the experiment configuration.
+        env: this rank (seeds the step's random draws; device for the vote).
+        stop: stop requests by signal (None: none caught).
+        bad_batch_dir: where a batch with a non-finite loss is saved.
+    """
+
+    dense_optimizer: torch.optim.Optimizer
+    label_weights: torch.Tensor
+    negatives: NegativeSampling
+    manifest: Manifest
+    config: ExperimentConfig
+    env: DistributedEnv
+    stop: StopSignals | None = None
+    bad_batch_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """Args:
+    loss: scalar (detached) loss of this rank's batch.
+    skipped: some rank's loss was not finite; no rank updated anything.
+    stop: some rank received a stop signal; the loop saves and stops after this step.
+    """
+
+    loss: torch.Tensor
+    skipped: bool
+    stop: bool
+
+
+def train_step(model: torch.nn.Module, batch: Batch, step: int, ctx: StepContext) -> StepOutcome:
+    """One step (collective)."""
+    ctx.dense_optimizer.zero_grad()
+    generator = step_generator(ctx.config.seed, ctx.env.rank, step, batch.item_ids.device)
+    extra = ctx.negatives.plan(model, batch, step, generator, ctx.manifest)
+    outputs = model(batch.user_features, batch.item_features, ctx.negatives.features(extra))
+    ctx.negatives.observe(batch, step)
+    scored, in_batch = ctx.negatives.score(outputs, batch, extra, step)
+    row_weights = net_user_value(batch.labels, ctx.label_weights) * batch.weight
+    loss = retrieval_loss(scored, outputs.temperature, row_weights, ctx.config.loss, generator)
+    local_bad = not bool(torch.isfinite(loss.detach()))
+    any_bad, stop = _vote(local_bad, ctx.stop is not None and ctx.stop.requested, ctx.env)
+    if any_bad:
+        if local_bad and ctx.bad_batch_dir is not None:
+            name = f"step-{step + 1}-rank-{ctx.env.rank}.pt"
+            saved = save_batch(batch, ctx.bad_batch_dir / name)
+            logger.error(
+                "step %d: loss %s on rank %d; batch saved to %s",
+                step + 1,
+                float(loss),
+                ctx.env.rank,
+                saved,
+            )
+        return StepOutcome(loss.detach(), True, stop)
+    loss.backward()
+    ctx.dense_optimizer.step()
+    ctx.negatives.remember(in_batch, step)
+    return StepOutcome(loss.detach(), False, stop)
+
+
+def _vote(bad: bool, stop: bool, env: DistributedEnv) -> tuple[bool, bool]:
+    """(any rank bad, any rank stopping): one small all-reduce."""
+    flags = torch.tensor([int(bad), int(stop)], device=env.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0]), bool(flags[1])
+
+
+def save_batch(batch: Batch, path: Path) -> Path:
+    """Writes a batch as plain tensors (readable with ``torch.load(weights_only=True)``)."""
+    tensors: dict[str, object] = {}
+    for side, features in (("user", batch.user_features), ("item", batch.item_features)):
+        tensors[f"{side}_keys"] = list(features.keys())
+        tensors[f"{side}_values"] = features.values().cpu()
+        tensors[f"{side}_lengths"] = features.lengths().cpu()
+        if features.weights_or_none() is not None:
+            tensors[f"{side}_weights"] = features.weights().cpu()
+    for name in ("labels", "position", "user_ids", "item_ids", "ranker_score", "weight"):
+        tensors[name] = getattr(batch, name).cpu()
+    tensors["impression_negatives"] = batch.impression_negatives.cpu()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(tensors, path)
+    return path
