@@ -194,6 +194,22 @@ class BatchBuilder:
             weight=torch.ones(rows, dtype=torch.float32),
         )
 
+    def user_features(self, table: pa.Table) -> KeyedJaggedTensor:
+        """The user-side KJT (stride B) of B rows holding user columns (events, or user rows
+        for serving), built as ``__call__`` builds it.
+
+        Raises:
+            SchemaError: naming the user feature columns the table lacks.
+        """
+        table = add_derived_columns(table, self.recent_history, self.recency_buckets)
+        features = self.schema.user_features()
+        missing = [f.name for f in features if f.name not in table.column_names]
+        if missing:
+            raise SchemaError(
+                f"missing user feature column(s) {missing}; found columns {table.column_names}"
+            )
+        return build_kjt(table, features)
+
     def _impression_negatives(self, table: pa.Table) -> np.ndarray:
         """[B, K] int64, -1 padded; [B, 0] when K = 0."""
         if self.impression_negatives == 0:

@@ -1,4 +1,4 @@
-"""The ``twotower`` command line: prepare, train, eval, launch, sweep, plot."""
+"""The ``twotower`` command line: prepare, train, eval, export, retrieve, launch, sweep, plot."""
 
 from __future__ import annotations
 
@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default=None)
     evaluate.add_argument("overrides", nargs="*")
 
+    _add_serving_parsers(commands)
+
     launch = commands.add_parser("launch", help="multi-process launchers")
     launchers = launch.add_subparsers(dest="launcher", required=True)
     local = launchers.add_parser("local", help="torchrun on this machine")
@@ -68,6 +70,22 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--run", required=True, type=Path)
     plot.add_argument("--out", type=Path, default=None)
     return parser
+
+
+def _add_serving_parsers(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser(
+        "export", help="item index + user tower program of a run's latest checkpoint"
+    )
+    export.add_argument("--run", required=True, type=Path)
+    export.add_argument("--out", required=True, type=Path)
+    export.add_argument("--faiss", action="store_true", help="also write a faiss IndexFlatIP")
+    export.add_argument("overrides", nargs="*")
+
+    retrieve = commands.add_parser("retrieve", help="top-K items for user rows from an export")
+    retrieve.add_argument("--export", required=True, type=Path, help="twotower export's --out")
+    retrieve.add_argument("--users", required=True, type=Path, help="Parquet of user rows")
+    retrieve.add_argument("--k", type=int, default=100)
+    retrieve.add_argument("--out", type=Path, default=None, help="Parquet (else print)")
 
 
 def _add_slurm_parser(launchers: argparse._SubParsersAction) -> None:
@@ -142,6 +160,37 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from trainer.distributed import shutdown
+    from trainer.export import export_run
+
+    try:
+        info = export_run(args.run, args.out, args.faiss, args.overrides)
+    finally:
+        shutdown()
+    source = info["source"]
+    print(f"exported step {source['step']} of {source['run']} to {args.out}")
+    print(
+        f"{info['num_items']} items x {info['embedding_dim']}; user features {info['user_features']}"
+    )
+    return 0
+
+
+def _retrieve(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    from trainer.retrieve import format_rankings, retrieve
+
+    table = retrieve(args.export, args.users, args.k)
+    if args.out is None:
+        print(format_rankings(table))
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, args.out)
+    print(f"wrote {table.num_rows} rankings to {args.out}")
+    return 0
+
+
 def _launch(args: argparse.Namespace) -> int:
     if args.launcher == "slurm":
         return _launch_slurm(args)
@@ -201,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         "prepare": _prepare,
         "train": _train,
         "eval": _eval,
+        "export": _export,
+        "retrieve": _retrieve,
         "launch": _launch,
         "sweep": _sweep,
         "plot": _plot,

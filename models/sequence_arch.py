@@ -83,9 +83,13 @@ class HistoryArch(nn.Module):
         mask = torch.zeros(0, dtype=torch.bool)
         for name in self.event_features:
             jagged = sequences[name]
-            if not torch.equal(jagged.lengths()[:rows], lengths):
+            # The check reads data; torch.export (serving) traces shapes only and skips it.
+            aligned = torch.compiler.is_exporting() or torch.equal(jagged.lengths()[:rows], lengths)
+            if not aligned:
                 raise ValueError(f"history feature '{name}' is not aligned with '{HISTORY_ITEMS}'")
-            values = jagged.values()[: int(lengths.sum())]
+            total = lengths.sum().item()  # symbolic under torch.export, an int otherwise
+            torch._check(total <= jagged.values().shape[0])
+            values = jagged.values().narrow(0, 0, total)
             events, mask = jagged_to_padded(values, lengths, self.max_length)
             padded.append(events)
         return self.encoder(self.combiner(padded), mask)

@@ -131,13 +131,32 @@ class TwoTowerModel(nn.Module):
         rows = features.stride()
         if extra_item_features is not None:
             features = stack_rows(features, extra_item_features)
-        if self.sequence_arch is None or self.history is None:
-            embeddings = self.sparse_arch(features).to_dict()
-        else:
-            embeddings = self.sparse_arch(select_keys(features, self.pooled_features)).to_dict()
-            sequences = self.sequence_arch(select_keys(features, self.sequence_features))
-            embeddings[ITEM_ID] = sequences[ITEM_ID].values()  # one id per row: [B + E, D]
-            embeddings[HISTORY_OUTPUT] = self.history(sequences, rows)
+        embeddings = self._lookup(features, rows)
         user = self.user_tower({k: v[:rows] for k, v in embeddings.items()})
         items = self.item_tower(embeddings)
         return TowerOutputs(user, items[:rows], items[rows:], self.temperature())
+
+    def user_embeddings(self, user_features: KeyedJaggedTensor) -> torch.Tensor:
+        """The user tower alone (serving): [B, D], equal to ``forward(...).user`` of any batch
+        with these user features. ``user_features``: KJT with every user key, stride B."""
+        rows = user_features.stride()
+        lengths = user_features.lengths()
+        no_items = KeyedJaggedTensor(
+            keys=self.item_tower.feature_names,
+            values=user_features.values().new_zeros(0),
+            lengths=lengths.new_zeros(len(self.item_tower.feature_names) * rows),
+        )
+        features = KeyedJaggedTensor.concat([user_features, no_items])
+        return self.user_tower(self._lookup(features, rows))
+
+    def _lookup(self, features: KeyedJaggedTensor, rows: int) -> dict[str, torch.Tensor]:
+        """Feature -> pooled embeddings [stride, d_f]; with the history encoder also
+        ``item_id`` [stride, d] (one id per row) and the history encoding [rows, d_h] of the
+        first ``rows`` rows (the ones with user features)."""
+        if self.sequence_arch is None or self.history is None:
+            return self.sparse_arch(features).to_dict()
+        embeddings = self.sparse_arch(select_keys(features, self.pooled_features)).to_dict()
+        sequences = self.sequence_arch(select_keys(features, self.sequence_features))
+        embeddings[ITEM_ID] = sequences[ITEM_ID].values()  # one id per row: [B + E, D]
+        embeddings[HISTORY_OUTPUT] = self.history(sequences, rows)
+        return embeddings

@@ -116,6 +116,37 @@ def embed_queries(
     return torch.cat(users), torch.cat(targets), torch.cat(embeddings)
 
 
+@torch.no_grad()
+def rank_rows(
+    model: torch.nn.Module,
+    manifest: Manifest,
+    config: ExperimentConfig,
+    env: DistributedEnv,
+    rows: pa.Table,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluation's top-``k`` for given event rows, without the seen-item exclusion: queries
+    through the model's forward in batches of ``eval_batch_size`` (as ``embed_queries``), corpus
+    from ``embed_corpus``, exact sharded MIPS. Collective; each rank ranks its own ``rows``.
+
+    Returns: scores [Q, k] float32, item ids [Q, k] int64.
+    """
+    corpus_ids, corpus = embed_corpus(model, manifest, config, env)
+    build = batch_builder(manifest, config)
+    queries = [torch.zeros(0, config.model.output_dim, device=env.device)]
+    for start in range(0, rows.num_rows, config.data.eval_batch_size):
+        batch = build(rows.slice(start, config.data.eval_batch_size)).to(env.device)
+        queries.append(model(batch.user_features, batch.item_features).user.float())
+    return distributed_topk(
+        torch.cat(queries),
+        corpus,
+        corpus_ids,
+        k,
+        query_chunk=config.eval.query_chunk,
+        corpus_chunk=config.eval.corpus_chunk,
+    )
+
+
 def first_row_batch(manifest: Manifest, config: ExperimentConfig, split: str) -> Batch:
     """A one-row batch of ``split``: padding for a rank that holds no rows of it."""
     paths = manifest.split_paths(config.data.path, split)
