@@ -49,7 +49,15 @@ class LoaderSpec:
 def build_event_loader(
     spec: LoaderSpec, manifest: Manifest, rank: int, world_size: int
 ) -> StatefulDataLoader:
-    """A StatefulDataLoader yielding ``Batch`` objects for this rank (``state_dict`` resumable)."""
+    """A StatefulDataLoader yielding ``Batch`` objects for this rank (``state_dict`` resumable).
+
+    Empty files of the split are skipped; a rank whose share is empty yields no batch (callers
+    pad through ``trainer.synchronized``).
+
+    Raises:
+        SchemaError: the split has no rows at all (names the manifest and split), or a file of it
+            is unreadable or off-schema (names the file).
+    """
     root = Path(spec.root)
     schema = manifest.schema
     if spec.impression_negatives > 0 and not schema.has_impression_negatives:
@@ -58,7 +66,15 @@ def build_event_loader(
             f"column '{IMPRESSION_NEGATIVES}', but dataset '{manifest.dataset}' has no logged "
             "impressions (schema.has_impression_negatives is false)"
         )
-    units = list_work_units(manifest.split_paths(root, spec.split), schema.event_arrow_schema())
+    paths = manifest.split_paths(root, spec.split)
+    units = list_work_units(paths, schema.event_arrow_schema())
+    if not units:
+        # Empty files are fine (they yield no units); an empty split would train or evaluate on
+        # nothing and report success.
+        raise SchemaError(
+            f"{root / MANIFEST_NAME}: split '{spec.split}' has no rows ({len(paths)} files, "
+            "none with a non-empty row group); prepare the dataset again or choose another split"
+        )
     stream = ParquetEventStream(
         units=units,
         convert=BatchBuilder(

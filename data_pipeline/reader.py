@@ -41,6 +41,8 @@ def list_work_units(
 ) -> list[WorkUnit]:
     """Row groups of ``paths`` from Parquet metadata only, validating each file's schema.
 
+    Files and row groups with no rows yield no units (an empty shard is allowed).
+
     Raises:
         SchemaError: unreadable file, or a column missing / of the wrong type (names the file).
     """
@@ -84,9 +86,12 @@ def assign_work_units(
 
 
 def read_unit(unit: WorkUnit, columns: Sequence[str] | None) -> pa.Table:
-    """Read one row group, naming file and row group if the bytes are bad."""
+    """Read one row group, naming file and row group if the bytes are bad.
+
+    Pages written with CRC checksums (``ShardWriter`` writes them) are verified: a flipped byte
+    inside compressed page data can otherwise decode to wrong values without any error."""
     try:
-        return pq.ParquetFile(unit.path).read_row_group(
+        return pq.ParquetFile(unit.path, page_checksum_verification=True).read_row_group(
             unit.row_group, columns=list(columns) if columns else None
         )
     except (OSError, pa.ArrowException) as error:

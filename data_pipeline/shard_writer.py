@@ -78,7 +78,9 @@ class ShardWriter:
         index = len(self.info.files)
         self._final_path = self.root / self.split / f"part-{index:05d}.parquet"
         self._tmp_path = self._final_path.with_suffix(".parquet.tmp")
-        self._writer = pq.ParquetWriter(self._tmp_path, self.schema, compression="zstd")
+        self._writer = pq.ParquetWriter(
+            self._tmp_path, self.schema, compression="zstd", write_page_checksum=True
+        )
         self._rows_in_file = 0
         self._row_groups_in_file = 0
 

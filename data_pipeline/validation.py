@@ -13,7 +13,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data_pipeline.schema import EventSchema, FeatureKind, SchemaError, label_column
+from data_pipeline.schema import (
+    IMPRESSION_NEGATIVES,
+    ITEM_ID,
+    RANKER_SCORE,
+    EventSchema,
+    FeatureKind,
+    SchemaError,
+    label_column,
+)
 
 
 @dataclass(frozen=True)
@@ -28,18 +36,25 @@ class IdValidator:
     tables: dict[str, int]
     policy: str = "error"
 
+    def id_columns(self) -> list[tuple[str, FeatureKind, str]]:
+        """(column, kind, table) of every column holding embedding-table ids."""
+        columns = [(f.name, f.kind, f.table) for f in self.schema.features]
+        if self.schema.has_impression_negatives:
+            columns.append((IMPRESSION_NEGATIVES, FeatureKind.IDS, ITEM_ID))
+        return columns
+
     def __call__(self, table: pa.Table, path: str, row_group: int) -> pa.Table:
-        for feature in self.schema.features:
-            if feature.name not in table.column_names:
+        for name, kind, table_name in self.id_columns():
+            if name not in table.column_names:
                 continue
-            size = self.tables[feature.table]
-            column = table.column(feature.name)
-            values = pc.list_flatten(column) if feature.kind is FeatureKind.IDS else column
+            size = self.tables[table_name]
+            column = table.column(name)
+            values = pc.list_flatten(column) if kind is FeatureKind.IDS else column
             if len(values) == 0:
                 continue
             if values.null_count:
                 raise SchemaError(
-                    f"{path}: row group {row_group}: column '{feature.name}' has "
+                    f"{path}: row group {row_group}: column '{name}' has "
                     f"{values.null_count} null ids"
                 )
             bounds = pc.min_max(values)
@@ -48,28 +63,32 @@ class IdValidator:
                 continue
             if self.policy == "error":
                 raise SchemaError(
-                    f"{path}: row group {row_group}: column '{feature.name}' has ids in "
-                    f"[{low}, {high}] outside table '{feature.table}' of size {size} "
+                    f"{path}: row group {row_group}: column '{name}' has ids in "
+                    f"[{low}, {high}] outside table '{table_name}' of size {size} "
                     f"(set data.id_policy=hash to fold them into range)"
                 )
-            index = table.column_names.index(feature.name)
+            index = table.column_names.index(name)
             field = table.schema.field(index)
             # Keep the exact field (nullability, list child name) so row groups still concatenate.
-            folded = _fold(column, size, feature.kind).cast(field.type)
+            folded = _fold(column, size, kind).cast(field.type)
             table = table.set_column(index, field, folded)
-        self._check_labels(table, path, row_group)
+        self._check_floats(table, path, row_group)
         return table
 
-    def _check_labels(self, table: pa.Table, path: str, row_group: int) -> None:
-        for label in self.schema.labels:
-            name = label_column(label)
+    def _check_floats(self, table: pa.Table, path: str, row_group: int) -> None:
+        """Labels must be finite (a null reads as NaN); ``ranker_score`` must not be inf."""
+        checks = [(label_column(label), True) for label in self.schema.labels]
+        checks.append((RANKER_SCORE, False))
+        for name, nan_is_bad in checks:
             if name not in table.column_names:
                 continue
-            values = table.column(name).to_numpy()
-            if not np.isfinite(values).all():
-                bad = int((~np.isfinite(values)).sum())
+            values = table.column(name).to_numpy().astype(np.float64)
+            bad = ~np.isfinite(values) if nan_is_bad else np.isinf(values)
+            if bad.any():
+                what = "NaN/inf" if nan_is_bad else "inf"
                 raise SchemaError(
-                    f"{path}: row group {row_group}: column '{name}' has {bad} NaN/inf values"
+                    f"{path}: row group {row_group}: column '{name}' has {int(bad.sum())} "
+                    f"{what} values (first at row {int(np.argmax(bad))} of the row group)"
                 )
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from data_pipeline.manifest import Manifest
+from data_pipeline.manifest import Manifest, ShardFile, sha256_file
 from data_pipeline.schema import EventSchema, FeatureKind, FeatureSpec, Side
 from data_pipeline.shard_writer import ShardWriter
 
@@ -118,3 +119,20 @@ def write_tiny_dataset(
         splits[split] = writer.info
     Manifest("tiny", schema, dict(TABLES), splits, history_length=5).save(root)
     return root
+
+
+def add_empty_file(root: Path, split: str, row_groups: int = 0) -> Path:
+    """Puts a 0-row Parquet file first in event split ``split`` (with no row group, or with
+    ``row_groups`` empty ones), listed in the manifest with its checksum; returns its path."""
+    manifest = Manifest.load(root)
+    path = root / split / "part-empty.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    schema = manifest.schema.event_arrow_schema()
+    with pq.ParquetWriter(path, schema) as writer:
+        for _ in range(row_groups):
+            writer.write_table(schema.empty_table())
+    assert pq.ParquetFile(path).metadata.num_row_groups == row_groups
+    files = manifest.splits[split].files
+    files.insert(0, ShardFile(f"{split}/{path.name}", 0, row_groups, sha256_file(path)))
+    manifest.save(root)
+    return path

@@ -28,7 +28,8 @@ import torch.distributed as dist
 from data_pipeline.batch import Batch
 from data_pipeline.loader import build_event_loader
 from data_pipeline.manifest import Manifest
-from data_pipeline.schema import ITEM_ID, USER_ID, Side
+from data_pipeline.reader import list_work_units, read_unit
+from data_pipeline.schema import ITEM_ID, USER_ID, SchemaError, Side
 from trainer.build import batch_builder, loader_spec
 from trainer.config import ExperimentConfig
 from trainer.distributed import DistributedEnv
@@ -51,8 +52,21 @@ EARLIER_SPLITS = {"test": ("valid",)}
 def read_split_columns(
     root: str, manifest: Manifest, split: str, columns: Sequence[str]
 ) -> pa.Table:
-    """Whole-split read of a few columns (corpus and user/item id pairs, not event features)."""
-    tables = [pq.read_table(p, columns=list(columns)) for p in manifest.split_paths(root, split)]
+    """Whole-split read of a few columns (corpus and user/item id pairs, not event features).
+
+    Raises:
+        SchemaError: a file is unreadable or corrupt (names the file).
+    """
+    tables = []
+    for path in manifest.split_paths(root, split):
+        try:
+            tables.append(
+                pq.read_table(path, columns=list(columns), page_checksum_verification=True)
+            )
+        except (OSError, pa.ArrowException) as error:
+            raise SchemaError(
+                f"{path}: could not read columns {list(columns)} ({error})"
+            ) from error
     return pa.concat_tables(tables)
 
 
@@ -150,7 +164,8 @@ def rank_rows(
 def first_row_batch(manifest: Manifest, config: ExperimentConfig, split: str) -> Batch:
     """A one-row batch of ``split``: padding for a rank that holds no rows of it."""
     paths = manifest.split_paths(config.data.path, split)
-    table = pq.ParquetFile(paths[0]).read_row_group(0).slice(0, 1)
+    # The first non-empty row group: a split may begin with an empty file.
+    table = read_unit(list_work_units(paths)[0], None).slice(0, 1)
     return batch_builder(manifest, config)(table)
 
 

@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from data_pipeline.loader import LoaderSpec, build_event_loader
-from data_pipeline.manifest import Manifest
+from data_pipeline.manifest import Manifest, SplitInfo
 from data_pipeline.reader import ParquetEventStream, WorkUnit, assign_work_units, list_work_units
 from data_pipeline.schema import SchemaError
 from data_pipeline.validation import IdValidator
 from tests.dist_helpers import run_distributed
-from tests.tiny_dataset import write_tiny_dataset
+from tests.tiny_dataset import add_empty_file, write_tiny_dataset
 
 
 @settings(max_examples=40, deadline=None)
@@ -186,12 +186,63 @@ def test_out_of_range_id_hash_policy_folds_into_range(tmp_path: Path) -> None:
     assert items.max() < Manifest.load(root).tables["item_id"] and items.min() >= 0
 
 
-def test_corrupt_file_is_reported(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "keep", [lambda n: 200, lambda n: n // 2, lambda n: n - 1], ids=["200B", "half", "n-1"]
+)
+def test_truncated_file_is_reported(tmp_path: Path, keep) -> None:
     root = write_tiny_dataset(tmp_path / "data")
     path = Manifest.load(root).split_paths(root, "train")[0]
-    path.write_bytes(path.read_bytes()[:200])
+    data = path.read_bytes()
+    path.write_bytes(data[: keep(len(data))])
     with pytest.raises(SchemaError, match=rf"{path.name}: not a readable Parquet file"):
         _loader(root)
+
+
+def _row_group_bytes(path: Path, row_group: int, column: str) -> tuple[int, int]:
+    """[start, stop) byte range of one column chunk (footer offsets)."""
+    metadata = pq.ParquetFile(path).metadata.row_group(row_group)
+    names = [metadata.column(i).path_in_schema for i in range(metadata.num_columns)]
+    chunk = metadata.column(names.index(column))
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    return start, start + chunk.total_compressed_size
+
+
+@pytest.mark.parametrize("damage", ["overwrite_chunk", "flip_last_byte"])
+def test_corrupt_row_group_names_file_and_row_group(tmp_path: Path, damage: str) -> None:
+    """The footer is intact, so listing succeeds; reading the damaged row group must fail. A
+    single flipped byte inside compressed page data can decode to wrong values silently; the
+    writer's page CRCs, verified on read, catch it."""
+    root = write_tiny_dataset(tmp_path / "data")
+    path = Manifest.load(root).split_paths(root, "train")[1]
+    start, stop = _row_group_bytes(path, 2, "label_like")
+    data = bytearray(path.read_bytes())
+    if damage == "overwrite_chunk":
+        data[start:stop] = b"\xff" * (stop - start)
+    else:
+        data[stop - 1] ^= 0x5A
+    path.write_bytes(bytes(data))
+    with pytest.raises(SchemaError, match=rf"{path.name}: row group 2 could not be read"):
+        list(_loader(root))
+
+
+@pytest.mark.parametrize("row_groups", [0, 1])
+def test_empty_file_in_split_is_skipped(tmp_path: Path, row_groups: int) -> None:
+    root = write_tiny_dataset(tmp_path / "data")
+    add_empty_file(root, "train", row_groups)
+    manifest = Manifest.load(root)
+    manifest.verify_checksums(root, "train")
+    assert sum(b.size for b in _loader(root)) == 640
+
+
+def test_empty_split_error_names_manifest_and_split(tmp_path: Path) -> None:
+    root = write_tiny_dataset(tmp_path / "data")
+    manifest = Manifest.load(root)
+    manifest.splits["valid"] = SplitInfo()
+    manifest.save(root)
+    add_empty_file(root, "valid")
+    spec = LoaderSpec(root=str(root), split="valid", batch_size=64)
+    with pytest.raises(SchemaError, match=r"manifest.json: split 'valid' has no rows \(1 files"):
+        build_event_loader(spec, Manifest.load(root), 0, 1)
 
 
 def test_checksum_mismatch_is_reported(tmp_path: Path) -> None:
