@@ -92,11 +92,6 @@ class _Payload:
         return (Path.touch, (self.marker,))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torch.distributed.checkpoint reads .metadata with pickle.load; load_model needs a "
-    "storage reader with a restricted unpickler (trainer/checkpoint.py, being rewritten)",
-)
 def test_loading_a_checkpoint_runs_no_code_from_it(tmp_path: Path) -> None:
     folder = tmp_path / "checkpoints" / "step-1"
     folder.mkdir(parents=True)
@@ -110,10 +105,6 @@ def test_loading_a_checkpoint_runs_no_code_from_it(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="OmegaConf resolves ${oc.env:...}: trainer/config.py must reject interpolations",
-)
 def test_config_cannot_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
     with pytest.raises(ConfigError, match="run.name"):

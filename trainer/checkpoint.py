@@ -19,10 +19,13 @@ position, memory) applies only at the world size it was saved with. Loading read
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import pickle
 import random
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 
 from trainer.config import CheckpointConfig
 
@@ -78,6 +84,72 @@ class Restored:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file asks for something other than tensors and DCP's own metadata."""
+
+
+# DCP's .metadata is a pickle: only its own dataclasses, torch sizes, dtypes and paths may load.
+_METADATA_MODULES = {
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.filesystem",
+    "torch.distributed.checkpoint.planner",
+}
+_METADATA_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, source: Path) -> None:
+        super().__init__(io.BytesIO(data))
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (
+            module in _METADATA_MODULES
+            or (module, name) in _METADATA_GLOBALS
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        )
+        if not allowed:
+            raise UnsafeCheckpointError(
+                f"{self.source}: refers to {module}.{name}, which is neither a tensor nor "
+                "checkpoint metadata; refusing to load it"
+            )
+        return super().find_class(module, name)
+
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's file reader with ``.metadata`` read by a restricted unpickler."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = Path(self._get_metadata_path(kwargs.get("rank")))
+        metadata = _MetadataUnpickler(path.read_bytes(), path).load()
+        if not isinstance(metadata, Metadata):
+            raise UnsafeCheckpointError(f"{path}: not checkpoint metadata")
+        storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+        storage_meta.load_id = self.load_id
+        metadata.storage_meta = storage_meta
+        return metadata
+
+
+class SafeLoadPlanner(dcp.DefaultLoadPlanner):
+    """Loads tensors only: byte entries (pickled objects) are refused."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        raise UnsafeCheckpointError(
+            f"checkpoint entry '{read_item.dest_index.fqn}' is a pickled object, not a tensor; "
+            "refusing to load it"
+        )
+
+
+def _load(state: dict[str, Any], path: Path) -> None:
+    dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
+
+
 def checkpoint_dir(run_dir: Path | str, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step}"
 
@@ -120,7 +192,7 @@ def resolve_checkpoint(path: Path | str) -> Path:
 def load_model(path: Path, model: nn.Module) -> dict[str, Any]:
     """Load model weights in place (any world size: DCP reshards). Returns meta.json."""
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(path))
+    _load(state, path)
     model.load_state_dict(state["model"])
     return json.loads((path / META).read_text())
 
@@ -166,6 +238,8 @@ class Checkpointer:
         self.rank = rank
         self.world_size = world_size
         self._pending: tuple[Any, Path, dict[str, Any]] | None = None
+        self._group: dist.ProcessGroup | None = None
+        self._writer: ThreadPoolExecutor | None = None
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.run_dir)
@@ -209,7 +283,16 @@ class Checkpointer:
             "loader": _gather_json(loader_state, self.world_size),
         }
         if self.config.async_save:
-            self._pending = (dcp.async_save(state, checkpoint_id=str(path)), path, meta)
+            # Writes from a copy in a background thread, over a process group of its own so its
+            # collectives never interleave with training's.
+            if self._group is None:
+                self._group = dist.new_group(backend="gloo")
+                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+            assert self._writer is not None
+            future = self._writer.submit(
+                dcp.save, _snapshot(state), checkpoint_id=str(path), process_group=self._group
+            )
+            self._pending = (future, path, meta)
         else:
             dcp.save(state, checkpoint_id=str(path))
             self._mark_complete(path, meta)
@@ -258,7 +341,7 @@ class Checkpointer:
         state: dict[str, Any] = dict(parts)
         if same:
             state[f"rank{self.rank}"] = {**rank_parts, "rng": rng_state()}
-        dcp.load(state, checkpoint_id=str(path))
+        _load(state, path)
         rank_state = state.get(f"rank{self.rank}")
         if rank_state is not None:
             set_rng_state(rank_state["rng"])
@@ -281,6 +364,24 @@ class Checkpointer:
         )
         loader = meta["loader"][self.rank] if same else None
         return Restored(path, progress, loader, rank_state, meta)
+
+
+def _snapshot(state: Any) -> Any:
+    """A copy of ``state`` that training can go on changing: tensors cloned, sharded tensors
+    rebuilt around cloned local shards (same global metadata)."""
+    if isinstance(state, dict):
+        return {key: _snapshot(value) for key, value in state.items()}
+    if isinstance(state, ShardedTensor):
+        shards = [
+            Shard(tensor=shard.tensor.detach().clone(), metadata=shard.metadata)
+            for shard in state.local_shards()
+        ]
+        return ShardedTensor._init_from_local_shards_and_global_metadata(
+            shards, state.metadata(), process_group=state._process_group
+        )
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone()
+    return state
 
 
 def _gather_json(value: dict[str, Any], world_size: int) -> list[Any]:

@@ -310,6 +310,7 @@ def load_config(
             raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
         if overrides:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        _refuse_interpolations(merged)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None)
@@ -318,6 +319,18 @@ def load_config(
     assert isinstance(config, ExperimentConfig)
     validate(config, source)
     return config
+
+
+def _refuse_interpolations(node: Any, prefix: str = "") -> None:
+    """``${...}`` would read the environment (``oc.env``) or other keys at resolve time; a
+    config is data, so any interpolation is an error naming its key."""
+    for key in node.keys() if OmegaConf.is_dict(node) else range(len(node)):
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if OmegaConf.is_interpolation(node, key):
+            raise ConfigError(f"config key '{name}': interpolations (${{...}}) are not allowed")
+        child = node._get_node(key)
+        if OmegaConf.is_config(child):
+            _refuse_interpolations(child, name)
 
 
 def validate(config: ExperimentConfig, source: str = "<config>") -> None:

@@ -29,6 +29,7 @@ from launch.slurm import (
     submit,
 )
 from tests.tiny_dataset import write_tiny_dataset
+from trainer.checkpoint import latest_checkpoint
 from trainer.run_logger import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,6 +47,7 @@ def _config(tmp_path: Path, data: Path, epochs: int = 1) -> Path:
         f"train: {{epochs: {epochs}, log_every_steps: 2, progress_bar: false}}\n"
         f"run: {{dir: {tmp_path / 'run'}}}\n"
         "logging: {wandb: false}\n"
+        "checkpoint: {every_n_steps: 10}\n"
     )
     return path
 
@@ -225,22 +227,17 @@ def test_two_cpu_ranks_train_through_slurm(tmp_path: Path, slurm_cluster: None) 
 
 
 @pytest.mark.slow
-# Preemption by signal (scancel --signal=USR2) also requeues through TrainTask.checkpoint, but
-# rank 1 then fails on the closed gloo connection and slurm can record the attempt FAILED in a
-# race with the requeue; it is left out until ranks leave together on preemption (the
-# checkpoint/resume work).
 def test_requeued_job_finishes(tmp_path: Path, slurm_cluster: None) -> None:
-    """Requeued mid-run by an administrator (`scontrol requeue`); the second attempt runs the
-    run to its end."""
+    """Requeued mid-run by an administrator (`scontrol requeue`); the second attempt resumes
+    from the latest complete checkpoint and runs the run to its end."""
     epochs = 10
     config = _config(tmp_path, write_tiny_dataset(tmp_path / "data"), epochs)
     options = SlurmOptions(nodes=1, cpu_ranks=2, time_min=30, job_name="twotower-requeue")
     job = submit(options, make_task(options, str(config), []))
-    metrics_log = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 300
-    while not (metrics_log.exists() and metrics_log.read_text().strip()):
+    while latest_checkpoint(tmp_path / "run") is None:
         assert _job_state(job.job_id)[0] in {"PENDING", "RUNNING"}, _job_state(job.job_id)
-        assert time.monotonic() < deadline, "training never logged a step"
+        assert time.monotonic() < deadline, "training never saved a checkpoint"
         time.sleep(0.5)
     subprocess.run(["scontrol", "requeue", job.job_id], check=True)
     assert _wait_until(job.job_id, {"PENDING"}, 120) == "PENDING"
@@ -251,3 +248,5 @@ def test_requeued_job_finishes(tmp_path: Path, slurm_cluster: None) -> None:
     assert logged == list(range(2, results[0].steps + 1, 2))  # each step logged once
     first_rank_log = (Path(job.paths.folder) / f"{job.job_id}_0_log.err").read_text()
     assert "restart 1" in first_rank_log
+    resumed = json.loads((run / "train_summary.json").read_text())["resumed_from"]
+    assert resumed is not None and "checkpoints/step-" in resumed

@@ -3,6 +3,7 @@ SIGKILL and elastic restarts, non-finite losses."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -130,6 +131,20 @@ def test_keep_last_k_and_partial_checkpoints_are_ignored(tmp_path: Path) -> None
     assert resumed.steps == 16
 
 
+def test_async_save_writes_the_same_checkpoints(tmp_path: Path) -> None:
+    root = write_tiny_dataset(tmp_path / "data")
+    common = [*TINY, f"data.path={root}", "eval.at_end=false", "train.max_steps=10"]
+    common += ["checkpoint.every_n_steps=4", "checkpoint.keep_last=5"]
+    sync = train(load_config(None, [*common, f"run.dir={tmp_path / 'sync'}"]))
+    overlapped = [*common, f"run.dir={tmp_path / 'async'}", "checkpoint.async_save=true"]
+    later = train(load_config(None, overlapped))
+    for step in (4, 8, 10):
+        names = [tmp_path / run / "checkpoints" / f"step-{step}" for run in ("sync", "async")]
+        assert all((n / COMPLETE).exists() for n in names)
+        _assert_same_state(*names, tmp_path, parts=(*PARTS, "rank0"))
+    assert later.checkpoint.endswith("step-10") and sync.checkpoint.endswith("step-10")
+
+
 def _trainer_process(
     config: Path, args: list[str], extra_env: dict[str, str]
 ) -> subprocess.CompletedProcess[str]:
@@ -184,30 +199,43 @@ def test_checkpoint_reshards_across_world_sizes(
 
 def _torchrun(
     root: Path, run_dir: Path, extra_env: dict[str, str], max_restarts: int = 0
-) -> subprocess.CompletedProcess[str]:
+) -> tuple[int, str]:
+    """Runs the trainer under torchrun on 2 ranks; returns (exit code, log tail).
+
+    Output goes to a file, not a pipe: a rank killed mid-run leaves its loader's forkserver
+    behind for a moment, holding any inherited pipe open. The job runs in its own session and
+    whatever is left of it is killed afterwards."""
     config = run_dir.parent / f"{run_dir.name}.yaml"
     config.write_text("seed: 0\n")
     overrides = [*TINY, f"data.path={root}", f"run.dir={run_dir}", "checkpoint.every_n_steps=4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **extra_env}
-    return subprocess.run(
-        torchrun_command(2, str(config), overrides, max_restarts=max_restarts),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    log = run_dir.parent / f"{run_dir.name}-{len(list(run_dir.parent.glob('*.log')))}.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen(
+            torchrun_command(2, str(config), overrides, max_restarts=max_restarts),
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            code = process.wait(timeout=900)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+    return code, log.read_text()[-3000:]
 
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_restart_equals_uninterrupted_two_ranks(tmp_path: Path) -> None:
     root = write_tiny_dataset(tmp_path / "data")
-    whole = _torchrun(root, tmp_path / "whole", {})
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = _torchrun(root, tmp_path / "killed", {"TWOTOWER_FAULT_KILL": "1:7"})
-    assert killed.returncode != 0
+    code, log = _torchrun(root, tmp_path / "whole", {})
+    assert code == 0, log
+    code, log = _torchrun(root, tmp_path / "killed", {"TWOTOWER_FAULT_KILL": "1:7"})
+    assert code != 0, log
     assert latest_checkpoint(tmp_path / "killed") == tmp_path / "killed/checkpoints/step-4"
-    restarted = _torchrun(root, tmp_path / "killed", {})
-    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    code, log = _torchrun(root, tmp_path / "killed", {})
+    assert code == 0, log
     a, b = _summary(tmp_path / "killed"), _summary(tmp_path / "whole")
     assert a["resumed_from"].endswith("step-4")
     assert (a["steps"], a["rows_trained"], a["row_digest"]) == (
@@ -226,8 +254,8 @@ def test_sigkill_mid_epoch_then_restart_equals_uninterrupted_two_ranks(tmp_path:
 def test_elastic_restart_after_a_lost_rank_trains_every_row_once(tmp_path: Path) -> None:
     root = write_tiny_dataset(tmp_path / "data")
     run_dir = tmp_path / "elastic"
-    result = _torchrun(root, run_dir, {"TWOTOWER_FAULT_KILL": "1:7"}, max_restarts=3)
-    assert result.returncode == 0, result.stderr[-3000:]
+    code, log = _torchrun(root, run_dir, {"TWOTOWER_FAULT_KILL": "1:7"}, max_restarts=3)
+    assert code == 0, log
     summary = _summary(run_dir)
     assert summary["resumed_from"].endswith("step-4")
     assert summary["steps"] == 20
