@@ -271,7 +271,7 @@ class Checkpointer:
         if self.rank == 0 and path.exists():
             shutil.rmtree(path)  # an interrupted save of the same step
         dist.barrier()
-        state = {**parts, f"rank{self.rank}": {**rank_parts, "rng": rng_state()}}
+        state = _without_empty({**parts, f"rank{self.rank}": {**rank_parts, "rng": rng_state()}})
         meta = {
             **extra_meta,
             "step": progress.step,
@@ -341,7 +341,7 @@ class Checkpointer:
         state: dict[str, Any] = dict(parts)
         if same:
             state[f"rank{self.rank}"] = {**rank_parts, "rng": rng_state()}
-        _load(state, path)
+        _load(_without_empty(state), path)
         rank_state = state.get(f"rank{self.rank}")
         if rank_state is not None:
             set_rng_state(rank_state["rng"])
@@ -364,6 +364,19 @@ class Checkpointer:
         )
         loader = meta["loader"][self.rank] if same else None
         return Restored(path, progress, loader, rank_state, meta)
+
+
+def _without_empty(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` without empty nested dicts (DCP saves nothing for them, then cannot load
+    them). The leaves are the same tensor objects, so loading still fills the caller's."""
+    kept: dict[str, Any] = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            value = _without_empty(value)
+            if not value:
+                continue
+        kept[key] = value
+    return kept
 
 
 def _snapshot(state: Any) -> Any:

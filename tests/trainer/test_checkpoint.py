@@ -308,3 +308,13 @@ def test_non_finite_loss_is_skipped_on_every_rank_or_halts(tmp_path: Path) -> No
     for outcome in halted:
         assert "step 3: non-finite loss" in outcome["error"]
         assert "train.non_finite_loss=halt" in outcome["error"]
+
+
+def test_resume_without_sampler_state(tmp_path: Path) -> None:
+    """No logQ, no memory: the checkpoint has no sampler entries and still resumes."""
+    root = write_tiny_dataset(tmp_path / "data")
+    plain = [o for o in TINY if not o.startswith("negatives.")]
+    overrides = [*plain, f"data.path={root}", f"run.dir={tmp_path / 'run'}", "eval.at_end=false"]
+    train(load_config(None, [*overrides, "train.max_steps=3"]))
+    resumed = train(load_config(None, [*overrides, "train.max_steps=5"]))
+    assert resumed.resumed_from is not None and resumed.steps == 5
