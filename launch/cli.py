@@ -1,4 +1,5 @@
-"""The ``twotower`` command line: prepare, train, eval, export, retrieve, launch, sweep, plot."""
+"""The ``twotower`` command line: prepare, train, train-ranker, eval, export, retrieve, launch,
+sweep, plot."""
 
 from __future__ import annotations
 
@@ -37,6 +38,15 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train in this process (world size 1)")
     train.add_argument("config")
     train.add_argument("overrides", nargs="*", help="key=value config overrides")
+
+    ranker = commands.add_parser(
+        "train-ranker", help="train the ranking model (teacher / reward model), report AUC"
+    )
+    ranker.add_argument("config")
+    ranker.add_argument("overrides", nargs="*", help="key=value config overrides")
+    ranker.add_argument(
+        "--nproc", type=int, default=1, help="ranks (torchrun on this machine when > 1)"
+    )
 
     evaluate = commands.add_parser("eval", help="evaluate a run's latest checkpoint")
     evaluate.add_argument("--run", required=True, type=Path)
@@ -147,6 +157,19 @@ def _train(args: argparse.Namespace) -> int:
     return train_main([args.config, *args.overrides])
 
 
+def _train_ranker(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+
+    load_config(args.config, args.overrides)  # config errors before any process starts
+    if args.nproc > 1:
+        from launch.local import launch_local
+
+        return launch_local(args.nproc, args.config, args.overrides, module="trainer.ranker_train")
+    from trainer.ranker_train import main as ranker_main
+
+    return ranker_main([args.config, *args.overrides])
+
+
 def _eval(args: argparse.Namespace) -> int:
     from trainer.distributed import shutdown
     from trainer.eval_run import evaluate_run
@@ -249,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "prepare": _prepare,
         "train": _train,
+        "train-ranker": _train_ranker,
         "eval": _eval,
         "export": _export,
         "retrieve": _retrieve,

@@ -7,8 +7,13 @@ import sys
 
 
 def torchrun_command(
-    nproc: int, config: str, overrides: list[str], max_restarts: int = 0
+    nproc: int,
+    config: str,
+    overrides: list[str],
+    max_restarts: int = 0,
+    module: str = "trainer.train",
 ) -> list[str]:
+    """``module`` is the entry point each rank runs (``trainer.ranker_train`` for the ranker)."""
     return [
         sys.executable,
         "-m",
@@ -17,12 +22,18 @@ def torchrun_command(
         f"--nproc_per_node={nproc}",
         f"--max_restarts={max_restarts}",
         "-m",
-        "trainer.train",
+        module,
         config,
         *overrides,
     ]
 
 
-def launch_local(nproc: int, config: str, overrides: list[str], max_restarts: int = 0) -> int:
+def launch_local(
+    nproc: int,
+    config: str,
+    overrides: list[str],
+    max_restarts: int = 0,
+    module: str = "trainer.train",
+) -> int:
     """Runs the trainer under torchrun and returns its exit status."""
-    return subprocess.call(torchrun_command(nproc, config, overrides, max_restarts))
+    return subprocess.call(torchrun_command(nproc, config, overrides, max_restarts, module))

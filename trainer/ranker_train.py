@@ -1,0 +1,329 @@
+"""Trains the ranking model: build -> restore -> for each batch: BCE step -> log, checkpoint ->
+per-task AUC on ``eval.split``.
+
+The distributed path is the retrieval trainer's: ``init_distributed``, DMP-sharded tables with
+the fused sparse optimizer, ``build_dense_optimizer`` for the cross layers and MLP, the
+``synchronized`` loader (zero-weight padding on uneven data) and ``Checkpointer`` folders
+``<run.dir>/checkpoints/step-N`` that ``trainer.ranker_build.load_ranker`` reads.
+
+Run as ``twotower train-ranker CONFIG [k=v ...]`` (``--nproc N`` for torchrun) or
+``torchrun --nproc_per_node 2 -m trainer.ranker_train CONFIG [k=v ...]``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torchrec.distributed import DistributedModelParallel
+
+from data_pipeline.batch import Batch
+from data_pipeline.item_store import ItemFeatureStore
+from data_pipeline.loader import build_event_loader
+from data_pipeline.manifest import Manifest
+from models.ranker import ranker_bce_loss
+from trainer.build import build_dense_optimizer
+from trainer.checkpoint import Checkpointer, Progress, resolve_checkpoint
+from trainer.config import ExperimentConfig, load_config, to_dict, to_yaml
+from trainer.distributed import (
+    DistributedEnv,
+    any_rank_has,
+    init_distributed,
+    seed_everything,
+    shutdown,
+)
+from trainer.logs import configure_logging
+from trainer.negative_sampling import step_generator
+from trainer.ranker_build import (
+    build_sharded_ranker,
+    ranker_first_row_batch,
+    ranker_loader_spec,
+    with_sampled_negatives,
+)
+from trainer.ranker_eval import evaluate_ranker, format_ranker_metrics
+from trainer.run_logger import RunLogger
+from trainer.synchronized import synchronized
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "ranker_metrics.json"
+
+
+@dataclass
+class RankerTrainResult:
+    """Args:
+    steps: optimizer steps of the whole run (resumed parts included).
+    first_loss, final_loss: mean loss (over ranks) of the first and last logging windows
+        of this process's part of the run.
+    skipped_steps: steps skipped for a non-finite loss on some rank.
+    samples_per_second: logged rows per second over all ranks.
+    checkpoint: the last checkpoint written.
+    metrics: per-task evaluation metrics (``trainer.ranker_eval``); empty with
+        ``eval.at_end=false``.
+    resumed_from: the checkpoint this process started from, or None.
+    """
+
+    steps: int
+    first_loss: float
+    final_loss: float
+    skipped_steps: int
+    samples_per_second: float
+    checkpoint: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    resumed_from: str | None = None
+
+
+@dataclass
+class _RankerRun:
+    """The live objects of one ranker training run (one rank)."""
+
+    config: ExperimentConfig
+    manifest: Manifest
+    env: DistributedEnv
+    model: DistributedModelParallel
+    dense_optimizer: Any
+    store: ItemFeatureStore | None
+    loader: Any
+    checkpointer: Checkpointer
+    run_log: RunLogger
+    progress: Progress = field(default_factory=Progress)
+
+
+def train_ranker(config: ExperimentConfig) -> RankerTrainResult:
+    """Trains (or resumes) the ranker of ``config`` in the current process group; collective."""
+    env = init_distributed()
+    seed_everything(config.seed)
+    run_dir = Path(config.run.dir)
+    manifest = Manifest.load(config.data.path)
+    if config.data.verify_checksums and env.is_main:
+        manifest.verify_checksums(config.data.path, config.data.train_split)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(config))
+    dist.barrier()
+    run = _build(config, manifest, env, run_dir)
+    resumed = _restore(run)
+    run.run_log.start(run.progress.step if resumed else None)
+    start_rows, start = run.progress.rows, time.perf_counter()
+    first_loss, final_loss = _loop(run)
+    seconds = time.perf_counter() - start
+    latest = run.checkpointer.latest()
+    if latest is not None and latest.name == f"step-{run.progress.step}":
+        checkpoint = latest
+    else:
+        checkpoint = _save(run)
+    result = RankerTrainResult(
+        steps=run.progress.step,
+        first_loss=first_loss,
+        final_loss=final_loss,
+        skipped_steps=run.progress.skipped_steps,
+        samples_per_second=(run.progress.rows - start_rows) / max(seconds, 1e-9),
+        checkpoint=str(checkpoint),
+        resumed_from=resumed,
+    )
+    if config.eval.at_end:
+        result.metrics = evaluate_ranker(run.model, manifest, config, env)
+        run.run_log.log(
+            {"step": result.steps, **{f"eval/{k}": v for k, v in result.metrics.items()}}
+        )
+        if env.is_main:
+            (run_dir / METRICS_FILE).write_text(json.dumps(result.metrics, indent=2))
+            logger.info(
+                "ranker on %s:\n%s",
+                config.eval.split,
+                format_ranker_metrics(result.metrics, tuple(manifest.schema.labels)),
+            )
+    if env.is_main:
+        (run_dir / "train_summary.json").write_text(json.dumps(asdict(result), indent=2))
+    run.run_log.close()
+    return result
+
+
+def _build(
+    config: ExperimentConfig, manifest: Manifest, env: DistributedEnv, run_dir: Path
+) -> _RankerRun:
+    model = build_sharded_ranker(manifest, config, env)
+    if env.is_main:
+        logger.info("sharding plan:\n%s", model.plan)
+    store = (
+        ItemFeatureStore.load(config.data.path, manifest)
+        if config.ranker.sampled_negatives
+        else None
+    )
+    loader = build_event_loader(
+        ranker_loader_spec(config, config.data.train_split, train=True),
+        manifest,
+        env.rank,
+        env.world_size,
+    )
+    run_log = RunLogger(
+        run_dir,
+        env.is_main,
+        config.logging.wandb,
+        config.logging.wandb_project,
+        config.run.name,
+        to_dict(config),
+    )
+    return _RankerRun(
+        config=config,
+        manifest=manifest,
+        env=env,
+        model=model,
+        dense_optimizer=build_dense_optimizer(model, config),
+        store=store,
+        loader=loader,
+        checkpointer=Checkpointer(run_dir, config.checkpoint, env.rank, env.world_size),
+        run_log=run_log,
+    )
+
+
+def _state_parts(run: _RankerRun) -> dict[str, Any]:
+    """The live (DCP loads in place) model and optimizer states."""
+    fused: Any = run.model.fused_optimizer
+    return {
+        "model": run.model.state_dict(),
+        "sparse_optimizer": fused.state_dict()["state"],
+        "dense_optimizer": run.dense_optimizer.state_dict()["state"],
+    }
+
+
+def _restore(run: _RankerRun) -> str | None:
+    """Loads the run directory's latest complete checkpoint (or ``checkpoint.resume_from``)."""
+    config = run.config.checkpoint
+    if not config.resume:
+        return None
+    path = run.checkpointer.latest()
+    if path is None and config.resume_from is not None:
+        path = resolve_checkpoint(config.resume_from)
+    if path is None:
+        return None
+    run.dense_optimizer.init_state()  # optimizer tensors for DCP to load into
+    parts = _state_parts(run)
+    restored = run.checkpointer.restore(parts, {}, path)
+    assert restored is not None
+    run.model.load_state_dict(parts["model"])
+    if restored.loader_state is not None:
+        run.loader.load_state_dict(restored.loader_state)
+    run.progress = restored.progress
+    if run.env.is_main:
+        logger.info("resumed ranker from %s at step %d", restored.path, run.progress.step)
+    return str(restored.path)
+
+
+def _save(run: _RankerRun) -> Path:
+    meta = {"config": to_dict(run.config), "model": "ranker"}
+    return run.checkpointer.save(_state_parts(run), {}, run.progress, run.loader.state_dict(), meta)
+
+
+def _step(run: _RankerRun, batch: Batch) -> torch.Tensor | None:
+    """One collective BCE step on ``batch`` (plus its sampled negatives). Returns the detached
+    loss, or None when some rank's loss was not finite (then no rank updates anything)."""
+    run.dense_optimizer.zero_grad()
+    generator = step_generator(run.config.seed, run.env.rank, run.progress.step, run.env.device)
+    examples = with_sampled_negatives(
+        batch, run.store, run.config.ranker.sampled_negatives, generator
+    )
+    logits = run.model(
+        examples.user_features,
+        examples.item_features,
+        examples.extra_item_features,
+        examples.extra_rows,
+    )
+    loss = ranker_bce_loss(logits, examples.labels, examples.weights)
+    # The fused table optimizer updates inside backward: decide before it, on every rank.
+    if any_rank_has(not bool(torch.isfinite(loss.detach())), run.env.device):
+        return None
+    loss.backward()
+    run.dense_optimizer.step()
+    return loss.detach()
+
+
+def _loop(run: _RankerRun) -> tuple[float, float]:
+    """Epochs until ``train.epochs`` or ``train.max_steps``; (first, last) window mean loss."""
+    config, env = run.config.train, run.env
+    fallback = functools.partial(
+        ranker_first_row_batch, run.manifest, run.config, run.config.data.train_split
+    )
+    windows: list[float] = []
+    window_loss, window_steps = 0.0, 0
+    run.model.train()
+    for epoch in range(run.progress.epoch, config.epochs):
+        if _finished(run):
+            break
+        run.progress.epoch = epoch
+        run.loader.dataset.set_epoch(epoch)
+        for batch in synchronized(run.loader, env, fallback):
+            loss = _step(run, batch)
+            run.progress.step += 1
+            if loss is None:
+                run.progress.skipped_steps += 1
+                if run.progress.skipped_steps > config.max_skipped_steps:
+                    raise RuntimeError(
+                        f"ranker: {run.progress.skipped_steps} steps with a non-finite loss "
+                        f"(train.max_skipped_steps={config.max_skipped_steps})"
+                    )
+            else:
+                run.progress.rows += _all_ranks_sum(int((batch.weight > 0).sum()), env)
+                window_loss, window_steps = window_loss + float(loss), window_steps + 1
+            if run.progress.step % config.log_every_steps == 0 and window_steps:
+                windows.append(_log_window(run, window_loss / window_steps))
+                window_loss, window_steps = 0.0, 0
+            if _finished(run):
+                break
+            if run.checkpointer.due(run.progress.step):
+                _save(run)
+    if window_steps:
+        windows.append(_log_window(run, window_loss / window_steps))
+    run.checkpointer.finish()
+    if not windows:
+        return float("nan"), float("nan")
+    return windows[0], windows[-1]
+
+
+def _log_window(run: _RankerRun, local_mean: float) -> float:
+    mean = _all_ranks_sum(local_mean, run.env) / run.env.world_size
+    record = {"step": run.progress.step, "epoch": run.progress.epoch, "loss": mean}
+    run.run_log.log(record)
+    if run.env.is_main:
+        logger.info("step %d epoch %d loss %.4f", run.progress.step, run.progress.epoch, mean)
+    return mean
+
+
+def _all_ranks_sum(value: float, env: DistributedEnv) -> Any:
+    tensor = torch.tensor([value], dtype=torch.float64, device=env.device)
+    dist.all_reduce(tensor)
+    result = tensor.item()
+    return int(result) if isinstance(value, int) else result
+
+
+def _finished(run: _RankerRun) -> bool:
+    max_steps = run.config.train.max_steps
+    return max_steps is not None and run.progress.step >= max_steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print("usage: python -m trainer.ranker_train CONFIG [key=value ...]", file=sys.stderr)
+        return 2
+    configure_logging()
+    config = load_config(args[0], args[1:])
+    try:
+        result = train_ranker(config)
+        if dist.get_rank() == 0:
+            logger.info("done: %s", result)
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
