@@ -51,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="evaluate a run's latest checkpoint")
     evaluate.add_argument("--run", required=True, type=Path)
     evaluate.add_argument("--split", default=None)
+    evaluate.add_argument(
+        "--ranker",
+        default=None,
+        help="ranker run or checkpoint: also report funnel consistency (eval.funnel.ranker)",
+    )
     evaluate.add_argument("overrides", nargs="*")
 
     _add_serving_parsers(commands)
@@ -176,7 +181,10 @@ def _eval(args: argparse.Namespace) -> int:
     from trainer.evaluate import format_table
 
     try:
-        results = evaluate_run(args.run, args.split, args.overrides)
+        overrides = list(args.overrides)
+        if args.ranker is not None:
+            overrides.append(f"eval.funnel.ranker={args.ranker}")
+        results = evaluate_run(args.run, args.split, overrides)
     finally:
         shutdown()
     print(format_table(results))

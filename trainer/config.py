@@ -253,6 +253,20 @@ class ShardingConfig:
 
 
 @dataclass
+class FunnelConfig:
+    """Funnel consistency against a ranker (``trainer.funnel``): off while ``ranker`` is null.
+
+    ``ranker``: a ranker run directory or checkpoint; ``ks``: overlap / NDCG cutoffs K;
+    ``retrieve_n``: N, how many items retrieval passes on; ``max_queries``: eval rows scored
+    against the whole corpus (a fixed sample)."""
+
+    ranker: str | None = None
+    ks: list[int] = field(default_factory=lambda: [10, 50])
+    retrieve_n: int = 100
+    max_queries: int = 1000
+
+
+@dataclass
 class EvalConfig:
     split: str = "test"
     ks: list[int] = field(default_factory=lambda: [10, 50, 100])
@@ -260,6 +274,7 @@ class EvalConfig:
     at_end: bool = True
     query_chunk: int = 1024
     corpus_chunk: int = 8192
+    funnel: FunnelConfig = field(default_factory=FunnelConfig)
 
 
 @dataclass
@@ -369,6 +384,14 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
         fail("model.temperature", "must be > 0")
     if not config.eval.ks or min(config.eval.ks) < 1:
         fail("eval.ks", "must list positive cutoffs")
+    funnel = config.eval.funnel
+    if not funnel.ks or min(funnel.ks) < 1 or max(funnel.ks) > funnel.retrieve_n:
+        fail(
+            "eval.funnel.ks",
+            f"must list cutoffs in [1, eval.funnel.retrieve_n={funnel.retrieve_n}]",
+        )
+    if funnel.max_queries < 1:
+        fail("eval.funnel.max_queries", "must be >= 1")
     if config.train.max_steps is not None and config.train.max_steps < 1:
         fail("train.max_steps", "must be >= 1 or null")
     if not config.loss.label_weights:

@@ -331,6 +331,10 @@ def evaluate_model(
     count = torch.tensor([len(targets)], device=env.device)
     dist.all_reduce(count)
     results["num_queries"] = int(count.item())
+    if config.eval.funnel.ranker is not None:
+        from trainer.funnel import funnel_metrics
+
+        results["funnel"] = funnel_metrics(model, manifest, config, env, split)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True))
@@ -350,4 +354,7 @@ def format_table(results: dict[str, Any]) -> str:
     lines.append(
         f"({results['num_queries']} queries on '{results['split']}', {results['num_items']} items)"
     )
+    if "funnel" in results:
+        lines.append("funnel consistency against the ranker:")
+        lines += [f"  {name:<22}{value:>10.4f}" for name, value in results["funnel"].items()]
     return "\n".join(lines)
