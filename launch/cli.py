@@ -1,5 +1,5 @@
-"""The ``twotower`` command line: prepare, train, train-ranker, eval, export, retrieve, launch,
-sweep, plot."""
+"""The ``twotower`` command line: prepare, train, train-ranker, align, eval, export, retrieve,
+launch, sweep, plot."""
 
 from __future__ import annotations
 
@@ -45,6 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     ranker.add_argument("config")
     ranker.add_argument("overrides", nargs="*", help="key=value config overrides")
     ranker.add_argument(
+        "--nproc", type=int, default=1, help="ranks (torchrun on this machine when > 1)"
+    )
+
+    align = commands.add_parser(
+        "align", help="align a retrieval checkpoint to a ranker (reward model, KL to reference)"
+    )
+    align.add_argument("config")
+    align.add_argument("overrides", nargs="*", help="key=value config overrides")
+    align.add_argument(
         "--nproc", type=int, default=1, help="ranks (torchrun on this machine when > 1)"
     )
 
@@ -175,6 +184,21 @@ def _train_ranker(args: argparse.Namespace) -> int:
     return ranker_main([args.config, *args.overrides])
 
 
+def _align(args: argparse.Namespace) -> int:
+    from trainer.align import alignment_sources
+    from trainer.config import load_config
+
+    # Config and checkpoint errors before any process starts.
+    alignment_sources(load_config(args.config, args.overrides))
+    if args.nproc > 1:
+        from launch.local import launch_local
+
+        return launch_local(args.nproc, args.config, args.overrides, module="trainer.align")
+    from trainer.align import main as align_main
+
+    return align_main([args.config, *args.overrides])
+
+
 def _eval(args: argparse.Namespace) -> int:
     from trainer.distributed import shutdown
     from trainer.eval_run import evaluate_run
@@ -281,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         "prepare": _prepare,
         "train": _train,
         "train-ranker": _train_ranker,
+        "align": _align,
         "eval": _eval,
         "export": _export,
         "retrieve": _retrieve,

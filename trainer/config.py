@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from models.alignment import AlignmentMethod
 from models.history import Combiner, Encoder, Positions, Summary
 
 
@@ -307,6 +308,32 @@ class RankerConfig:
 
 
 @dataclass
+class AlignmentConfig:
+    """Reward alignment (``twotower align``, ``trainer/align.py``, ``models/alignment.py``): the
+    retrieval model of ``checkpoint.resume_from`` is the policy, the ranker of
+    ``reward_checkpoint`` the frozen reward model (reward = its NUV), and a frozen copy of
+    ``reference_checkpoint`` (null: the start checkpoint) the KL reference. Per user and step,
+    ``k`` items are scored: the policy's ``top_n`` over the corpus plus ``k - top_n`` drawn from
+    the corpus by ``exploration`` (unigram: training counts ** ``exploration_alpha``)."""
+
+    reward_checkpoint: str | None = None
+    reference_checkpoint: str | None = None
+    k: int = 32
+    top_n: int = 16
+    exploration: CorpusDistribution = CorpusDistribution.UNIFORM
+    exploration_alpha: float = 0.75
+    # REINFORCE: weight of KL(policy || reference); DPO: beta.
+    kl_coefficient: float = 0.1
+    steps: int = 200
+    method: AlignmentMethod = AlignmentMethod.REINFORCE
+    # Dense (AdamW) and table (fused ``train.sparse_optimizer``) learning rates of the policy.
+    lr: float = 1e-4
+    sparse_lr: float = 0.01
+    # Cutoff of the expected-ranker-reward measurement before and after alignment.
+    eval_k: int = 10
+
+
+@dataclass
 class ExperimentConfig:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -320,6 +347,7 @@ class ExperimentConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     ranker: RankerConfig = field(default_factory=RankerConfig)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
 
 
 def load_config(
@@ -406,6 +434,26 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
     _validate_loss(config.loss, fail)
     _validate_negatives(config.negatives, fail)
     _validate_ranker(config.ranker, fail)
+    _validate_alignment(config.alignment, fail)
+
+
+def _validate_alignment(alignment: AlignmentConfig, fail: Callable[[str, str], None]) -> None:
+    if alignment.k < 2:
+        fail("alignment.k", "must be >= 2 (a policy over one item has nothing to learn)")
+    if not 0 <= alignment.top_n <= alignment.k:
+        fail("alignment.top_n", f"must be in [0, alignment.k={alignment.k}]")
+    if alignment.exploration_alpha < 0:
+        fail("alignment.exploration_alpha", "must be >= 0")
+    if alignment.kl_coefficient < 0:
+        fail("alignment.kl_coefficient", "must be >= 0")
+    if alignment.method is AlignmentMethod.DPO and alignment.kl_coefficient <= 0:
+        fail("alignment.kl_coefficient", "alignment.method=dpo uses it as beta: must be > 0")
+    if alignment.steps < 1:
+        fail("alignment.steps", "must be >= 1")
+    if alignment.lr <= 0 or alignment.sparse_lr < 0:
+        fail("alignment.lr", "lr must be > 0 and sparse_lr >= 0")
+    if alignment.eval_k < 1:
+        fail("alignment.eval_k", "must be >= 1")
 
 
 def _validate_ranker(ranker: RankerConfig, fail: Callable[[str, str], None]) -> None:

@@ -1,0 +1,555 @@
+"""Reward alignment: the retrieval model (policy) learns what the frozen ranker (reward model)
+values, held near a frozen copy of itself (reference). Losses: ``models/alignment.py``.
+
+    start checkpoint (checkpoint.resume_from) -> policy, DMP-sharded and trainable as in training
+                                               -> reference, one frozen unsharded replica
+    alignment.reward_checkpoint                -> reward model, one frozen unsharded ranker
+
+Each step takes a batch of the train split (one user row per event), embeds the corpus with the
+policy (no gradient) for its exact top-``top_n`` (``trainer.mips.distributed_topk``), adds
+``k - top_n`` exploration draws (``step_generator``: reproducible per seed, rank and step), scores
+the K items with policy, reference and ranker, and takes one optimizer step on the alignment loss.
+Checkpoints use the training layout (``<run.dir>/checkpoints/step-N``), so ``twotower eval --run``
+evaluates an aligned run like any other. The expected ranker reward of the policy's top
+``alignment.eval_k`` on ``eval.split`` is measured before and after (``align_summary.json``).
+
+Run as ``twotower align CONFIG [k=v ...]`` (``--nproc N`` for torchrun) or
+``torchrun --nproc_per_node 2 -m trainer.align CONFIG [k=v ...]``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torchrec import KeyedJaggedTensor
+from torchrec.distributed import DistributedModelParallel
+
+from data_pipeline.batch import Batch
+from data_pipeline.item_store import ItemFeatureStore
+from data_pipeline.loader import build_event_loader
+from data_pipeline.manifest import Manifest
+from data_pipeline.negatives import CorpusSampler, item_counts
+from models.alignment import AlignmentLoss, alignment_loss
+from models.ranker import Ranker, empty_features, expected_net_user_value
+from models.two_tower import TwoTowerModel, select_keys
+from trainer.build import (
+    build_dense_optimizer,
+    build_sharded_model,
+    build_unsharded_model,
+    loader_spec,
+    model_schema,
+)
+from trainer.checkpoint import Checkpointer, Progress, load_model, resolve_checkpoint
+from trainer.config import (
+    ConfigError,
+    CorpusDistribution,
+    ExperimentConfig,
+    load_config,
+    to_dict,
+    to_yaml,
+)
+from trainer.distributed import (
+    DistributedEnv,
+    any_rank_has,
+    init_distributed,
+    seed_everything,
+    shutdown,
+)
+from trainer.evaluate import first_row_batch
+from trainer.logs import configure_logging
+from trainer.mips import distributed_topk, shard_range
+from trainer.negative_sampling import step_generator
+from trainer.run_logger import RunLogger
+from trainer.synchronized import synchronized
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FILE = "align_summary.json"
+
+# (user features KJT stride U, item ids [U, K]) -> rewards [U, K]: the reward model's interface.
+RewardFn = Callable[[KeyedJaggedTensor, torch.Tensor], torch.Tensor]
+
+
+class RankerReward:
+    """Rewards = the frozen ranker's expected net user value of (user row, item) pairs.
+
+    Args:
+        ranker: a frozen ``Ranker`` (``trainer.ranker_build.load_ranker``).
+        store: item features by id, for the ranker's item side.
+    """
+
+    def __init__(self, ranker: Ranker, store: ItemFeatureStore) -> None:
+        self.ranker = ranker
+        self.store = store
+
+    @torch.no_grad()
+    def __call__(self, user_features: KeyedJaggedTensor, item_ids: torch.Tensor) -> torch.Tensor:
+        """``user_features``: KJT with (at least) the ranker's user keys, stride U; ``item_ids``:
+        [U, K] corpus ids. Returns [U, K] NUV = sigmoid(ranker logits) . label_weights."""
+        missing = sorted(set(self.ranker.user_feature_names) - set(user_features.keys()))
+        if missing:
+            raise ConfigError(
+                f"alignment.reward_checkpoint: the ranker needs user features {missing} that "
+                "this run's batches lack (match data.recent_history with the ranker's run)"
+            )
+        users, per_user = item_ids.shape
+        user = self.ranker.user_inputs(select_keys(user_features, self.ranker.user_feature_names))
+        item = self.ranker.item_inputs(self.store.lookup(item_ids.reshape(-1)))
+        rows = torch.arange(users, device=item_ids.device).repeat_interleave(per_user)
+        logits = self.ranker.interact(user[rows], item)
+        return expected_net_user_value(logits, self.ranker.label_weights).view(users, per_user)
+
+
+@dataclass
+class AlignResult:
+    """Args:
+    steps: alignment steps of the whole run (resumed parts included).
+    start_checkpoint, reference_checkpoint: the policy's start and the reference.
+    checkpoint: the last checkpoint written.
+    first, final: mean loss / KL / sampled-set expected reward of the first and last logging
+        windows of this process's part of the run.
+    reward_before, reward_after: mean ranker NUV of the policy's top ``alignment.eval_k`` on
+        ``eval.split`` (one query per event) before the first and after the last step.
+    metrics: retrieval metrics after alignment (``eval.at_end``), as ``twotower eval``.
+    """
+
+    steps: int
+    start_checkpoint: str
+    reference_checkpoint: str
+    checkpoint: str
+    first: dict[str, float] = field(default_factory=dict)
+    final: dict[str, float] = field(default_factory=dict)
+    reward_before: float = float("nan")
+    reward_after: float = float("nan")
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _AlignRun:
+    """The live objects of one alignment run (one rank)."""
+
+    config: ExperimentConfig
+    manifest: Manifest
+    env: DistributedEnv
+    policy: DistributedModelParallel
+    dense_optimizer: Any
+    reference: TwoTowerModel
+    reference_items: torch.Tensor  # [num_items, D] by item id (0 where no corpus row)
+    reward: RewardFn
+    store: ItemFeatureStore
+    explorer: CorpusSampler
+    loader: Any
+    checkpointer: Checkpointer
+    run_log: RunLogger
+    progress: Progress = field(default_factory=Progress)
+
+
+def alignment_sources(config: ExperimentConfig) -> tuple[Path, Path]:
+    """(start, reference) checkpoint folders; errors name the config key."""
+    if config.checkpoint.resume_from is None:
+        raise ConfigError(
+            "config key 'checkpoint.resume_from': alignment starts from a retrieval checkpoint "
+            "(a run directory or a step-N folder)"
+        )
+    try:
+        start = resolve_checkpoint(config.checkpoint.resume_from)
+        reference = config.alignment.reference_checkpoint
+        return start, start if reference is None else resolve_checkpoint(reference)
+    except FileNotFoundError as error:
+        raise ConfigError(f"config key 'checkpoint.resume_from' / 'alignment': {error}") from error
+
+
+def load_reward_model(
+    config: ExperimentConfig, manifest: Manifest, store: ItemFeatureStore
+) -> RankerReward:
+    """The frozen ranker of ``alignment.reward_checkpoint`` (one replica per rank)."""
+    from trainer.ranker_build import load_ranker
+
+    path = config.alignment.reward_checkpoint
+    if path is None:
+        raise ConfigError(
+            "config key 'alignment.reward_checkpoint': name the ranker run to align to"
+        )
+    try:
+        return RankerReward(load_ranker(path, manifest), store)
+    except FileNotFoundError as error:
+        raise ConfigError(f"config key 'alignment.reward_checkpoint': {error}") from error
+
+
+def load_reference(
+    manifest: Manifest, config: ExperimentConfig, path: Path, device: torch.device
+) -> TwoTowerModel:
+    """A frozen unsharded replica of the retrieval model at ``path`` (a checkpoint folder or a
+    run directory's latest; eval mode, no gradients)."""
+    reference = build_unsharded_model(manifest, config, device=device)
+    load_model(resolve_checkpoint(path), reference)
+    reference.eval()
+    for parameter in reference.parameters():
+        parameter.requires_grad_(False)
+    return reference
+
+
+def _item_batches(
+    store: ItemFeatureStore, ids: torch.Tensor, calls: int
+) -> list[tuple[torch.Tensor, KeyedJaggedTensor]]:
+    """``ids`` in ``calls`` pieces (some may be empty: then item 0 of the corpus as a stand-in,
+    so that every rank runs the same number of collective forwards)."""
+    stand_in = store.corpus_ids()[:1].to(ids.device)
+    return [
+        (piece, store.lookup(piece if piece.numel() else stand_in))
+        for piece in torch.tensor_split(ids, calls)
+    ]
+
+
+@torch.no_grad()
+def embed_items(
+    model: torch.nn.Module,
+    store: ItemFeatureStore,
+    ids: torch.Tensor,
+    calls: int,
+    user_keys: list[str],
+) -> torch.Tensor:
+    """[n, D] item-tower embeddings of ``ids`` [n], in ``calls`` forwards (the same number on
+    every rank when ``model`` is sharded); ``user_keys`` are sent as empty bags."""
+    outputs = []
+    for piece, items in _item_batches(store, ids, calls):
+        embeddings = model(empty_features(user_keys, items), items).item.float()
+        outputs.append(embeddings[: piece.numel()])
+    return torch.cat(outputs)
+
+
+def user_keys(manifest: Manifest, config: ExperimentConfig) -> list[str]:
+    """The retrieval model's user-side KJT keys (stored and derived)."""
+    return [f.name for f in model_schema(manifest, config).user_features()]
+
+
+def local_corpus(
+    model: torch.nn.Module,
+    store: ItemFeatureStore,
+    manifest: Manifest,
+    config: ExperimentConfig,
+    env: DistributedEnv,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's contiguous slice of the corpus: (ids [n_r] int64, embeddings [n_r, D]),
+    in batches of ``data.eval_batch_size``; collective for a sharded model."""
+    corpus = store.corpus_ids()
+    start, stop = shard_range(len(corpus), env.rank, env.world_size)
+    per_rank = -(-len(corpus) // env.world_size)
+    calls = max(1, -(-per_rank // config.data.eval_batch_size))
+    ids = corpus[start:stop].to(env.device)
+    return ids, embed_items(model, store, ids, calls, user_keys(manifest, config))
+
+
+def sample_candidates(
+    top_ids: torch.Tensor, exploration_ids: torch.Tensor, live: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each user's sampled set: its top-N, then exploration draws; repeats masked out.
+
+    Args:
+        top_ids: [U, N] the policy's top items.
+        exploration_ids: [U, K - N] corpus draws.
+        live: [U] bool, False for padding rows.
+
+    Returns:
+        ids: [U, K] int64; mask: [U, K] bool, True for the first occurrence of each item in a
+        live row.
+    """
+    ids = torch.cat([top_ids, exploration_ids], dim=1)
+    same = ids.unsqueeze(2) == ids.unsqueeze(1)  # [U, K, K]
+    earlier = torch.ones_like(same[0]).tril(diagonal=-1)
+    repeated = (same & earlier).any(dim=2)
+    return ids, ~repeated & live.unsqueeze(1)
+
+
+def _explorer(config: ExperimentConfig, manifest: Manifest, store: ItemFeatureStore) -> Any:
+    corpus = store.corpus_ids()
+    if config.alignment.exploration is CorpusDistribution.UNIFORM:
+        return CorpusSampler.uniform(corpus)
+    paths = manifest.split_paths(config.data.path, config.data.train_split)
+    counts = torch.from_numpy(item_counts(paths, store.num_items))[corpus]
+    return CorpusSampler.unigram(corpus, counts, config.alignment.exploration_alpha)
+
+
+def _build(
+    config: ExperimentConfig,
+    manifest: Manifest,
+    env: DistributedEnv,
+    reward: RewardFn | None,
+    reference_path: Path,
+) -> _AlignRun:
+    alignment = config.alignment
+    trained = replace(
+        config, train=replace(config.train, dense_lr=alignment.lr, sparse_lr=alignment.sparse_lr)
+    )
+    policy = build_sharded_model(manifest, trained, env)
+    store = ItemFeatureStore.load(config.data.path, manifest)
+    reference = load_reference(manifest, config, reference_path, env.device)
+    corpus = store.corpus_ids()
+    calls = max(1, -(-len(corpus) // config.data.eval_batch_size))
+    reference_items = torch.zeros(store.num_items, config.model.output_dim, device=env.device)
+    reference_items[corpus.to(env.device)] = embed_items(
+        reference, store, corpus, calls, user_keys(manifest, config)
+    )
+    run_dir = Path(config.run.dir)
+    return _AlignRun(
+        config=config,
+        manifest=manifest,
+        env=env,
+        policy=policy,
+        dense_optimizer=build_dense_optimizer(policy, trained),
+        reference=reference,
+        reference_items=reference_items,
+        reward=reward if reward is not None else load_reward_model(config, manifest, store),
+        store=store,
+        explorer=_explorer(config, manifest, store),
+        loader=build_event_loader(
+            loader_spec(config, config.data.train_split, train=True),
+            manifest,
+            env.rank,
+            env.world_size,
+        ),
+        checkpointer=Checkpointer(run_dir, config.checkpoint, env.rank, env.world_size),
+        run_log=RunLogger(
+            run_dir,
+            env.is_main,
+            config.logging.wandb,
+            config.logging.wandb_project,
+            config.run.name,
+            to_dict(config),
+        ),
+    )
+
+
+def _state_parts(run: _AlignRun) -> dict[str, Any]:
+    fused: Any = run.policy.fused_optimizer
+    return {
+        "model": run.policy.state_dict(),
+        "sparse_optimizer": fused.state_dict()["state"],
+        "dense_optimizer": run.dense_optimizer.state_dict()["state"],
+    }
+
+
+def _restore_or_start(run: _AlignRun, start: Path) -> None:
+    """Resumes this run's latest checkpoint (model, optimizers, loader, step), else loads the
+    start checkpoint's weights only: alignment is a new phase with fresh optimizers."""
+    latest = run.checkpointer.latest()
+    if latest is None or not run.config.checkpoint.resume:
+        meta = load_model(start, run.policy)
+        if run.env.is_main:
+            logger.info("aligning from %s (step %s)", start, meta.get("step"))
+        return
+    run.dense_optimizer.init_state()  # optimizer tensors for DCP to load into
+    parts = _state_parts(run)
+    restored = run.checkpointer.restore(parts, {}, latest)
+    assert restored is not None
+    run.policy.load_state_dict(parts["model"])
+    if restored.loader_state is not None:
+        run.loader.load_state_dict(restored.loader_state)
+    run.progress = restored.progress
+    if run.env.is_main:
+        logger.info("resumed alignment from %s at step %d", latest, run.progress.step)
+
+
+def _save(run: _AlignRun, sources: dict[str, str]) -> Path:
+    meta = {"config": to_dict(run.config), "alignment": sources}
+    return run.checkpointer.save(_state_parts(run), {}, run.progress, run.loader.state_dict(), meta)
+
+
+def _step(run: _AlignRun, batch: Batch) -> AlignmentLoss | None:
+    """One collective alignment step; None when some rank's loss was not finite (no update)."""
+    alignment, env = run.config.alignment, run.env
+    run.dense_optimizer.zero_grad()
+    generator = step_generator(run.config.seed, env.rank, run.progress.step, env.device)
+    with torch.no_grad():
+        corpus_ids, corpus = local_corpus(run.policy, run.store, run.manifest, run.config, env)
+        users = run.policy(batch.user_features, batch.item_features).user.float()
+        _, top_ids = distributed_topk(users, corpus, corpus_ids, alignment.top_n)
+        explore, _ = run.explorer.sample(batch.size * (alignment.k - alignment.top_n), generator)
+        ids, mask = sample_candidates(
+            top_ids, explore.view(batch.size, -1).to(env.device), batch.weight > 0
+        )
+        rewards = run.reward(batch.user_features, ids)
+        reference_users = run.reference.user_embeddings(batch.user_features)
+        reference_scores = (
+            torch.einsum("ud,ukd->uk", reference_users, run.reference_items[ids])
+            / run.reference.temperature()
+        )
+    out = run.policy(batch.user_features, batch.item_features, run.store.lookup(ids.reshape(-1)))
+    items = out.extra_items.view(batch.size, alignment.k, -1)
+    scores = torch.einsum("ud,ukd->uk", out.user, items) / out.temperature
+    result = alignment_loss(
+        scores, reference_scores, rewards, mask, alignment.method, alignment.kl_coefficient
+    )
+    # The fused table optimizer updates inside backward: decide before it, on every rank.
+    if any_rank_has(not bool(torch.isfinite(result.loss.detach())), env.device):
+        return None
+    result.loss.backward()
+    run.dense_optimizer.step()
+    return result
+
+
+@torch.no_grad()
+def top_k_reward(
+    model: torch.nn.Module,
+    reward: RewardFn,
+    store: ItemFeatureStore,
+    manifest: Manifest,
+    config: ExperimentConfig,
+    env: DistributedEnv,
+) -> float:
+    """Mean ranker reward of the model's top ``alignment.eval_k`` items (exact MIPS over the
+    corpus, nothing excluded) over every event of ``eval.split``; collective."""
+    was_training = model.training
+    model.eval()
+    corpus_ids, corpus = local_corpus(model, store, manifest, config, env)
+    split = config.eval.split
+    loader = build_event_loader(
+        loader_spec(config, split, train=False), manifest, env.rank, env.world_size
+    )
+    total = torch.zeros(2, dtype=torch.float64, device=env.device)
+    for batch in synchronized(loader, env, lambda: first_row_batch(manifest, config, split)):
+        users = model(batch.user_features, batch.item_features).user.float()
+        _, ids = distributed_topk(users, corpus, corpus_ids, config.alignment.eval_k)
+        live = batch.weight > 0
+        rewards = reward(batch.user_features, ids).double().mean(dim=1)
+        total += torch.stack([rewards[live].sum(), live.sum().double()])
+    dist.all_reduce(total)
+    model.train(was_training)
+    return float(total[0] / total[1].clamp(min=1.0))
+
+
+def _window(run: _AlignRun, sums: dict[str, float], steps: int) -> dict[str, float]:
+    """Means over the window's steps and over ranks; logged."""
+    keys = sorted(sums)
+    values = torch.tensor([sums[k] / steps for k in keys], dtype=torch.float64)
+    dist.all_reduce(values)
+    means = dict(zip(keys, (values / run.env.world_size).tolist(), strict=True))
+    run.run_log.log({"step": run.progress.step, "epoch": run.progress.epoch, **means})
+    if run.env.is_main:
+        logger.info(
+            "step %d: %s", run.progress.step, " ".join(f"{k} {v:.4f}" for k, v in means.items())
+        )
+    return means
+
+
+def _loop(run: _AlignRun, sources: dict[str, str]) -> list[dict[str, float]]:
+    """Steps (cycling over epochs of the train split) until ``alignment.steps``."""
+    total, env = run.config.alignment.steps, run.env
+    fallback = lambda: first_row_batch(run.manifest, run.config, run.config.data.train_split)  # noqa: E731
+    windows: list[dict[str, float]] = []
+    sums: dict[str, float] = {}
+    steps = 0
+    run.policy.train()
+    for epoch in itertools.count(run.progress.epoch):
+        if run.progress.step >= total:
+            break
+        run.progress.epoch = epoch
+        run.loader.dataset.set_epoch(epoch)
+        for batch in synchronized(run.loader, env, fallback):
+            result = _step(run, batch)
+            run.progress.step += 1
+            if result is None:
+                run.progress.skipped_steps += 1
+                if run.progress.skipped_steps > run.config.train.max_skipped_steps:
+                    raise RuntimeError(
+                        f"alignment: {run.progress.skipped_steps} steps with a non-finite loss "
+                        f"(train.max_skipped_steps={run.config.train.max_skipped_steps})"
+                    )
+            else:
+                steps += 1
+                for key, value in zip(result._fields, result, strict=True):
+                    sums[key] = sums.get(key, 0.0) + float(value.detach())
+            if run.progress.step % run.config.train.log_every_steps == 0 and steps:
+                windows.append(_window(run, sums, steps))
+                sums, steps = {}, 0
+            if run.progress.step >= total:
+                break
+            if run.checkpointer.due(run.progress.step):
+                _save(run, sources)
+    if steps:
+        windows.append(_window(run, sums, steps))
+    return windows
+
+
+def align(config: ExperimentConfig, reward: RewardFn | None = None) -> AlignResult:
+    """Aligns (or resumes aligning) the retrieval model of ``checkpoint.resume_from`` to the
+    ranker of ``alignment.reward_checkpoint`` (or to ``reward``, any callable of the same
+    interface, e.g. a test's known reward). Collective over the current process group."""
+    start, reference_path = alignment_sources(config)
+    env = init_distributed()
+    seed_everything(config.seed)
+    run_dir = Path(config.run.dir)
+    manifest = Manifest.load(config.data.path)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(config))
+    dist.barrier()
+    run = _build(config, manifest, env, reward, reference_path)
+    _restore_or_start(run, start)
+    sources = {"start": str(start), "reference": str(reference_path)}
+    sources["reward"] = str(config.alignment.reward_checkpoint)
+    before = top_k_reward(run.policy, run.reward, run.store, manifest, config, env)
+    run.run_log.start(run.progress.step or None)
+    windows = _loop(run, sources)
+    run.checkpointer.finish()
+    latest = run.checkpointer.latest()
+    done = latest is not None and latest.name == f"step-{run.progress.step}"
+    checkpoint = latest if done and latest is not None else _save(run, sources)
+    run.checkpointer.finish()
+    result = AlignResult(
+        steps=run.progress.step,
+        start_checkpoint=str(start),
+        reference_checkpoint=str(reference_path),
+        checkpoint=str(checkpoint),
+        first=windows[0] if windows else {},
+        final=windows[-1] if windows else {},
+        reward_before=before,
+        reward_after=top_k_reward(run.policy, run.reward, run.store, manifest, config, env),
+    )
+    if config.eval.at_end:
+        from trainer.evaluate import evaluate_model
+
+        result.metrics = evaluate_model(run.policy, manifest, config, env, run_dir)["model"]
+    run.run_log.log(
+        {"step": result.steps, "reward_before": before, "reward_after": result.reward_after}
+    )
+    if env.is_main:
+        (run_dir / SUMMARY_FILE).write_text(json.dumps(asdict(result), indent=2, default=float))
+        logger.info(
+            "expected ranker reward of the top %d on %s: %.4f -> %.4f",
+            config.alignment.eval_k,
+            config.eval.split,
+            before,
+            result.reward_after,
+        )
+    run.run_log.close()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print("usage: python -m trainer.align CONFIG [key=value ...]", file=sys.stderr)
+        return 2
+    configure_logging()
+    config = load_config(args[0], args[1:])
+    try:
+        result = align(config)
+        if dist.get_rank() == 0:
+            logger.info("done: %s", result)
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
