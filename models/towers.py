@@ -82,8 +82,24 @@ class Tower(nn.Module):
         self.mlp = mlp(input_dim, hidden, output_dim)
         self.l2_normalize = l2_normalize
 
+    @property
+    def hidden_dim(self) -> int:
+        """Width of the last hidden layer (the input width without hidden layers)."""
+        last = self.mlp[-1]
+        assert isinstance(last, nn.Linear)
+        return last.in_features
+
     def forward(self, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
         """pooled: feature -> [B, d_f]. Returns [B, D]."""
-        features = torch.cat([pooled[name] for name in self.feature_names], dim=1)
-        out = self.mlp(features)
-        return nn.functional.normalize(out, dim=1) if self.l2_normalize else out
+        return self.forward_with_hidden(pooled)[1]
+
+    def forward_with_hidden(
+        self, pooled: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """pooled: feature -> [B, d_f]. Returns (last hidden layer [B, H], output [B, D])."""
+        hidden = torch.cat([pooled[name] for name in self.feature_names], dim=1)
+        *hidden_layers, output_layer = self.mlp.children()
+        for layer in hidden_layers:
+            hidden = layer(hidden)
+        out = output_layer(hidden)
+        return hidden, nn.functional.normalize(out, dim=1) if self.l2_normalize else out

@@ -13,6 +13,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingCollection, KeyedJaggedTen
 
 from data_pipeline.derived import history_feature_tables
 from data_pipeline.schema import ITEM_ID, EventSchema
+from models.light_ranker import LightRankingHead
 from models.sequence_arch import HistoryArch, sequence_feature_names, sequence_table_configs
 from models.temperature import Temperature
 from models.towers import Tower, table_configs
@@ -30,12 +31,14 @@ class TowerOutputs(NamedTuple):
         item: [B, D] embeddings of the batch's items.
         extra_items: [E, D] embeddings of extra items (sampled / hard negatives); [0, D] if none.
         temperature: [] the softmax temperature (learned or fixed).
+        ranker_user: [B, NU, D] the light ranking head's user embeddings; None without it.
     """
 
     user: torch.Tensor
     item: torch.Tensor
     extra_items: torch.Tensor
     temperature: torch.Tensor
+    ranker_user: torch.Tensor | None = None
 
 
 def select_keys(features: KeyedJaggedTensor, keys: list[str]) -> KeyedJaggedTensor:
@@ -118,6 +121,15 @@ class TwoTowerModel(nn.Module):
         )
         low, high = config.temperature_range
         self.temperature = Temperature(config.temperature, config.learn_temperature, low, high)
+        self.light_head: LightRankingHead | None = None
+        if config.light_head.enabled:
+            self.light_head = LightRankingHead(
+                self.user_tower.hidden_dim,
+                config.output_dim,
+                config.light_head.num_embeddings,
+                config.light_head.hidden,
+                len(schema.labels),
+            )
 
     def forward(
         self,
@@ -132,9 +144,14 @@ class TwoTowerModel(nn.Module):
         if extra_item_features is not None:
             features = stack_rows(features, extra_item_features)
         embeddings = self._lookup(features, rows)
-        user = self.user_tower({k: v[:rows] for k, v in embeddings.items()})
+        user_hidden, user = self.user_tower.forward_with_hidden(
+            {k: v[:rows] for k, v in embeddings.items()}
+        )
         items = self.item_tower(embeddings)
-        return TowerOutputs(user, items[:rows], items[rows:], self.temperature())
+        ranker_user = None
+        if self.light_head is not None:
+            ranker_user = self.light_head.project_user(user_hidden)
+        return TowerOutputs(user, items[:rows], items[rows:], self.temperature(), ranker_user)
 
     def user_embeddings(self, user_features: KeyedJaggedTensor) -> torch.Tensor:
         """The user tower alone (serving): [B, D], equal to ``forward(...).user`` of any batch

@@ -122,6 +122,24 @@ class HistoryConfig:
 
 
 @dataclass
+class LightHeadConfig:
+    """The light ranking head inside retrieval (``models/light_ranker.py``): the user tower also
+    emits ``num_embeddings`` ranker embeddings; per candidate item, target-aware attention over
+    them, then [item, attended user, per-embedding scores, retrieval score] -> MLP -> one logit
+    per label, trained with BCE (weight ``loss_weight``) on the logged row's labels plus
+    ``negatives_per_row`` other in-batch items labelled 0. Evaluation also reports the list
+    reranked by the head's net user value: ``num_knn_items`` retrieved, ``num_items`` kept."""
+
+    enabled: bool = False
+    num_embeddings: int = 4
+    hidden: list[int] = field(default_factory=lambda: [64])
+    loss_weight: float = 1.0
+    negatives_per_row: int = 4
+    num_knn_items: int = 100
+    num_items: int = 20
+
+
+@dataclass
 class ModelConfig:
     embedding_dim: int = 64
     # Per-table embedding dimension overrides, e.g. {item_id: 128}.
@@ -135,6 +153,7 @@ class ModelConfig:
     temperature_range: list[float] = field(default_factory=lambda: [0.01, 1.0])
     l2_normalize: bool = True
     history: HistoryConfig = field(default_factory=HistoryConfig)
+    light_head: LightHeadConfig = field(default_factory=LightHeadConfig)
 
 
 @dataclass
@@ -435,6 +454,7 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
     _validate_negatives(config.negatives, fail)
     _validate_ranker(config.ranker, fail)
     _validate_alignment(config.alignment, fail)
+    _validate_light_head(config, fail)
 
 
 def _validate_alignment(alignment: AlignmentConfig, fail: Callable[[str, str], None]) -> None:
@@ -467,6 +487,31 @@ def _validate_ranker(ranker: RankerConfig, fail: Callable[[str, str], None]) -> 
         fail("ranker.mlp", f"hidden widths must be >= 1, got {ranker.mlp}")
     if ranker.sampled_negatives < 0:
         fail("ranker.sampled_negatives", "must be >= 0")
+
+
+def _validate_light_head(config: ExperimentConfig, fail: Callable[[str, str], None]) -> None:
+    head = config.model.light_head
+    if not head.enabled:
+        return
+    if head.num_embeddings < 1:
+        fail("model.light_head.num_embeddings", "must be >= 1")
+    if any(width < 1 for width in head.hidden):
+        fail("model.light_head.hidden", f"hidden widths must be >= 1, got {head.hidden}")
+    if head.loss_weight <= 0:
+        fail("model.light_head.loss_weight", "must be > 0 (disable the head with enabled=false)")
+    if not 0 <= head.negatives_per_row < config.data.batch_size:
+        fail(
+            "model.light_head.negatives_per_row",
+            f"must be in [0, data.batch_size={config.data.batch_size})",
+        )
+    if head.num_items < 1:
+        fail("model.light_head.num_items", "must be >= 1")
+    if head.num_knn_items < head.num_items:
+        fail(
+            "model.light_head.num_knn_items",
+            f"must be >= model.light_head.num_items ({head.num_items}): the head reranks the "
+            "retrieved items",
+        )
 
 
 def _validate_checkpoint(checkpoint: CheckpointConfig, fail: Callable[[str, str], None]) -> None:

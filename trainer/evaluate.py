@@ -30,9 +30,11 @@ from data_pipeline.loader import build_event_loader
 from data_pipeline.manifest import Manifest
 from data_pipeline.reader import list_work_units, read_unit
 from data_pipeline.schema import ITEM_ID, USER_ID, SchemaError, Side
-from trainer.build import batch_builder, loader_spec
+from models.light_ranker import head_module
+from trainer.build import batch_builder, label_weights, loader_spec
 from trainer.config import ExperimentConfig
 from trainer.distributed import DistributedEnv
+from trainer.light_rerank import pad_columns, reranked_topk
 from trainer.metrics import (
     HEAD_FRACTION,
     MetricCutoffs,
@@ -109,25 +111,33 @@ def embed_queries(
     config: ExperimentConfig,
     env: DistributedEnv,
     split: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """This rank's share of the eval split through the user tower.
 
-    Returns: (user ids [q_r], target item ids [q_r], query embeddings [q_r, D]).
+    Returns: (user ids [q_r], target item ids [q_r], query embeddings [q_r, D], light-head
+    ranker embeddings [q_r, NU, D] or None without the head).
     """
     loader = build_event_loader(
         loader_spec(config, split, train=False), manifest, env.rank, env.world_size
     )
-    users, targets, embeddings = [], [], []
+    users, targets, embeddings, ranker = [], [], [], []
     for batch in synchronized(loader, env, lambda: first_row_batch(manifest, config, split)):
-        user_embeddings = model(batch.user_features, batch.item_features).user
+        outputs = model(batch.user_features, batch.item_features)
         real = batch.weight > 0
         users.append(batch.user_ids[real])
         targets.append(batch.item_ids[real])
-        embeddings.append(user_embeddings[real].float())
+        embeddings.append(outputs.user[real].float())
+        if outputs.ranker_user is not None:
+            ranker.append(outputs.ranker_user[real].float())
+    ranker_queries = torch.cat(ranker) if ranker else None
     if not embeddings:
         empty = torch.zeros(0, dtype=torch.int64, device=env.device)
-        return empty, empty, torch.zeros(0, config.model.output_dim, device=env.device)
-    return torch.cat(users), torch.cat(targets), torch.cat(embeddings)
+        dim = config.model.output_dim
+        if config.model.light_head.enabled:
+            heads = config.model.light_head.num_embeddings
+            ranker_queries = torch.zeros(0, heads, dim, device=env.device)
+        return empty, empty, torch.zeros(0, dim, device=env.device), ranker_queries
+    return torch.cat(users), torch.cat(targets), torch.cat(embeddings), ranker_queries
 
 
 @torch.no_grad()
@@ -283,13 +293,16 @@ def evaluate_model(
     run_dir: Path,
     split: str | None = None,
 ) -> dict[str, Any]:
-    """Collective. Writes ``metrics.json`` (rank 0) and returns {model, popularity, ...}."""
+    """Collective. Writes ``metrics.json`` (rank 0) and returns {model, popularity, ...}; with
+    the light ranking head also ``reranked``: the metrics of ``model.light_head.num_items``
+    items reranked by the head out of ``num_knn_items`` retrieved (cutoffs beyond num_items
+    count only those items)."""
     split = split or config.eval.split
     model.eval()
     k = max(config.eval.ks)
     num_items = manifest.tables["item_id"]
     corpus_ids, corpus = embed_corpus(model, manifest, config, env)
-    users, targets, queries = embed_queries(model, manifest, config, env, split)
+    users, targets, queries, ranker_queries = embed_queries(model, manifest, config, env, split)
     train_pairs = read_split_columns(
         config.data.path, manifest, config.data.train_split, [USER_ID, ITEM_ID]
     )
@@ -317,6 +330,15 @@ def evaluate_model(
         "head_fraction": HEAD_FRACTION,
         "model": _score_ranking(topk_ids, targets, config.eval.ks, num_items, tail, env.device),
     }
+    head = head_module(model)
+    if head is not None and ranker_queries is not None:
+        weights = label_weights(manifest, config)
+        _, reranked = reranked_topk(
+            head, queries, ranker_queries, corpus_ids, corpus, weights, config, exclude
+        )
+        results["reranked"] = _score_ranking(
+            pad_columns(reranked, k), targets, config.eval.ks, num_items, tail, env.device
+        )
     popularity = torch.from_numpy(counts)
     _, pop_ids = distributed_topk(
         torch.ones(len(targets), 1, device=env.device),
@@ -344,13 +366,18 @@ def evaluate_model(
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """Metric rows, model vs. most-popular baseline."""
+    """Metric rows, model vs. most-popular baseline (and the light head's reranked list)."""
     names = list(results["model"])
-    lines = [f"{'metric':<14}{'two-tower':>12}{'most-popular':>14}{'ratio':>9}"]
+    reranked = results.get("reranked")
+    header = f"{'metric':<14}{'two-tower':>12}{'most-popular':>14}{'ratio':>9}"
+    lines = [header + (f"{'reranked':>11}" if reranked else "")]
     for name in names:
         ours, base = results["model"][name], results["popularity"].get(name, float("nan"))
         ratio = ours / base if base else float("inf")
-        lines.append(f"{name:<14}{ours:>12.4f}{base:>14.4f}{ratio:>9.2f}")
+        line = f"{name:<14}{ours:>12.4f}{base:>14.4f}{ratio:>9.2f}"
+        if reranked:
+            line += f"{reranked.get(name, float('nan')):>11.4f}"
+        lines.append(line)
     lines.append(
         f"({results['num_queries']} queries on '{results['split']}', {results['num_items']} items)"
     )

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from data_pipeline.batch import Batch
 from data_pipeline.manifest import Manifest
+from models.light_ranker import light_head_loss
 from models.losses import net_user_value
 from models.retrieval_loss import retrieval_loss
 from trainer.config import ExperimentConfig
@@ -74,6 +75,7 @@ def train_step(model: torch.nn.Module, batch: Batch, step: int, ctx: StepContext
     scored, in_batch = ctx.negatives.score(outputs, batch, extra, step)
     row_weights = net_user_value(batch.labels, ctx.label_weights) * batch.weight
     loss = retrieval_loss(scored, outputs.temperature, row_weights, ctx.config.loss, generator)
+    loss = loss + light_head_loss(model, outputs, batch, ctx.config)
     local_bad = not bool(torch.isfinite(loss.detach()))
     any_bad, stop = _vote(local_bad, ctx.stop is not None and ctx.stop.requested, ctx.env)
     if any_bad:
