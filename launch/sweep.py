@@ -15,6 +15,25 @@ Experiment file (YAML; unknown keys, wrong types and missing values are errors n
       - name: + logQ
         overrides: [negatives.log_q.enabled=true]
 
+Funnel experiments add a ranker per dataset and alignment stages::
+
+    datasets:
+      ml-100k:
+        config: configs/movielens_100k.yaml
+        ranker: {config: configs/ranker_movielens_100k.yaml, overrides: [train.epochs=2]}
+    variants:
+      - name: base
+      - name: + KD
+        overrides: [distillation.listwise.teacher={ranker}]   # {ranker}: its run directory
+      - name: + reward alignment
+        stage: align                  # python -m trainer.align, starting from ...
+        start: base                   # ... this earlier variant's run (same seed)
+
+The ranker trains first (``<out>/<dataset>/ranker``, not a table row); every variant then also
+reports funnel consistency against it (``eval.funnel.ranker``: overlap@10, NDCG vs the ranker, and
+vs the truth on synthetic worlds), and an ``align`` variant gets ``checkpoint.resume_from`` and
+``alignment.reward_checkpoint`` set. A light ranking head's reranked list is its own row.
+
 Paths are relative to the working directory, like the paths inside configs. One run is
 ``python -m trainer.train CONFIG <dataset overrides> <variant overrides> run.dir=... logging.wandb=false
 train.progress_bar=false eval.at_end=true`` (under torchrun for ``--nproc`` > 1), its output in
@@ -68,12 +87,37 @@ DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 EXCEPTION_LINE = re.compile(r"(\[rank\d+\]:\s*)?[\w.]*(Error|Exception|Interrupt|Exit)\b.*:")
 
 
+class Stage(enum.Enum):
+    """What a variant runs: ``train`` a retrieval model, or ``align`` one (``trainer.align``)
+    starting from the run of an earlier variant (``start``)."""
+
+    TRAIN = "train"
+    ALIGN = "align"
+
+
+STAGE_MODULES = {Stage.TRAIN: "trainer.train", Stage.ALIGN: "trainer.align"}
+STAGE_SUMMARIES = {Stage.TRAIN: SUMMARY_FILE, Stage.ALIGN: "align_summary.json"}
+RANKER_MODULE, RANKER_METRICS = "trainer.ranker_train", "ranker_metrics.json"
+RANKER_PLACEHOLDER = "{ranker}"
+
+
+@dataclass
+class RankerSpec:
+    """A ranking model trained once per dataset before its variants (``twotower train-ranker``):
+    every variant then reports funnel consistency against it, and ``{ranker}`` in a variant's
+    overrides (a teacher, a reward model) is its run directory."""
+
+    config: str = MISSING
+    overrides: list[str] = field(default_factory=list)
+
+
 @dataclass
 class DatasetSpec:
     """One dataset of a sweep: its base config file and the overrides every variant shares."""
 
     config: str = MISSING
     overrides: list[str] = field(default_factory=list)
+    ranker: RankerSpec | None = None
 
 
 @dataclass
@@ -86,6 +130,8 @@ class VariantSpec:
     name: str = MISSING
     overrides: list[str] = field(default_factory=list)
     datasets: list[str] = field(default_factory=list)
+    stage: Stage = Stage.TRAIN
+    start: str | None = None  # align: the earlier variant whose run is the start checkpoint
 
 
 @dataclass
@@ -114,6 +160,10 @@ class PlannedRun:
     overrides: tuple[str, ...]
     run_dir: Path
     seed: int
+    module: str = "trainer.train"
+    metrics_file: str = METRICS_FILE
+    summary_file: str = SUMMARY_FILE
+    in_table: bool = True  # False: a dataset's ranker, trained for the variants
 
     @property
     def log_path(self) -> Path:
@@ -146,6 +196,7 @@ class Source(enum.Enum):
 
     EVAL = "eval"  # the ranking's entry of metrics.json ("model" or "popularity")
     TRAIN = "train"  # train_summary.json (no value for the baseline)
+    FUNNEL = "funnel"  # metrics.json "funnel" (against the dataset's ranker; model rows only)
 
 
 @dataclass(frozen=True)
@@ -166,6 +217,10 @@ COLUMNS = (
     Column("tail Recall@50", Source.EVAL, "tail_recall@50"),
     Column("coverage@10", Source.EVAL, "coverage@10"),
     Column("samples/s", Source.TRAIN, "samples_per_second", ",.0f"),
+    # Shown only when some run measured them (a dataset with a ranker; truth: synthetic worlds).
+    Column("ranker top-10 in top-100", Source.FUNNEL, "overlap@10"),
+    Column("NDCG@10 vs ranker", Source.FUNNEL, "ranker_ndcg@10"),
+    Column("NDCG@10 vs truth", Source.FUNNEL, "truth_ndcg@10"),
 )
 
 
@@ -256,6 +311,28 @@ def _validate(spec: SweepSpec, source: str) -> None:
                     f"{where}.overrides",
                     f"variants share their dataset's '{key}'; set it in the dataset's overrides",
                 )
+        _validate_stage(spec, index, fail)
+
+
+def _validate_stage(spec: SweepSpec, index: int, fail: Callable[[str, str], None]) -> None:
+    """An align variant starts from an earlier train variant; ``{ranker}`` needs a ranker."""
+    variant = spec.variants[index]
+    where = f"variants[{index}] ('{variant.name}')"
+    earlier = {v.name: v for v in spec.variants[:index]}
+    if variant.stage is Stage.ALIGN:
+        start = earlier.get(variant.start or "")
+        if start is None or start.stage is not Stage.TRAIN:
+            fail(f"{where}.start", "name an earlier variant of stage 'train' to align")
+    elif variant.start is not None:
+        fail(f"{where}.start", "only an 'align' variant starts from another variant")
+    needs_ranker = variant.stage is Stage.ALIGN or any(
+        RANKER_PLACEHOLDER in o for o in variant.overrides
+    )
+    if needs_ranker:
+        names = variant.datasets or list(spec.datasets)
+        missing = [n for n in names if spec.datasets[n].ranker is None]
+        if missing:
+            fail(f"{where}", f"needs a ranker, but datasets {missing} declare none ('ranker:')")
 
 
 def _override_keys(overrides: Sequence[str]) -> list[str]:
@@ -292,17 +369,20 @@ def plan_sweep(
     runs = []
     for dataset_name in chosen_datasets:
         dataset = spec.datasets[dataset_name]
+        ranker_dir = Path(spec.out) / dataset_name / "ranker" if dataset.ranker else None
+        if dataset.ranker is not None and ranker_dir is not None:
+            runs.append(_plan_ranker(dataset_name, dataset.ranker, ranker_dir))
         seeds: list[int | None] = list(spec.seeds) or [None]
         for variant, seed in itertools.product(chosen_variants, seeds):
             if variant.datasets and dataset_name not in variant.datasets:
                 continue
-            run_dir = Path(spec.out) / dataset_name / slugify(variant.name)
-            seeded: tuple[str, ...] = ()
-            if seed is not None:
-                run_dir, seeded = run_dir / f"seed-{seed}", (f"seed={seed}",)
+            run_dir = _variant_dir(spec, dataset_name, variant.name, seed)
+            seeded: tuple[str, ...] = () if seed is None else (f"seed={seed}",)
+            own = [o.replace(RANKER_PLACEHOLDER, str(ranker_dir)) for o in variant.overrides]
             overrides = (
                 *dataset.overrides,
-                *variant.overrides,
+                *own,
+                *_stage_overrides(spec, dataset_name, variant, seed, ranker_dir),
                 *seeded,
                 f"run.dir={run_dir}",
                 "logging.wandb=false",
@@ -317,10 +397,63 @@ def plan_sweep(
                 ) from error
             runs.append(
                 PlannedRun(
-                    dataset_name, variant.name, dataset.config, overrides, run_dir, config.seed
+                    dataset_name,
+                    variant.name,
+                    dataset.config,
+                    overrides,
+                    run_dir,
+                    config.seed,
+                    module=STAGE_MODULES[variant.stage],
+                    summary_file=STAGE_SUMMARIES[variant.stage],
                 )
             )
     return runs
+
+
+def _variant_dir(spec: SweepSpec, dataset: str, variant: str, seed: int | None) -> Path:
+    run_dir = Path(spec.out) / dataset / slugify(variant)
+    return run_dir if seed is None else run_dir / f"seed-{seed}"
+
+
+def _stage_overrides(
+    spec: SweepSpec,
+    dataset: str,
+    variant: VariantSpec,
+    seed: int | None,
+    ranker_dir: Path | None,
+) -> list[str]:
+    """Funnel metrics against the dataset's ranker; an align variant's start and reward."""
+    extra = [] if ranker_dir is None else [f"eval.funnel.ranker={ranker_dir}"]
+    if variant.stage is Stage.ALIGN:
+        assert variant.start is not None and ranker_dir is not None
+        start = _variant_dir(spec, dataset, variant.start, seed)
+        extra += [f"checkpoint.resume_from={start}", f"alignment.reward_checkpoint={ranker_dir}"]
+    return extra
+
+
+def _plan_ranker(dataset: str, ranker: RankerSpec, run_dir: Path) -> PlannedRun:
+    overrides = (
+        *ranker.overrides,
+        f"run.dir={run_dir}",
+        "logging.wandb=false",
+        "train.progress_bar=false",
+    )
+    try:
+        config = load_config(ranker.config, list(overrides))
+    except ConfigError as error:
+        raise ConfigError(f"dataset '{dataset}', ranker: {error}") from error
+    return PlannedRun(
+        dataset,
+        "ranker",
+        ranker.config,
+        overrides,
+        run_dir,
+        config.seed,
+        module=RANKER_MODULE,
+        metrics_file=RANKER_METRICS,
+        summary_file=RANKER_METRICS,
+        in_table=False,
+    )
 
 
 T = TypeVar("T")
@@ -347,15 +480,15 @@ def _select(
 def train_command(run: PlannedRun, nproc: int) -> list[str]:
     """The trainer's command line: a bare process for 1 rank, torchrun for more."""
     if nproc == 1:
-        return [sys.executable, "-m", "trainer.train", run.config, *run.overrides]
-    return torchrun_command(nproc, run.config, list(run.overrides))
+        return [sys.executable, "-m", run.module, run.config, *run.overrides]
+    return torchrun_command(nproc, run.config, list(run.overrides), module=run.module)
 
 
 def execute(run: PlannedRun, nproc: int) -> RunOutcome:
     """Train one run in a subprocess (output to its train.log) and read what it wrote."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
     # A result left by an earlier sweep must not pass for this run's.
-    for stale in (METRICS_FILE, SUMMARY_FILE):
+    for stale in (run.metrics_file, run.summary_file):
         (run.run_dir / stale).unlink(missing_ok=True)
     command = train_command(run, nproc)
     start = time.perf_counter()
@@ -364,18 +497,18 @@ def execute(run: PlannedRun, nproc: int) -> RunOutcome:
         log.flush()
         returncode = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
     outcome = RunOutcome(run, RunStatus.OK, returncode, time.perf_counter() - start, command)
-    metrics_path, summary_path = run.run_dir / METRICS_FILE, run.run_dir / SUMMARY_FILE
+    metrics_path, summary_path = run.run_dir / run.metrics_file, run.run_dir / run.summary_file
     outcome.failure_line = failure_line(run.log_path.read_text(errors="replace"))
     if returncode != 0:
         outcome.status, outcome.error = RunStatus.FAILED, f"exit code {returncode}"
     elif not metrics_path.exists():
-        outcome.status, outcome.error = RunStatus.FAILED, f"no {METRICS_FILE} written"
+        outcome.status, outcome.error = RunStatus.FAILED, f"no {run.metrics_file} written"
     else:
         outcome.metrics = json.loads(metrics_path.read_text())
         if summary_path.exists():
             outcome.summary = json.loads(summary_path.read_text())
         else:
-            logger.warning("%s: no %s; samples/s left empty", run.run_dir, SUMMARY_FILE)
+            logger.warning("%s: no %s; samples/s left empty", run.run_dir, run.summary_file)
     return outcome
 
 
@@ -442,10 +575,13 @@ def run_sweep(
 
 def results_table(outcomes: Sequence[RunOutcome]) -> str:
     """Markdown table: one row per variant (mean ± standard deviation over its seeds when it ran
-    with several), then the most-popular baseline (taken from the first successful run; every
-    variant of a dataset evaluates the same queries)."""
-    header = ["variant", *(column.title for column in COLUMNS)]
-    lines = [_row(header), "|---|" + "---:|" * len(COLUMNS)]
+    with several; a light head's reranked list as its own row), then the most-popular baseline
+    (taken from the first successful run; every variant of a dataset evaluates the same
+    queries). Runs outside the table (a dataset's ranker) are skipped."""
+    outcomes = [o for o in outcomes if o.run.in_table]
+    columns = [c for c in COLUMNS if c.source is not Source.FUNNEL or _measured(outcomes, c)]
+    header = ["variant", *(column.title for column in columns)]
+    lines = [_row(header), "|---|" + "---:|" * len(columns)]
     groups: dict[str, list[RunOutcome]] = {}
     for outcome in outcomes:
         groups.setdefault(outcome.run.variant, []).append(outcome)
@@ -453,14 +589,20 @@ def results_table(outcomes: Sequence[RunOutcome]) -> str:
         failed = [o for o in group if o.status is not RunStatus.OK]
         if failed:
             failure = f"**failed** ({failed[0].error}): `{failed[0].run.log_path}`"
-            cells = [failure, *[""] * (len(COLUMNS) - 1)]
-        else:
-            cells = [_cell(group, column, "model") for column in COLUMNS]
-        lines.append(_row([variant, *cells]))
+            lines.append(_row([variant, failure, *[""] * (len(columns) - 1)]))
+            continue
+        lines.append(_row([variant, *(_cell(group, c, "model") for c in columns)]))
+        if all("reranked" in o.metrics for o in group):
+            cells = [_cell(group, c, "reranked") for c in columns]
+            lines.append(_row([f"{variant} (reranked by the light head)", *cells]))
     done = [o for o in outcomes if o.status is RunStatus.OK]
     if done:
-        lines.append(_row([BASELINE_ROW, *(_cell(done[:1], c, "popularity") for c in COLUMNS)]))
+        lines.append(_row([BASELINE_ROW, *(_cell(done[:1], c, "popularity") for c in columns)]))
     return "\n".join(lines)
+
+
+def _measured(outcomes: Sequence[RunOutcome], column: Column) -> bool:
+    return any(column.key in o.metrics.get("funnel", {}) for o in outcomes)
 
 
 def _cell(group: Sequence[RunOutcome], column: Column, ranking: str) -> str:
@@ -469,6 +611,10 @@ def _cell(group: Sequence[RunOutcome], column: Column, ranking: str) -> str:
     for outcome in group:
         if column.source is Source.TRAIN:
             value = outcome.summary.get(column.key) if ranking == "model" else None
+        elif column.source is Source.FUNNEL:
+            value = (
+                outcome.metrics.get("funnel", {}).get(column.key) if ranking == "model" else None
+            )
         else:
             value = outcome.metrics.get(ranking, {}).get(column.key)
         if value is None:
@@ -486,7 +632,7 @@ def _row(cells: Sequence[str]) -> str:
 
 def write_results(dataset_dir: Path, title: str, outcomes: Sequence[RunOutcome]) -> None:
     """``results.md`` (heading, base config, table) and ``results.json`` under ``dataset_dir``."""
-    first = outcomes[0].run
+    first = next((o.run for o in outcomes if o.run.in_table), outcomes[0].run)
     dataset_dir.mkdir(parents=True, exist_ok=True)
     heading = (
         f"# {title}: {first.dataset}\n\n"
@@ -495,7 +641,7 @@ def write_results(dataset_dir: Path, title: str, outcomes: Sequence[RunOutcome])
         "results.json.\n\n"
     )
     (dataset_dir / "results.md").write_text(heading + results_table(outcomes) + "\n")
-    done = [o for o in outcomes if o.status is RunStatus.OK]
+    done = [o for o in outcomes if o.status is RunStatus.OK and o.run.in_table]
     document = {
         "title": title,
         "dataset": first.dataset,

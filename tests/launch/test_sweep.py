@@ -16,6 +16,7 @@ from launch.sweep import (
     PlannedRun,
     RunOutcome,
     RunStatus,
+    Source,
     failure_line,
     load_sweep,
     plan_sweep,
@@ -200,7 +201,8 @@ def test_results_table_rows_failures_and_baseline(tmp_path: Path) -> None:
         [outcome("a|b", RunStatus.OK, 0.5), outcome("broken", RunStatus.FAILED, 0.0)]
     ).splitlines()
     assert table[0].startswith("| variant | Recall@10 | Recall@50 |")
-    assert table[2] == "| a\\|b | " + " | ".join(["0.5000"] * (len(COLUMNS) - 1)) + " | 12,346 |"
+    shown = [c for c in COLUMNS if c.source is not Source.FUNNEL]  # no run measured the funnel
+    assert table[2] == "| a\\|b | " + " | ".join(["0.5000"] * (len(shown) - 1)) + " | 12,346 |"
     assert table[3].startswith("| broken | **failed** (exit code 1): `") and "broken" in table[3]
     assert table[4].startswith(f"| {BASELINE_ROW} | 0.0100 | 0.5000 |") and table[4].endswith(
         "| — |"
@@ -254,7 +256,7 @@ def test_sweep_end_to_end_two_variants_and_a_failure(
     rows = {line.split(" | ")[0][2:]: line for line in out.splitlines() if line.startswith("| ")}
     for name in ("t=0.1", "+ hotter", BASELINE_ROW):
         cells = rows[name].strip("| ").split(" | ")[1:]
-        assert len(cells) == len(COLUMNS)
+        assert len(cells) == len([c for c in COLUMNS if c.source is not Source.FUNNEL])
         assert all(float(cell.replace(",", "")) >= 0 for cell in cells[:-1]), rows[name]
     assert float(rows["t=0.1"].split(" | ")[-1].strip(" |").replace(",", "")) > 0  # samples/s
     assert "**failed** (exit code 1)" in rows["broken"]
@@ -271,3 +273,75 @@ def test_sweep_end_to_end_two_variants_and_a_failure(
     assert by_name["t=0.1"]["metrics"]["model"] != by_name["+ hotter"]["metrics"]["model"]
     assert results["seeds"] == [0] and "recall@10" in results["popularity"]
     assert "| t=0.1 |" in (dataset_dir / "results.md").read_text()
+
+
+FUNNEL = (
+    "    ranker: {config: RANKER, overrides: [train.epochs=1]}\n"
+    "variants:\n"
+    "  - {name: base}\n"
+    "  - {name: + KD, overrides: ['run.name={ranker}']}\n"
+    "  - {name: + aligned, stage: align, start: base}\n"
+)
+
+
+def test_funnel_sweep_plans_the_ranker_first_and_wires_its_stages(tmp_path: Path) -> None:
+    _tiny_config(tmp_path, tmp_path / "data")
+    body = FUNNEL.replace("RANKER", str(tmp_path / "tiny.yaml"))
+    runs = plan_sweep(load_sweep(_experiment(tmp_path, body)))
+    ranker, base, kd, aligned = runs
+    ranker_dir = tmp_path / "sweep" / "tiny" / "ranker"
+    assert (ranker.module, ranker.run_dir, ranker.in_table) == (
+        "trainer.ranker_train",
+        ranker_dir,
+        False,
+    )
+    assert "train.epochs=1" in ranker.overrides
+    for run in (base, kd, aligned):
+        assert f"eval.funnel.ranker={ranker_dir}" in run.overrides
+    assert f"run.name={ranker_dir}" in kd.overrides  # {ranker} substituted
+    assert aligned.module == "trainer.align" and aligned.summary_file == "align_summary.json"
+    assert f"checkpoint.resume_from={base.run_dir}" in aligned.overrides
+    assert f"alignment.reward_checkpoint={ranker_dir}" in aligned.overrides
+    assert train_command(aligned, 1)[1:3] == ["-m", "trainer.align"]
+
+
+@pytest.mark.parametrize(
+    "variants,message",
+    [
+        ("  - {name: a, stage: align}\n", "variants[0] ('a').start"),
+        ("  - {name: a}\n  - {name: b, stage: align, start: c}\n", "variants[1] ('b').start"),
+        ("  - {name: a, start: a}\n", "only an 'align' variant"),
+        ("  - {name: a, overrides: ['run.name={ranker}']}\n", "declare none"),
+    ],
+)
+def test_stage_errors_name_the_variant(tmp_path: Path, variants: str, message: str) -> None:
+    _tiny_config(tmp_path, tmp_path / "data")
+    with pytest.raises(
+        ConfigError,
+        match=message.replace("(", r"\(")
+        .replace(")", r"\)")
+        .replace("[", r"\[")
+        .replace("]", r"\]"),
+    ):
+        load_sweep(_experiment(tmp_path, "variants:\n" + variants))
+
+
+def test_funnel_columns_and_reranked_rows_appear_when_measured(tmp_path: Path) -> None:
+    run = PlannedRun("tiny", "head", "c.yaml", (), tmp_path / "head", 0)
+    metrics = {
+        "model": {"hr@10": 0.2},
+        "reranked": {"hr@10": 0.3},
+        "popularity": {"hr@10": 0.1},
+        "funnel": {"overlap@10": 0.7, "ranker_ndcg@10": 0.6},
+    }
+    ranker_run = PlannedRun("tiny", "ranker", "r.yaml", (), tmp_path / "ranker", 0, in_table=False)
+    outcomes = [
+        RunOutcome(ranker_run, RunStatus.OK, 0, 1.0, [], metrics={"auc/click": 0.9}),
+        RunOutcome(run, RunStatus.OK, 0, 1.0, [], metrics=metrics),
+    ]
+    table = results_table(outcomes).splitlines()
+    assert "ranker top-10 in top-100" in table[0] and "NDCG@10 vs ranker" in table[0]
+    assert "NDCG@10 vs truth" not in table[0]
+    assert table[2].startswith("| head |") and table[2].endswith("| 0.7000 | 0.6000 |")
+    assert table[3].startswith("| head (reranked by the light head) |") and "0.3000" in table[3]
+    assert table[4].startswith(f"| {BASELINE_ROW} |") and len(table) == 5
