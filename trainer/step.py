@@ -19,6 +19,7 @@ from data_pipeline.manifest import Manifest
 from models.losses import net_user_value
 from models.retrieval_loss import retrieval_loss
 from trainer.config import ExperimentConfig
+from trainer.distillation import Distillation
 from trainer.distributed import DistributedEnv
 from trainer.negative_sampling import NegativeSampling, step_generator
 from trainer.signals import StopSignals
@@ -39,6 +40,8 @@ class StepContext:
         env: this rank (seeds the step's random draws; device for the vote).
         stop: stop requests by signal (None: none caught).
         bad_batch_dir: where a batch with a non-finite loss is saved.
+        distillation: losses from the ranker; None builds them from ``config.distillation``
+            (every rank constructs its context, so a collective teacher load is safe).
     """
 
     dense_optimizer: torch.optim.Optimizer
@@ -49,6 +52,11 @@ class StepContext:
     env: DistributedEnv
     stop: StopSignals | None = None
     bad_batch_dir: Path | None = None
+    distillation: Distillation | None = None
+
+    def __post_init__(self) -> None:
+        if self.distillation is None:
+            self.distillation = Distillation.build(self.config, self.manifest, self.env)
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,8 @@ def train_step(model: torch.nn.Module, batch: Batch, step: int, ctx: StepContext
     scored, in_batch = ctx.negatives.score(outputs, batch, extra, step)
     row_weights = net_user_value(batch.labels, ctx.label_weights) * batch.weight
     loss = retrieval_loss(scored, outputs.temperature, row_weights, ctx.config.loss, generator)
+    if ctx.distillation is not None:
+        loss = loss + ctx.distillation.loss(batch, scored, outputs.temperature, generator)
     local_bad = not bool(torch.isfinite(loss.detach()))
     any_bad, stop = _vote(local_bad, ctx.stop is not None and ctx.stop.requested, ctx.env)
     if any_bad:
