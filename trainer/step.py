@@ -20,6 +20,7 @@ from models.light_ranker import light_head_loss
 from models.losses import net_user_value
 from models.retrieval_loss import retrieval_loss
 from trainer.config import ExperimentConfig
+from trainer.distillation import Distillation
 from trainer.distributed import DistributedEnv
 from trainer.negative_sampling import NegativeSampling, step_generator
 from trainer.signals import StopSignals
@@ -40,6 +41,8 @@ class StepContext:
         env: this rank (seeds the step's random draws; device for the vote).
         stop: stop requests by signal (None: none caught).
         bad_batch_dir: where a batch with a non-finite loss is saved.
+        distillation: losses from the ranker; None builds them from ``config.distillation``
+            (every rank constructs its context, so a collective teacher load is safe).
     """
 
     dense_optimizer: torch.optim.Optimizer
@@ -50,6 +53,11 @@ class StepContext:
     env: DistributedEnv
     stop: StopSignals | None = None
     bad_batch_dir: Path | None = None
+    distillation: Distillation | None = None
+
+    def __post_init__(self) -> None:
+        if self.distillation is None:
+            self.distillation = Distillation.build(self.config, self.manifest, self.env)
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,8 @@ def train_step(model: torch.nn.Module, batch: Batch, step: int, ctx: StepContext
     row_weights = net_user_value(batch.labels, ctx.label_weights) * batch.weight
     loss = retrieval_loss(scored, outputs.temperature, row_weights, ctx.config.loss, generator)
     loss = loss + light_head_loss(model, outputs, batch, ctx.config)
+    if ctx.distillation is not None:
+        loss = loss + ctx.distillation.loss(batch, scored, outputs.temperature, generator)
     local_bad = not bool(torch.isfinite(loss.detach()))
     any_bad, stop = _vote(local_bad, ctx.stop is not None and ctx.stop.requested, ctx.env)
     if any_bad:
