@@ -13,6 +13,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingCollection, KeyedJaggedTen
 
 from data_pipeline.derived import history_feature_tables
 from data_pipeline.schema import ITEM_ID, EventSchema
+from models.debias import DebiasEstimates, build_example_debias
 from models.sequence_arch import HistoryArch, sequence_feature_names, sequence_table_configs
 from models.temperature import Temperature
 from models.towers import Tower, table_configs
@@ -30,12 +31,15 @@ class TowerOutputs(NamedTuple):
         item: [B, D] embeddings of the batch's items.
         extra_items: [E, D] embeddings of extra items (sampled / hard negatives); [0, D] if none.
         temperature: [] the softmax temperature (learned or fixed).
+        debias: [B] estimates of the debias heads (``models/debias.py``); None where a head is
+            off or, for position, where no position was given.
     """
 
     user: torch.Tensor
     item: torch.Tensor
     extra_items: torch.Tensor
     temperature: torch.Tensor
+    debias: DebiasEstimates = DebiasEstimates()
 
 
 def select_keys(features: KeyedJaggedTensor, keys: list[str]) -> KeyedJaggedTensor:
@@ -118,15 +122,20 @@ class TwoTowerModel(nn.Module):
         )
         low, high = config.temperature_range
         self.temperature = Temperature(config.temperature, config.learn_temperature, low, high)
+        # Dense submodule: data-parallel under DMP and in the dense optimizer like the towers.
+        self.debias = build_example_debias(config.debias, config.output_dim)
 
     def forward(
         self,
         user_features: KeyedJaggedTensor,
         item_features: KeyedJaggedTensor,
         extra_item_features: KeyedJaggedTensor | None = None,
+        position: torch.Tensor | None = None,
     ) -> TowerOutputs:
         """``user_features`` and ``item_features`` have stride B; ``extra_item_features`` (item
-        keys, stride E) are items outside the batch, embedded in the same table lookup."""
+        keys, stride E) are items outside the batch, embedded in the same table lookup;
+        ``position`` [B] int64 (-1: unknown) feeds the position debias head. The heads run
+        inside forward so DDP sees their parameters used."""
         features = KeyedJaggedTensor.concat([user_features, item_features])
         rows = features.stride()
         if extra_item_features is not None:
@@ -134,7 +143,8 @@ class TwoTowerModel(nn.Module):
         embeddings = self._lookup(features, rows)
         user = self.user_tower({k: v[:rows] for k, v in embeddings.items()})
         items = self.item_tower(embeddings)
-        return TowerOutputs(user, items[:rows], items[rows:], self.temperature())
+        debias = DebiasEstimates() if self.debias is None else self.debias(user, position)
+        return TowerOutputs(user, items[:rows], items[rows:], self.temperature(), debias)
 
     def user_embeddings(self, user_features: KeyedJaggedTensor) -> torch.Tensor:
         """The user tower alone (serving): [B, D], equal to ``forward(...).user`` of any batch

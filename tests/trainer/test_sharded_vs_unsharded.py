@@ -63,7 +63,7 @@ def _batch(root: Path, manifest: Manifest, rows: slice, config):
 
 def _step(model, optimizer, batch, weights, temperature):
     optimizer.zero_grad()
-    user, item, _, _ = model(batch.user_features, batch.item_features)
+    user, item = model(batch.user_features, batch.item_features)[:2]
     loss = in_batch_softmax_loss(
         user, item, batch.item_ids, net_user_value(batch.labels, weights), temperature
     )
@@ -96,7 +96,7 @@ def _compare_rank(
     user, item, loss = _step(
         sharded, build_dense_optimizer(sharded, config), local, weights, config.model.temperature
     )
-    ref_user, ref_item, _, _ = reference(local.user_features, local.item_features)
+    ref_user, ref_item = reference(local.user_features, local.item_features)[:2]
     forward_close = (
         torch.allclose(user, ref_user, atol=1e-5)
         and torch.allclose(item, ref_item, atol=1e-5)
@@ -134,7 +134,7 @@ def _reference_step(root: str, initial: dict, extra: list[str]) -> dict:
     total = 0.0
     for rank in range(2):
         batch = _batch(Path(root), manifest, slice(rank * 16, rank * 16 + 16), config)
-        user, item, _, _ = model(batch.user_features, batch.item_features)
+        user, item = model(batch.user_features, batch.item_features)[:2]
         loss = in_batch_softmax_loss(
             user,
             item,
