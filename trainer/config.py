@@ -136,9 +136,12 @@ class DebiasPartConfig:
 @dataclass
 class PositionDebiasConfig(DebiasPartConfig):
     """E[NUV | position]: positions 0 .. buckets-2 get their own scalar, deeper ones share the
-    last; unknown positions (-1) have one more bucket of their own."""
+    last; unknown positions (-1) have one more bucket of their own. ``learning_rate_scale``
+    multiplies the head's effective (Adam) learning rate over the dense rate, so it converges
+    within a short run."""
 
     buckets: int = 20
+    learning_rate_scale: float = 1.0
 
 
 @dataclass
@@ -467,6 +470,8 @@ def _validate_debias(debias: DebiasConfig, fail: Callable[[str, str], None]) -> 
             fail(f"model.debias.{name}.max_weight", "must be > 0")
     if debias.position.enabled and debias.position.buckets < 1:
         fail("model.debias.position.buckets", "must be >= 1")
+    if debias.position.learning_rate_scale <= 0:
+        fail("model.debias.position.learning_rate_scale", "must be > 0")
     if debias.user.enabled and debias.user.hidden_dim < 1:
         fail("model.debias.user.hidden_dim", "must be >= 1")
 

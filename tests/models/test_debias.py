@@ -99,6 +99,21 @@ def test_position_head_learns_mean_value_per_bucket() -> None:
     torch.testing.assert_close(head(position).detach(), expected, atol=1e-3, rtol=0)
 
 
+def test_position_head_learning_rate_scale() -> None:
+    """The scale multiplies how far one Adam step moves the estimate, not where it starts."""
+    position, value = torch.tensor([0, 0, 1]), torch.tensor([1.0, 1.0, 0.5])
+    moved = []
+    for scale in (1.0, 10.0):
+        head = PositionValueEstimate(buckets=2, learning_rate_scale=scale)
+        assert (head(position) == 0).all()
+        optimizer = torch.optim.Adam(head.parameters(), lr=0.002)
+        masked_mse(head(position), value, torch.ones(3)).backward()
+        optimizer.step()
+        moved.append(head(position).detach())
+    torch.testing.assert_close(moved[1], 10 * moved[0])
+    torch.testing.assert_close(moved[0], torch.full((3,), 0.002), atol=1e-5, rtol=0)
+
+
 def test_config_errors_name_the_key() -> None:
     with pytest.raises(ConfigError, match="'model.debias.position.min_estimate'"):
         load_config(None, [*POSITION, "model.debias.position.min_estimate=0"])
@@ -108,6 +123,8 @@ def test_config_errors_name_the_key() -> None:
         load_config(None, ["model.debias.position.mode=multiply"])
     with pytest.raises(ConfigError, match="'model.debias.position.buckets'"):
         load_config(None, [*POSITION, "model.debias.position.buckets=0"])
+    with pytest.raises(ConfigError, match="'model.debias.position.learning_rate_scale'"):
+        load_config(None, [*POSITION, "model.debias.position.learning_rate_scale=0"])
 
 
 @pytest.fixture(scope="module")
