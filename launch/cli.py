@@ -34,6 +34,18 @@ def _parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--seed", type=int, default=0)
     synthetic.add_argument("--history-length", type=int, default=50)
     synthetic.add_argument("--out", required=True, type=Path)
+    synthetic.add_argument(
+        "--promotion-std",
+        type=float,
+        default=0.0,
+        help="per-item promotion boost the logging ranker adds to its ordering (0: off)",
+    )
+    synthetic.add_argument(
+        "--shuffled-fraction",
+        type=float,
+        default=0.0,
+        help="share of sessions shown in random order (0: off)",
+    )
 
     train = commands.add_parser("train", help="train in this process (world size 1)")
     train.add_argument("config")
@@ -150,7 +162,11 @@ def _prepare(args: argparse.Namespace) -> int:
         )
     else:
         from data_pipeline.datasets.synthetic import prepare_synthetic
+        from data_pipeline.datasets.synthetic_world import WorldConfig
 
+        world = WorldConfig(
+            promotion_std=args.promotion_std, shuffled_fraction=args.shuffled_fraction
+        )
         manifest = prepare_synthetic(
             users=args.users,
             items=args.items,
@@ -158,6 +174,7 @@ def _prepare(args: argparse.Namespace) -> int:
             seed=args.seed,
             out=args.out,
             history_length=args.history_length,
+            world=world,
         )
     rows = {name: info.rows for name, info in manifest.splits.items()}
     print(f"prepared {manifest.dataset} in {args.out}: rows {rows}")

@@ -13,6 +13,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingCollection, KeyedJaggedTen
 
 from data_pipeline.derived import history_feature_tables
 from data_pipeline.schema import ITEM_ID, EventSchema
+from models.debias import DebiasEstimates, build_example_debias
 from models.light_ranker import LightRankingHead
 from models.sequence_arch import HistoryArch, sequence_feature_names, sequence_table_configs
 from models.temperature import Temperature
@@ -32,6 +33,8 @@ class TowerOutputs(NamedTuple):
         extra_items: [E, D] embeddings of extra items (sampled / hard negatives); [0, D] if none.
         temperature: [] the softmax temperature (learned or fixed).
         ranker_user: [B, NU, D] the light ranking head's user embeddings; None without it.
+        debias: [B] estimates of the debias heads (``models/debias.py``); None where a head is
+            off or, for position, where no position was given.
     """
 
     user: torch.Tensor
@@ -39,6 +42,7 @@ class TowerOutputs(NamedTuple):
     extra_items: torch.Tensor
     temperature: torch.Tensor
     ranker_user: torch.Tensor | None = None
+    debias: DebiasEstimates = DebiasEstimates()
 
 
 def select_keys(features: KeyedJaggedTensor, keys: list[str]) -> KeyedJaggedTensor:
@@ -130,15 +134,20 @@ class TwoTowerModel(nn.Module):
                 config.light_head.hidden,
                 len(schema.labels),
             )
+        # Dense submodule: data-parallel under DMP and in the dense optimizer like the towers.
+        self.debias = build_example_debias(config.debias, config.output_dim)
 
     def forward(
         self,
         user_features: KeyedJaggedTensor,
         item_features: KeyedJaggedTensor,
         extra_item_features: KeyedJaggedTensor | None = None,
+        position: torch.Tensor | None = None,
     ) -> TowerOutputs:
         """``user_features`` and ``item_features`` have stride B; ``extra_item_features`` (item
-        keys, stride E) are items outside the batch, embedded in the same table lookup."""
+        keys, stride E) are items outside the batch, embedded in the same table lookup;
+        ``position`` [B] int64 (-1: unknown) feeds the position debias head. The heads run
+        inside forward so DDP sees their parameters used."""
         features = KeyedJaggedTensor.concat([user_features, item_features])
         rows = features.stride()
         if extra_item_features is not None:
@@ -151,7 +160,10 @@ class TwoTowerModel(nn.Module):
         ranker_user = None
         if self.light_head is not None:
             ranker_user = self.light_head.project_user(user_hidden)
-        return TowerOutputs(user, items[:rows], items[rows:], self.temperature(), ranker_user)
+        debias = DebiasEstimates() if self.debias is None else self.debias(user, position)
+        return TowerOutputs(
+            user, items[:rows], items[rows:], self.temperature(), ranker_user, debias
+        )
 
     def user_embeddings(self, user_features: KeyedJaggedTensor) -> torch.Tensor:
         """The user tower alone (serving): [B, D], equal to ``forward(...).user`` of any batch

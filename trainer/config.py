@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from models.alignment import AlignmentMethod
+from models.debias import DebiasMode
 from models.history import Combiner, Encoder, Positions, Summary
 
 
@@ -140,6 +141,44 @@ class LightHeadConfig:
 
 
 @dataclass
+class DebiasPartConfig:
+    """One debiasing part: an estimate of the row weight from one factor, trained by MSE on its
+    own gradient path, removed from the weight by ``mode`` (``divide``: ``w / max(estimate,
+    min_estimate)``; ``subtract``: ``max(w - estimate, 0)``), then clamped to ``max_weight``."""
+
+    enabled: bool = False
+    mode: DebiasMode = DebiasMode.DIVIDE
+    min_estimate: float = 0.01
+    max_weight: float = 50.0
+
+
+@dataclass
+class PositionDebiasConfig(DebiasPartConfig):
+    """E[NUV | position]: positions 0 .. buckets-2 get their own scalar, deeper ones share the
+    last; unknown positions (-1) have one more bucket of their own. ``learning_rate_scale``
+    multiplies the head's effective (Adam) learning rate over the dense rate, so it converges
+    within a short run."""
+
+    buckets: int = 20
+    learning_rate_scale: float = 1.0
+
+
+@dataclass
+class UserDebiasConfig(DebiasPartConfig):
+    """E[weight | user] from the detached user-tower output (MLP with one hidden layer)."""
+
+    hidden_dim: int = 32
+
+
+@dataclass
+class DebiasConfig:
+    """Debiased example weights (``models/debias.py``): position first, then user."""
+
+    position: PositionDebiasConfig = field(default_factory=PositionDebiasConfig)
+    user: UserDebiasConfig = field(default_factory=UserDebiasConfig)
+
+
+@dataclass
 class ModelConfig:
     embedding_dim: int = 64
     # Per-table embedding dimension overrides, e.g. {item_id: 128}.
@@ -154,6 +193,7 @@ class ModelConfig:
     l2_normalize: bool = True
     history: HistoryConfig = field(default_factory=HistoryConfig)
     light_head: LightHeadConfig = field(default_factory=LightHeadConfig)
+    debias: DebiasConfig = field(default_factory=DebiasConfig)
 
 
 @dataclass
@@ -488,6 +528,7 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
     _validate_checkpoint(config.checkpoint, fail)
     _validate_temperature(config.model, fail)
     _validate_history(config, fail)
+    _validate_debias(config.model.debias, fail)
     _validate_loss(config.loss, fail)
     _validate_negatives(config.negatives, fail)
     _validate_ranker(config.ranker, fail)
@@ -620,6 +661,26 @@ def _validate_history(config: ExperimentConfig, fail: Callable[[str, str], None]
             "the history encoder sees the newest events itself; set data.recent_history=0 "
             "with model.history.enabled=true",
         )
+
+
+def _validate_debias(debias: DebiasConfig, fail: Callable[[str, str], None]) -> None:
+    parts: tuple[tuple[str, DebiasPartConfig], ...] = (
+        ("position", debias.position),
+        ("user", debias.user),
+    )
+    for name, part in parts:
+        if not part.enabled:
+            continue
+        if part.min_estimate <= 0:
+            fail(f"model.debias.{name}.min_estimate", "must be > 0 (the divisor's floor)")
+        if part.max_weight <= 0:
+            fail(f"model.debias.{name}.max_weight", "must be > 0")
+    if debias.position.enabled and debias.position.buckets < 1:
+        fail("model.debias.position.buckets", "must be >= 1")
+    if debias.position.learning_rate_scale <= 0:
+        fail("model.debias.position.learning_rate_scale", "must be > 0")
+    if debias.user.enabled and debias.user.hidden_dim < 1:
+        fail("model.debias.user.hidden_dim", "must be >= 1")
 
 
 def _validate_loss(loss: LossConfig, fail: Callable[[str, str], None]) -> None:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from data_pipeline.batch import Batch
 from data_pipeline.manifest import Manifest
+from models.debias import debiased_weights
 from models.light_ranker import light_head_loss
 from models.losses import net_user_value
 from models.retrieval_loss import retrieval_loss
@@ -78,14 +79,18 @@ def train_step(model: torch.nn.Module, batch: Batch, step: int, ctx: StepContext
     ctx.dense_optimizer.zero_grad()
     generator = step_generator(ctx.config.seed, ctx.env.rank, step, batch.item_ids.device)
     extra = ctx.negatives.plan(model, batch, step, generator, ctx.manifest)
-    outputs = model(batch.user_features, batch.item_features, ctx.negatives.features(extra))
+    features = ctx.negatives.features(extra)
+    outputs = model(batch.user_features, batch.item_features, features, batch.position)
     ctx.negatives.observe(batch, step)
     scored, in_batch = ctx.negatives.score(outputs, batch, extra, step)
-    row_weights = net_user_value(batch.labels, ctx.label_weights) * batch.weight
+    value = net_user_value(batch.labels, ctx.label_weights)
+    debiased = debiased_weights(value, outputs.debias, ctx.config.model.debias, batch.weight)
+    row_weights = debiased.weights * batch.weight
     loss = retrieval_loss(scored, outputs.temperature, row_weights, ctx.config.loss, generator)
     loss = loss + light_head_loss(model, outputs, batch, ctx.config)
     if ctx.distillation is not None:
         loss = loss + ctx.distillation.loss(batch, scored, outputs.temperature, generator)
+    loss = loss + debiased.aux_loss  # the heads' MSE: gradient reaches only the heads
     local_bad = not bool(torch.isfinite(loss.detach()))
     any_bad, stop = _vote(local_bad, ctx.stop is not None and ctx.stop.requested, ctx.env)
     if any_bad:

@@ -6,7 +6,9 @@ item popularity, item bias, and categorical features correlated with the factors
 **Feed.** Sessions follow each other every ``session_interval_s`` seconds; a session picks a user
 (Zipf-like activity), samples K candidates by item popularity, and the logged ranker orders them by
 ``ranker_score = relevance + noise`` (``relevance = u · v + item_bias``); the top P are shown at
-positions ``0 .. P-1``. A shown item is examined with probability ``1 / (1 + position)^0.7`` and
+positions ``0 .. P-1``. Optionally (``WorldConfig.promotion_std``, ``shuffled_fraction``) the
+ordering key also adds a per-item promotion boost unrelated to relevance, and a share of sessions
+show their top P in random order; ``ranker_score`` is logged without the boost. A shown item is examined with probability ``1 / (1 + position)^0.7`` and
 clicked with probability ``examination × sigmoid(relevance)``. Every impression is a row:
 ``label_click`` is 0 for the ones not clicked; ``label_like`` and ``label_long_view`` can only be 1
 on clicks. All impressions of a session share its timestamp.
@@ -34,7 +36,8 @@ Non-clicked eval impressions are counted in the manifest and dropped.
 
 **Truth.** ``truth/user_factors.npy`` [N, d], ``truth/item_factors.npy`` [M, d],
 ``truth/item_bias.npy`` [M] and ``truth/item_popularity.npy`` [M] (candidate-sampling
-probability); paths and sha256 in ``manifest.extra["truth"]``.
+probability), and ``truth/item_promotion.npy`` [M] when promotion is on; paths and sha256 in
+``manifest.extra["truth"]``.
 """
 
 from __future__ import annotations
@@ -265,6 +268,8 @@ def save_truth(out: Path, world: SyntheticWorld) -> dict[str, dict[str, str]]:
         "item_bias": world.item_bias,
         "item_popularity": world.item_popularity,
     }
+    if world.item_promotion.any():
+        arrays["item_promotion"] = world.item_promotion
     return {name: save_array(out, f"truth/{name}.npy", array) for name, array in arrays.items()}
 
 

@@ -95,7 +95,12 @@ def simulate_feed(
     sessions: int,
     rng: np.random.Generator,
 ) -> FeedChunk:
-    """Serve ``sessions`` sessions (global indices from ``first_session``) and log the feed."""
+    """Serve ``sessions`` sessions (global indices from ``first_session``) and log the feed.
+
+    The ranker orders candidates by ``ranker_score + item_promotion`` (promotion is 0 when off)
+    and, in a ``shuffled_fraction`` of sessions, shows its top P in random order; the logged
+    ``ranker_score`` stays its relevance estimate ``relevance + noise`` either way.
+    """
     k, p = config.candidates_per_session, config.positions
     user = sample_from_cdf(world.user_activity_cdf, (sessions,), rng)
     candidates = np.sort(sample_from_cdf(world.item_popularity_cdf, (sessions, k), rng), axis=1)
@@ -108,8 +113,11 @@ def simulate_feed(
     # shown twice in a session only when fewer than P distinct candidates were drawn.
     repeated = np.zeros_like(candidates, dtype=bool)
     repeated[:, 1:] = candidates[:, 1:] == candidates[:, :-1]
-    ranking_key = np.where(repeated, -np.inf, score)
+    ordering = score + world.item_promotion[candidates] if config.promotion_std > 0 else score
+    ranking_key = np.where(repeated, -np.inf, ordering)
     top = np.argsort(-ranking_key, axis=1, kind="stable")[:, :p]
+    if config.shuffled_fraction > 0:
+        top = shuffle_sessions(top, config.shuffled_fraction, rng)
     shown = np.take_along_axis(candidates, top, axis=1)
     shown_relevance = np.take_along_axis(relevance, top, axis=1)
     shown_affinity = np.take_along_axis(affinity, top, axis=1)
@@ -131,6 +139,14 @@ def simulate_feed(
         },
         ranker_score=np.take_along_axis(score, top, axis=1).reshape(-1),
     )
+
+
+def shuffle_sessions(top: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """top [S, P] candidate indices in slot order -> the same, with each session's slots put in
+    a uniformly random order with probability ``fraction`` (the shown set is unchanged)."""
+    shuffled = np.asarray(rng.random(top.shape[0])) < fraction
+    order = np.argsort(rng.random(top.shape), axis=1)
+    return np.where(shuffled[:, None], np.take_along_axis(top, order, axis=1), top)
 
 
 def truncate_feed(feed: FeedChunk, rows: int) -> FeedChunk:

@@ -14,6 +14,11 @@ learn from them, but never exactly recover the factors:
 Item popularity (how often the logging system samples an item as a candidate) is Zipf-like over a
 random permutation of item ids, and item bias grows with log popularity: popular items are more
 clickable, which is the popularity bias a retrieval model has to correct for.
+
+Item promotion (off by default): a per-item business boost ``N(0, promotion_std)``, independent of
+the factors and of relevance, that the logging ranker adds to its ordering key. It moves items up
+or down the feed for reasons a click model cannot see, so examination inflates the raw click rate
+of promoted items; drawn from its own stream, so turning it on leaves every other draw unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 WORLD_STREAM = 1
+PROMOTION_STREAM = 2
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,10 @@ class WorldConfig:
         positions: feed slots P per session; ``position`` is in ``[0, P)``.
         candidates_per_session: K popularity-sampled candidates the logged ranker orders.
         ranker_noise_std: noise of the logged ranker's relevance estimate.
+        promotion_std: spread of the per-item promotion boost the logging ranker adds to its
+            ordering key (not to the logged ``ranker_score``); 0 = no promotion.
+        shuffled_fraction: share of sessions whose P shown items (the ranker's top P) are shown in
+            a uniformly random order (randomized top-P, as in position-bias experiments).
         examination_power: P(examine position p) = ``1 / (1 + p)^power``.
         like_offset: P(like | click) = sigmoid(relevance + like_offset).
         long_view_offset: P(long_view | click) = sigmoid(u · v + long_view_offset); no item bias,
@@ -60,6 +70,8 @@ class WorldConfig:
     positions: int = 10
     candidates_per_session: int = 30
     ranker_noise_std: float = 1.0
+    promotion_std: float = 0.0
+    shuffled_fraction: float = 0.0
     examination_power: float = 0.7
     like_offset: float = -1.0
     long_view_offset: float = -1.0
@@ -72,9 +84,20 @@ class WorldConfig:
                 f"candidates_per_session={self.candidates_per_session} must be >= "
                 f"positions={self.positions}"
             )
+        if self.promotion_std < 0 or not 0 <= self.shuffled_fraction <= 1:
+            raise ValueError(
+                f"promotion_std={self.promotion_std} must be >= 0 and "
+                f"shuffled_fraction={self.shuffled_fraction} in [0, 1]"
+            )
 
     def to_json(self) -> dict[str, float | int]:
-        return asdict(self)
+        """The knobs, for the manifest; logging-policy knobs left off are omitted, so manifests
+        of worlds without them stay byte-identical to those written before the knobs existed."""
+        knobs = asdict(self)
+        for name in ("promotion_std", "shuffled_fraction"):
+            if knobs[name] == 0:
+                del knobs[name]
+        return knobs
 
 
 @dataclass(frozen=True)
@@ -83,6 +106,7 @@ class SyntheticWorld:
     user_factors: [N, d] float32.
     item_factors: [M, d] float32.
     item_bias: [M] float32.
+    item_promotion: [M] float32 boost added to the logging ranker's ordering key (zeros when off).
     item_popularity: [M] float64 candidate-sampling probability (sums to 1).
     item_popularity_cdf: [M] float64 cumulative of ``item_popularity``.
     user_activity_cdf: [N] float64 cumulative session-start probability.
@@ -94,6 +118,7 @@ class SyntheticWorld:
     user_factors: np.ndarray
     item_factors: np.ndarray
     item_bias: np.ndarray
+    item_promotion: np.ndarray
     item_popularity: np.ndarray
     item_popularity_cdf: np.ndarray
     user_activity_cdf: np.ndarray
@@ -138,10 +163,13 @@ def build_world(users: int, items: int, dim: int, seed: int, config: WorldConfig
 
     item_features = _item_features(item_factors, centers * scale, config, rng)
     user_features = _user_features(user_factors, config, rng)
+    promotion_rng = np.random.default_rng([seed, PROMOTION_STREAM])
+    item_promotion = config.promotion_std * promotion_rng.standard_normal(items)
     return SyntheticWorld(
         user_factors=user_factors.astype(np.float32),
         item_factors=item_factors.astype(np.float32),
         item_bias=item_bias.astype(np.float32),
+        item_promotion=item_promotion.astype(np.float32),
         item_popularity=item_popularity,
         item_popularity_cdf=np.cumsum(item_popularity),
         user_activity_cdf=np.cumsum(user_activity),

@@ -178,6 +178,46 @@ def test_invalid_arguments(tmp_path: Path) -> None:
         WorldConfig(positions=10, candidates_per_session=5)
 
 
+def _in_order_share(out: Path) -> float:
+    """Share of adjacent train slots whose logged ranker score does not increase."""
+    train = pq.read_table(out / "train", columns=["position", "ranker_score"])
+    slots = WorldConfig().positions
+    assert (train["position"].to_numpy()[::slots] == 0).all()
+    score = train["ranker_score"].to_numpy().reshape(-1, slots)
+    return float((np.diff(score, axis=1) <= 0).mean())
+
+
+def test_promotion_and_shuffled_sessions(tmp_path: Path, chunked: tuple[Path, Manifest]) -> None:
+    default_out, default = chunked
+    assert "item_promotion" not in default.extra["truth"]
+    assert "promotion_std" not in default.extra["generator"]
+    world = WorldConfig(promotion_std=3.0)
+    kwargs = {"chunk_events": 300, "row_group_rows": 1000, "world": world, **SMALL}
+    promoted = prepare_synthetic(out=tmp_path / "a", **kwargs)
+    again = prepare_synthetic(out=tmp_path / "b", **kwargs)
+    assert again.to_json()["splits"] == promoted.to_json()["splits"]
+    assert again.extra["truth"] == promoted.extra["truth"]
+    assert promoted.extra["generator"]["promotion_std"] == 3.0
+    # The boost has its own stream: the rest of the world is the default one.
+    for name in ("user_factors", "item_factors", "item_bias", "item_popularity"):
+        assert promoted.extra["truth"][name] == default.extra["truth"][name]
+    boost = np.load(tmp_path / "a" / "truth" / "item_promotion.npy")
+    assert boost.shape == (SMALL["items"],) and 2.0 < boost.std() < 4.0
+    # Promoted items are shown higher; the logged score is the relevance estimate, without boost.
+    train = pq.read_table(tmp_path / "a" / "train", columns=["item_id", "position"])
+    item_boost = boost[train["item_id"].to_numpy()]
+    assert np.corrcoef(item_boost, train["position"].to_numpy())[0, 1] < -0.3
+    assert _in_order_share(tmp_path / "a") < _in_order_share(default_out) - 0.1
+    shuffled = WorldConfig(shuffled_fraction=1.0)
+    prepare_synthetic(out=tmp_path / "c", **{**kwargs, "world": shuffled})
+    assert _in_order_share(default_out) > 0.9
+    assert 0.4 < _in_order_share(tmp_path / "c") < 0.6
+    with pytest.raises(ValueError, match="promotion_std"):
+        WorldConfig(promotion_std=-1.0)
+    with pytest.raises(ValueError, match="shuffled_fraction"):
+        WorldConfig(shuffled_fraction=1.5)
+
+
 def _session_reference(rows: list[dict]) -> dict[tuple[int, int], list[tuple[int, int, bool]]]:
     """(user, timestamp) -> [(position, item, engaged)] of every impression of that session."""
     sessions: dict[tuple[int, int], list[tuple[int, int, bool]]] = defaultdict(list)
