@@ -46,13 +46,20 @@ logger = logging.getLogger(__name__)
 
 # Columns reduced to one maximum before thresholding; 64 keeps the pre-filter ~0.1 ns per score.
 _GROUP = 64
-# Candidates are rescored in float64 in blocks of about this many (query, item) pairs.
-_RESCORE_BLOCK = 1 << 16
+# Candidates are rescored in float64 in blocks of about this many (query, item) pairs; the
+# block's float64 copy of the items (2 MiB at D = 64) stays in cache: 4x faster than 1 << 16.
+_RESCORE_BLOCK = 1 << 12
 _FLOAT32_MIN = torch.finfo(torch.float32).min
 # Buffer slots per query, in units of k: a full buffer triggers a threshold update (compaction).
 _BUFFER_WIDTH = 4
-# Corpus chunks scored up front to seed the threshold: at most 4, and 1 per 16 chunks.
+# The threshold is tightened whenever k / _TIGHTEN_EVERY entries per row were appended, to
+# within 1 / _BUCKETS of the span between it and the row's best score.
+_TIGHTEN_EVERY = 4
+_BUCKETS = 64
+# Corpus chunks scored up front to seed the threshold: at most 4 (6 with the bf16 filter: its
+# GEMM costs half), and 1 per 16 chunks.
 _SEED_CHUNKS = 4
+_SEED_CHUNKS_BFLOAT16 = 6
 _SEED_FRACTION = 16
 
 FilterPrecision = Literal["auto", "bfloat16", "float32"]
@@ -85,13 +92,18 @@ def _sweep_topk(
     scores_out = torch.full((num_queries, k), float("-inf"), dtype=torch.float64, device=device)
     ids_out = torch.full((num_queries, k), -1, dtype=torch.int64, device=device)
     workers = (num_threads or torch.get_num_threads()) if device.type == "cpu" else 1
-    with _intra_op_threads(1 if workers > 1 else num_threads):
+    stream_threads = 1 if workers > 1 else num_threads
+    with _intra_op_threads(stream_threads):  # bf16 is timed as the sweep will run it
+        bfloat16 = _resolve_filter_precision(corpus, filter_precision, corpus_chunk)
+    with _intra_op_threads(num_threads):  # passes over the whole corpus use every thread
         norms = _norms(queries, corpus)
+        corpus_bfloat16 = _bfloat16_corpus(corpus) if bfloat16 == "bfloat16" else None
+    with _intra_op_threads(stream_threads):
         sweep = _Sweep(
             corpus=corpus,
-            corpus_bfloat16=_bfloat16_corpus(corpus, filter_precision, corpus_chunk),
+            corpus_bfloat16=corpus_bfloat16,
             error=_bound_from_norms(*norms, queries.shape[1], False, device),
-            error_bfloat16=_bound_from_norms(*norms, queries.shape[1], True, device),
+            error_bfloat16=_bfloat16_filter_bound(queries, norms),
             corpus_chunk=corpus_chunk,
         )
         chunk = min(query_chunk, -(-num_queries // workers))
@@ -149,6 +161,34 @@ def _bound_from_norms(
     return bound.float()
 
 
+def _bfloat16_filter_bound(
+    queries: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """Bound [Q] float32 on |v - q.c| for the bf16 filter GEMM, v its fp32 accumulator.
+
+    ~4x tighter than ``score_error_bound(bfloat16=True)``, for two reasons. Input rounding:
+    q.c - q~.c~ = q.r_c + r_q.c~ with r = x - bf16(x), and |r_c| <= 2^-8 |c| (round to
+    nearest) while r_q is measured, so |.| <= 2^-8 |q| max|c| + |r_q| max|c~| instead of
+    2^-7 |q| max|c|. Output rounding needs no margin: round-to-nearest is monotone, so
+    v >= t implies bf16(v) >= bf16(t), and the filter compares against a key rounded down to
+    bf16. Accumulation (gamma_D) and subnormal terms are as in ``score_error_bound``.
+
+    Args:
+        queries: [Q, D] float32.
+        norms: (|q| [Q] float64, max_n |c_n|) from ``_norms`` (inflated for float32 rounding).
+    """
+    dim = queries.shape[1]
+    unit, bfloat16_unit = 2.0**-24, 2.0**-8
+    gamma = dim * unit / (1.0 - dim * unit)
+    query_norms, max_norm = norms
+    max_norm16 = max_norm * (1.0 + bfloat16_unit)  # |c~| <= (1 + 2^-8) |c|, same for q~
+    query_residuals = 1.001 * (queries - queries.bfloat16().float()).norm(dim=1).double()
+    bound = bfloat16_unit * query_norms * max_norm + query_residuals * max_norm16
+    bound += gamma * query_norms * (1.0 + bfloat16_unit) * max_norm16
+    bound += dim * 2.0**-126 * (1.0 + query_norms + max_norm16)
+    return (1.01 * bound).float()  # 1.01: slack for rounding in the bound's own arithmetic
+
+
 class _Scratch(NamedTuple):
     """Per-worker flat score buffers: float32 [q * n] and bfloat16 [q * n] (empty if unused)."""
 
@@ -190,7 +230,7 @@ class _Sweep:
             bfloat16_error = self.error_bfloat16[
                 query_start : query_start + buffer.queries.shape[0]
             ]
-        self._seed_threshold(buffer, chunks, scratch)
+        self._seed_threshold(buffer, chunks, scratch, queries_bfloat16, bfloat16_error)
         for chunk in chunks:
             if queries_bfloat16 is not None and bfloat16_error is not None:
                 # A float32 score >= threshold implies a bf16 score >= threshold - both errors;
@@ -215,21 +255,39 @@ class _Sweep:
         ]
 
     def _seed_threshold(
-        self, buffer: _CandidateBuffer, chunks: list[_CorpusChunk], scratch: _Scratch
+        self,
+        buffer: _CandidateBuffer,
+        chunks: list[_CorpusChunk],
+        scratch: _Scratch,
+        queries_bfloat16: torch.Tensor | None,
+        bfloat16_error: torch.Tensor | None,
     ) -> None:
-        """Raise the threshold from the group maxima of the first chunks' float32 scores before
-        the sweep scores them again (<= 1/_SEED_FRACTION more GEMM work), so the early chunks do
-        not flood the buffer while its own k-th score catches up."""
+        """Raise the threshold from the group maxima of the first chunks' scores before the
+        sweep scores them again (<= 1/_SEED_FRACTION more GEMM work), so the early chunks do
+        not flood the buffer while its own k-th score catches up. With the bf16 filter on, the
+        seed GEMMs are bf16 too (half the cost, so more of them)."""
         maxima = []
-        for chunk in chunks[: min(_SEED_CHUNKS, len(chunks) // _SEED_FRACTION)]:
+        seed_chunks = _SEED_CHUNKS if queries_bfloat16 is None else _SEED_CHUNKS_BFLOAT16
+        for chunk in chunks[: min(seed_chunks, len(chunks) // _SEED_FRACTION)]:
             if chunk.size % _GROUP:
                 break
-            scores = self._float32_scores(buffer, chunk, scratch)
-            maxima.append(scores.view(scores.shape[0], -1, _GROUP).amax(dim=2))
-        if sum(m.shape[1] for m in maxima) >= buffer.k:
-            # k disjoint groups reach their maxima: a lower bound on the k-th best score.
-            top = torch.topk(torch.cat(maxima, dim=1), buffer.k, dim=1, sorted=False)
-            buffer.raise_threshold(top.values.amin(dim=1))
+            if queries_bfloat16 is None:
+                scores = self._float32_scores(buffer, chunk, scratch)
+                maxima.append(scores.view(scores.shape[0], -1, _GROUP).amax(dim=2))
+                continue
+            bits = self._bfloat16_scores(queries_bfloat16, chunk, scratch).view(torch.int16)
+            # int16 order is bf16 order for non-negative values; a group with none reports
+            # some member's score, which still is a score some item reaches.
+            group_max = bits.view(bits.shape[0], -1, _GROUP).amax(dim=2)
+            maxima.append(group_max.view(torch.bfloat16).float())
+        if sum(m.shape[1] for m in maxima) < buffer.k:
+            return
+        # k disjoint groups reach their maxima: a lower bound on the k-th best score.
+        kth = torch.topk(torch.cat(maxima, dim=1), buffer.k, dim=1, sorted=False).values.amin(1)
+        if bfloat16_error is not None:
+            # bf16 output v~ = bf16(v) has v >= v~ - 2^-7 |v~|; exact >= v - E; float32 >= exact - e.
+            kth = kth - 2.0**-7 * kth.abs() - bfloat16_error - buffer.error
+        buffer.raise_threshold(kth)
 
     def _float32_scores(
         self, buffer: _CandidateBuffer, chunk: _CorpusChunk, scratch: _Scratch
@@ -312,12 +370,8 @@ def _resolve_filter_precision(
     return "bfloat16"
 
 
-def _bfloat16_corpus(
-    corpus: torch.Tensor, filter_precision: FilterPrecision, corpus_chunk: int
-) -> torch.Tensor | None:
-    """bf16 copy [N, D] of the corpus when the bf16 pre-filter is on, else None."""
-    if _resolve_filter_precision(corpus, filter_precision, corpus_chunk) == "float32":
-        return None
+def _bfloat16_corpus(corpus: torch.Tensor) -> torch.Tensor:
+    """bf16 copy [N, D] of the corpus for the bf16 pre-filter."""
     _silence_sparse_csr_beta_warning()
     return corpus.bfloat16()
 
@@ -473,6 +527,7 @@ class _CandidateBuffer:
         self.positions = torch.full((num_rows, width), -1, dtype=torch.int64, device=device)
         self.fill = torch.zeros(num_rows, dtype=torch.int64, device=device)
         self.threshold = torch.full((num_rows,), _FLOAT32_MIN, device=device)
+        self.appended = 0  # entries appended since the threshold was last tightened
 
     def raise_threshold(self, kth_float32: torch.Tensor) -> None:
         """Tighten with kth_float32 [q]: the k-th best float32 score among valid seen items."""
@@ -495,6 +550,35 @@ class _CandidateBuffer:
         self.scores[rows, slots] = scores
         self.positions[rows, slots] = positions
         self.fill += counts
+        self.appended += rows.numel()
+        if self.appended * _TIGHTEN_EVERY >= self.k * self.fill.numel():
+            self._tighten_threshold()
+
+    def _tighten_threshold(self) -> None:
+        """Raise each row's threshold to within 1/_BUCKETS of [threshold, row max] below its
+        k-th best buffered score, by counting entries per bucket (~1/4 the cost of a top-k).
+
+        The threshold otherwise only moves when the buffer fills; a stale one lets ~2x more
+        items through the filter, and each costs ~0.3 us (select, rescore, append).
+        """
+        self.appended = 0
+        width = int(self.fill.max())
+        if width < self.k:
+            return
+        scores = self.scores[:, :width]
+        lowest = scores.masked_fill(scores == float("-inf"), float("inf")).amin(dim=1)
+        low = torch.maximum(self.threshold, lowest).unsqueeze(1)
+        scale = _BUCKETS / (scores.amax(dim=1, keepdim=True) - low).clamp_min(1e-30)
+        # Entries below the threshold (and -inf padding) land in bucket 0, whose edge is low.
+        buckets = ((scores - low) * scale).clamp_(0, _BUCKETS - 1).to(torch.int64)
+        counts = torch.zeros(scores.shape[0], _BUCKETS, dtype=torch.int32, device=low.device)
+        counts.scatter_add_(1, buckets, torch.ones_like(buckets, dtype=torch.int32))
+        at_least = counts.flip(1).cumsum(1).flip(1)  # [q, B]: entries in bucket >= b
+        best = ((at_least >= self.k).sum(dim=1, keepdim=True) - 1).clamp_min(0)
+        edge = low + best / scale
+        # The bucket arithmetic rounds: keep only edges that k buffered scores really reach.
+        reached = (scores >= edge).sum(dim=1) >= self.k
+        self.raise_threshold(torch.where(reached, edge.squeeze(1), _FLOAT32_MIN))
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact answer: scores [q, k] float64 and ids [q, k] int64."""
@@ -597,10 +681,12 @@ def _rescore(queries: torch.Tensor, corpus: torch.Tensor, positions: torch.Tenso
     out = positions.new_full(positions.shape, float("-inf"), dtype=torch.float64)
     rows_per_block = max(1, _RESCORE_BLOCK // max(positions.shape[1], 1))
     for start in range(0, positions.shape[0], rows_per_block):
-        block = slice(start, start + rows_per_block)
-        items = corpus[positions[block].clamp_min(0)].double()  # [b, w, D]
-        scores = torch.bmm(items, queries[block].double().unsqueeze(2)).squeeze(2)
-        out[block] = scores.masked_fill(positions[block] < 0, float("-inf"))
+        block = positions[start : start + rows_per_block]
+        # index_select gathers random rows ~2.5x faster than advanced indexing.
+        items = corpus.index_select(0, block.clamp_min(0).view(-1)).view(*block.shape, -1)
+        query_block = queries[start : start + rows_per_block].double().unsqueeze(2)
+        scores = torch.bmm(items.double(), query_block).squeeze(2)  # [b, w]
+        out[start : start + rows_per_block] = scores.masked_fill(block < 0, float("-inf"))
     return out
 
 
