@@ -285,8 +285,8 @@ class _Sweep:
         # k disjoint groups reach their maxima: a lower bound on the k-th best score.
         kth = torch.topk(torch.cat(maxima, dim=1), buffer.k, dim=1, sorted=False).values.amin(1)
         if bfloat16_error is not None:
-            # bf16 output v~ = bf16(v) has v >= v~ - 2^-7 |v~|; exact >= v - E; float32 >= exact - e.
-            kth = kth - 2.0**-7 * kth.abs() - bfloat16_error - buffer.error
+            # bf16 output v~ = bf16(v) has v >= v~ - 2^-8 |v~|; exact >= v - E; float32 >= exact - e.
+            kth = kth - 2.0**-8 * kth.abs() - bfloat16_error - buffer.error
         buffer.raise_threshold(kth)
 
     def _float32_scores(
@@ -334,7 +334,7 @@ class _Sweep:
         rows, columns = _bfloat16_at_least(scores, prefilter)
         corpus = self.corpus[chunk.start : chunk.stop]
         values = _float32_scores(buffer.queries, rows, corpus, columns)
-        keep = values >= buffer.threshold[rows]
+        keep = (values >= buffer.threshold[rows]).nonzero().squeeze(1)  # one nonzero, not 3
         buffer.append(rows[keep], columns[keep] + chunk.start, values[keep])
 
 
@@ -547,8 +547,9 @@ class _CandidateBuffer:
             self._grow(int((self.fill + counts).max()))
         starts = torch.cumsum(counts, 0) - counts
         slots = self.fill[rows] + torch.arange(rows.numel(), device=rows.device) - starts[rows]
-        self.scores[rows, slots] = scores
-        self.positions[rows, slots] = positions
+        flat = rows * self.scores.shape[1] + slots  # 1-D index_copy_: ~2x cheaper than 2-D
+        self.scores.view(-1).index_copy_(0, flat, scores)
+        self.positions.view(-1).index_copy_(0, flat, positions)
         self.fill += counts
         self.appended += rows.numel()
         if self.appended * _TIGHTEN_EVERY >= self.k * self.fill.numel():
