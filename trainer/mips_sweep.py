@@ -5,44 +5,48 @@ What it does (and why it is fast): the GEMM is cheap; choosing the top-K out of 
 scores is what costs. Each query chunk sweeps the corpus chunk by chunk with one GEMM each and
 keeps, per query, a small buffer of candidates plus a threshold; an item only enters the buffer
 when its score reaches the threshold. The threshold is seeded from a few chunks scored up front
-and then sits near the query's K-th best score, so only ~K * log(N / corpus_chunk) items per
-query ever enter, and the per-chunk work is the GEMM, a max over groups of ``_GROUP`` columns
-and a compare on the 64x smaller group maxima. Where the CPU has native bf16 dot products
-(``filter_precision``), chunks after the first use a bf16 GEMM (~2x cheaper) whose hits are
-re-scored in float32 before entering the buffer. On CPU, query chunks are spread over worker
-threads that each run torch single-threaded: no fork-join per op, and a core taken by another
-process slows one stream instead of stalling every parallel op (2 busy cores: ~440 vs ~60
-queries/s).
+and, every K/4 appended entries per query, tightened to just below the buffer's K-th best score
+by counting entries in 64 buckets (no top-k), so only ~K * (1 + log(N / seeded items)) items
+per query ever enter, and the per-chunk work is the GEMM, a max over groups of ``_GROUP``
+columns and a compare on the 64x smaller group maxima. Where the CPU has native bf16 dot
+products (``filter_precision``), the GEMMs are bf16 (~2x cheaper) and their hits are re-scored
+in float32 before entering the buffer. On CPU, query chunks are spread over worker threads that
+each run torch single-threaded: no fork-join per op, and a core taken by another process slows
+one stream instead of stalling every parallel op (2 busy cores: ~440 vs ~60 queries/s).
 
 Why filtering stays exact (the margin): a float32 GEMM score s32 and the float64 score s64 of a
 pair differ by at most e_q = gamma_D |q| max_n |c_n| (the dot-product rounding bound, any
 summation order; ``trainer.mips.score_error_bound``), doubled for safety. If T is the K-th
 largest float32 score among the items seen, at least K items have s64 >= T - e_q, so every item
 of the true top-K has s64 >= T - e_q, hence s32 >= T - 2 e_q: the buffer keeps every such item,
-a superset of the true top-K. The bf16 GEMM has its own bound E_q (input and output rounding
-2^-8), so it passes every pair with bf16 score >= threshold - e_q - E_q. The final step rescores
-the buffer in float64 and sorts by (score desc, id asc), so the answer, ties broken by lower id,
-equals a float64 brute force. If float32 ties would grow a row past 2K entries (e.g. integer
-embeddings), the row is pruned exactly (float64, keep K; threshold s64_K - e_q), so memory stays
-bounded by the chunk sizes.
+a superset of the true top-K. The bf16 GEMM's fp32 accumulator is within E_q of the exact score
+(input rounding and accumulation; ``trainer.mips_precision._bfloat16_filter_bound``), and its
+rounding to bf16 is monotone, so it passes every pair whose bf16 score reaches threshold - e_q -
+E_q rounded down to bf16. The final step rescores the buffer in float64 and sorts by (score
+desc, id asc), so the answer, ties broken by lower id, equals a float64 brute force. If float32
+ties would grow a row past 2K entries (e.g. integer embeddings), the row is pruned exactly
+(float64, keep K; threshold s64_K - e_q), so memory stays bounded by the chunk sizes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import logging
 import threading
-import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 
-logger = logging.getLogger(__name__)
+from trainer.mips_precision import (
+    FilterPrecision,
+    _bfloat16_corpus,
+    _bfloat16_filter_bound,
+    _bound_from_norms,
+    _norms,
+    _resolve_filter_precision,
+)
 
 # Columns reduced to one maximum before thresholding; 64 keeps the pre-filter ~0.1 ns per score.
 _GROUP = 64
@@ -61,8 +65,6 @@ _BUCKETS = 64
 _SEED_CHUNKS = 4
 _SEED_CHUNKS_BFLOAT16 = 6
 _SEED_FRACTION = 16
-
-FilterPrecision = Literal["auto", "bfloat16", "float32"]
 
 
 def _sweep_topk(
@@ -131,62 +133,6 @@ def _sweep_topk(
             with ThreadPoolExecutor(workers) as pool:
                 list(pool.map(solve, range(0, num_queries, chunk)))
     return scores_out, ids_out
-
-
-def _norms(queries: torch.Tensor, corpus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """|q| [Q] float64 and max_n |c_n| (scalar float64), inflated 1.001x for float32 rounding."""
-    max_norm = corpus.norm(dim=1).max().double() if corpus.shape[0] else torch.zeros(())
-    return 1.001 * queries.norm(dim=1).double(), 1.001 * max_norm.to(queries.device)
-
-
-def _bound_from_norms(
-    query_norms: torch.Tensor,
-    max_norm: torch.Tensor,
-    dim: int,
-    bfloat16: bool,
-    device: torch.device,
-) -> torch.Tensor:
-    unit = 2.0**-24
-    gamma = dim * unit / (1.0 - dim * unit)
-    reduced = torch.get_float32_matmul_precision() != "highest"
-    if device.type == "cuda":
-        reduced = reduced or torch.backends.cuda.matmul.allow_tf32
-    input_rounding = 2.0**-8 if (reduced or bfloat16) else 0.0  # bf16: the coarsest in use
-    output_rounding = 2.0**-8 if bfloat16 else 0.0
-    inflation = (1.0 + input_rounding) ** 2
-    factor = 2.0 * input_rounding + input_rounding**2 + gamma * inflation
-    factor += output_rounding * (1.0 + gamma) * inflation
-    bound = 2.0 * factor * query_norms * max_norm
-    bound += dim * 2.0**-126 * (1.0 + query_norms + max_norm)
-    return bound.float()
-
-
-def _bfloat16_filter_bound(
-    queries: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor]
-) -> torch.Tensor:
-    """Bound [Q] float32 on |v - q.c| for the bf16 filter GEMM, v its fp32 accumulator.
-
-    ~4x tighter than ``score_error_bound(bfloat16=True)``, for two reasons. Input rounding:
-    q.c - q~.c~ = q.r_c + r_q.c~ with r = x - bf16(x), and |r_c| <= 2^-8 |c| (round to
-    nearest) while r_q is measured, so |.| <= 2^-8 |q| max|c| + |r_q| max|c~| instead of
-    2^-7 |q| max|c|. Output rounding needs no margin: round-to-nearest is monotone, so
-    v >= t implies bf16(v) >= bf16(t), and the filter compares against a key rounded down to
-    bf16. Accumulation (gamma_D) and subnormal terms are as in ``score_error_bound``.
-
-    Args:
-        queries: [Q, D] float32.
-        norms: (|q| [Q] float64, max_n |c_n|) from ``_norms`` (inflated for float32 rounding).
-    """
-    dim = queries.shape[1]
-    unit, bfloat16_unit = 2.0**-24, 2.0**-8
-    gamma = dim * unit / (1.0 - dim * unit)
-    query_norms, max_norm = norms
-    max_norm16 = max_norm * (1.0 + bfloat16_unit)  # |c~| <= (1 + 2^-8) |c|, same for q~
-    query_residuals = 1.001 * (queries - queries.bfloat16().float()).norm(dim=1).double()
-    bound = bfloat16_unit * query_norms * max_norm + query_residuals * max_norm16
-    bound += gamma * query_norms * (1.0 + bfloat16_unit) * max_norm16
-    bound += dim * 2.0**-126 * (1.0 + query_norms + max_norm16)
-    return (1.01 * bound).float()  # 1.01: slack for rounding in the bound's own arithmetic
 
 
 class _Scratch(NamedTuple):
@@ -355,57 +301,6 @@ class _CorpusChunk(NamedTuple):
         if self.excluded is not None and self.excluded_range is not None:
             lo, hi = self.excluded_range
             self.excluded.mask(scores, self.start, lo, hi)
-
-
-def _resolve_filter_precision(
-    corpus: torch.Tensor, filter_precision: FilterPrecision, corpus_chunk: int
-) -> Literal["bfloat16", "float32"]:
-    """``trainer.mips.resolved_filter_precision``: decided here so that its one-off timing runs
-    under the sweep's intra-op thread setting."""
-    if filter_precision == "float32" or corpus.device.type != "cpu":
-        return "float32"  # GPU bf16 GEMMs may reduce in bf16: the error bound would not hold
-    if filter_precision == "auto":
-        if corpus.shape[0] < 4 * corpus_chunk or not _bfloat16_matmul_is_faster():
-            return "float32"
-    return "bfloat16"
-
-
-def _bfloat16_corpus(corpus: torch.Tensor) -> torch.Tensor:
-    """bf16 copy [N, D] of the corpus for the bf16 pre-filter."""
-    _silence_sparse_csr_beta_warning()
-    return corpus.bfloat16()
-
-
-@functools.cache
-def _silence_sparse_csr_beta_warning() -> None:
-    """torch warns once per process that sparse CSR is beta; use up that warning, silenced."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        empty = torch.zeros(0, dtype=torch.int64)
-        torch.sparse_csr_tensor(
-            torch.zeros(2, dtype=torch.int64), empty, torch.zeros(0), size=(1, 1)
-        )
-
-
-@functools.cache
-def _bfloat16_matmul_is_faster() -> bool:
-    """Whether this CPU multiplies bf16 well (native bf16 dot products): timed once."""
-    left, right = torch.randn(256, 64), torch.randn(8192, 64)
-    out32, out16 = torch.empty(256, 8192), torch.empty(256, 8192, dtype=torch.bfloat16)
-    left16, right16 = left.bfloat16(), right.bfloat16()
-
-    def best_time(run: Callable[[], object]) -> float:
-        times = []
-        for _ in range(5):
-            begin = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - begin)
-        return min(times)
-
-    float32_s = best_time(lambda: torch.mm(left, right.T, out=out32))
-    bfloat16_s = best_time(lambda: torch.mm(left16, right16.T, out=out16))
-    logger.debug("matmul float32 %.2e s, bfloat16 %.2e s", float32_s, bfloat16_s)
-    return bfloat16_s * 1.4 < float32_s
 
 
 def _bfloat16_at_least(

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.dist_helpers import run_distributed
+from trainer import mips_precision
 from trainer import mips_sweep as mips  # the bf16 test patches _bfloat16_at_least here
 from trainer.mips import (
     ItemLists,
@@ -140,7 +141,9 @@ def test_bfloat16_filter_bound_holds() -> None:
     for queries, corpus in cases:
         output = (queries.bfloat16() @ corpus.bfloat16().T).double()
         error = (output - queries.double() @ corpus.double().T).abs()
-        bound = mips._bfloat16_filter_bound(queries, mips._norms(queries, corpus))
+        bound = mips_precision._bfloat16_filter_bound(
+            queries, mips_precision._norms(queries, corpus)
+        )
         assert bool((error <= bound.double().unsqueeze(1) + 2.0**-8 * 1.01 * output.abs()).all())
         assert bool((bound <= score_error_bound(queries, corpus, bfloat16=True)).all())
 
