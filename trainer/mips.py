@@ -7,7 +7,8 @@ scores rounded to float32.
 
 This module holds the API, the input checks and the distributed merge; the blocked sweep that
 makes ``exact_topk`` fast while staying exact (float32/bf16 filters with error bounds, float64
-rescoring) lives in ``trainer.mips_sweep``, whose docstring gives the argument.
+rescoring) lives in ``trainer.mips_sweep``, whose docstring gives the argument; the error bounds
+and the filter-precision choice live in ``trainer.mips_precision``.
 """
 
 from __future__ import annotations
@@ -18,15 +19,13 @@ from typing import Literal, NamedTuple
 import torch
 import torch.distributed as dist
 
-from trainer.mips_sweep import (
+from trainer.mips_precision import (
     FilterPrecision,
     _bound_from_norms,
-    _ExcludedPairs,
     _norms,
     _resolve_filter_precision,
-    _sort_by_score_then_id,
-    _sweep_topk,
 )
+from trainer.mips_sweep import _ExcludedPairs, _sort_by_score_then_id, _sweep_topk
 
 
 class ItemLists(NamedTuple):

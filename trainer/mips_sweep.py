@@ -5,57 +5,66 @@ What it does (and why it is fast): the GEMM is cheap; choosing the top-K out of 
 scores is what costs. Each query chunk sweeps the corpus chunk by chunk with one GEMM each and
 keeps, per query, a small buffer of candidates plus a threshold; an item only enters the buffer
 when its score reaches the threshold. The threshold is seeded from a few chunks scored up front
-and then sits near the query's K-th best score, so only ~K * log(N / corpus_chunk) items per
-query ever enter, and the per-chunk work is the GEMM, a max over groups of ``_GROUP`` columns
-and a compare on the 64x smaller group maxima. Where the CPU has native bf16 dot products
-(``filter_precision``), chunks after the first use a bf16 GEMM (~2x cheaper) whose hits are
-re-scored in float32 before entering the buffer. On CPU, query chunks are spread over worker
-threads that each run torch single-threaded: no fork-join per op, and a core taken by another
-process slows one stream instead of stalling every parallel op (2 busy cores: ~440 vs ~60
-queries/s).
+and, every K/4 appended entries per query, tightened to just below the buffer's K-th best score
+by counting entries in 64 buckets (no top-k), so only ~K * (1 + log(N / seeded items)) items
+per query ever enter, and the per-chunk work is the GEMM, a max over groups of ``_GROUP``
+columns and a compare on the 64x smaller group maxima. Where the CPU has native bf16 dot
+products (``filter_precision``), the GEMMs are bf16 (~2x cheaper) and their hits are re-scored
+in float32 before entering the buffer. On CPU, query chunks are spread over worker threads that
+each run torch single-threaded: no fork-join per op, and a core taken by another process slows
+one stream instead of stalling every parallel op (2 busy cores: ~440 vs ~60 queries/s).
 
 Why filtering stays exact (the margin): a float32 GEMM score s32 and the float64 score s64 of a
 pair differ by at most e_q = gamma_D |q| max_n |c_n| (the dot-product rounding bound, any
 summation order; ``trainer.mips.score_error_bound``), doubled for safety. If T is the K-th
 largest float32 score among the items seen, at least K items have s64 >= T - e_q, so every item
 of the true top-K has s64 >= T - e_q, hence s32 >= T - 2 e_q: the buffer keeps every such item,
-a superset of the true top-K. The bf16 GEMM has its own bound E_q (input and output rounding
-2^-8), so it passes every pair with bf16 score >= threshold - e_q - E_q. The final step rescores
-the buffer in float64 and sorts by (score desc, id asc), so the answer, ties broken by lower id,
-equals a float64 brute force. If float32 ties would grow a row past 2K entries (e.g. integer
-embeddings), the row is pruned exactly (float64, keep K; threshold s64_K - e_q), so memory stays
-bounded by the chunk sizes.
+a superset of the true top-K. The bf16 GEMM's fp32 accumulator is within E_q of the exact score
+(input rounding and accumulation; ``trainer.mips_precision._bfloat16_filter_bound``), and its
+rounding to bf16 is monotone, so it passes every pair whose bf16 score reaches threshold - e_q -
+E_q rounded down to bf16. The final step rescores the buffer in float64 and sorts by (score
+desc, id asc), so the answer, ties broken by lower id, equals a float64 brute force. If float32
+ties would grow a row past 2K entries (e.g. integer embeddings), the row is pruned exactly
+(float64, keep K; threshold s64_K - e_q), so memory stays bounded by the chunk sizes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import logging
 import threading
-import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 
-logger = logging.getLogger(__name__)
+from trainer.mips_precision import (
+    FilterPrecision,
+    _bfloat16_corpus,
+    _bfloat16_filter_bound,
+    _bound_from_norms,
+    _norms,
+    _resolve_filter_precision,
+)
 
 # Columns reduced to one maximum before thresholding; 64 keeps the pre-filter ~0.1 ns per score.
 _GROUP = 64
-# Candidates are rescored in float64 in blocks of about this many (query, item) pairs.
-_RESCORE_BLOCK = 1 << 16
+# Candidates are rescored in float64 in blocks of about this many (query, item) pairs; the
+# block's float64 copy of the items (2 MiB at D = 64) stays in cache: 4x faster than 1 << 16.
+_RESCORE_BLOCK = 1 << 12
 _FLOAT32_MIN = torch.finfo(torch.float32).min
 # Buffer slots per query, in units of k: a full buffer triggers a threshold update (compaction).
 _BUFFER_WIDTH = 4
-# Corpus chunks scored up front to seed the threshold: at most 4, and 1 per 16 chunks.
+# The threshold is tightened whenever k / _TIGHTEN_EVERY entries per row were appended, to
+# within 1 / _BUCKETS of the span between it and the row's best score.
+_TIGHTEN_EVERY = 4
+_BUCKETS = 64
+# Corpus chunks scored up front to seed the threshold: at most 4 (6 with the bf16 filter: its
+# GEMM costs half), and 1 per 16 chunks.
 _SEED_CHUNKS = 4
+_SEED_CHUNKS_BFLOAT16 = 6
 _SEED_FRACTION = 16
-
-FilterPrecision = Literal["auto", "bfloat16", "float32"]
 
 
 def _sweep_topk(
@@ -85,13 +94,18 @@ def _sweep_topk(
     scores_out = torch.full((num_queries, k), float("-inf"), dtype=torch.float64, device=device)
     ids_out = torch.full((num_queries, k), -1, dtype=torch.int64, device=device)
     workers = (num_threads or torch.get_num_threads()) if device.type == "cpu" else 1
-    with _intra_op_threads(1 if workers > 1 else num_threads):
+    stream_threads = 1 if workers > 1 else num_threads
+    with _intra_op_threads(stream_threads):  # bf16 is timed as the sweep will run it
+        bfloat16 = _resolve_filter_precision(corpus, filter_precision, corpus_chunk)
+    with _intra_op_threads(num_threads):  # passes over the whole corpus use every thread
         norms = _norms(queries, corpus)
+        corpus_bfloat16 = _bfloat16_corpus(corpus) if bfloat16 == "bfloat16" else None
+    with _intra_op_threads(stream_threads):
         sweep = _Sweep(
             corpus=corpus,
-            corpus_bfloat16=_bfloat16_corpus(corpus, filter_precision, corpus_chunk),
+            corpus_bfloat16=corpus_bfloat16,
             error=_bound_from_norms(*norms, queries.shape[1], False, device),
-            error_bfloat16=_bound_from_norms(*norms, queries.shape[1], True, device),
+            error_bfloat16=_bfloat16_filter_bound(queries, norms),
             corpus_chunk=corpus_chunk,
         )
         chunk = min(query_chunk, -(-num_queries // workers))
@@ -119,34 +133,6 @@ def _sweep_topk(
             with ThreadPoolExecutor(workers) as pool:
                 list(pool.map(solve, range(0, num_queries, chunk)))
     return scores_out, ids_out
-
-
-def _norms(queries: torch.Tensor, corpus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """|q| [Q] float64 and max_n |c_n| (scalar float64), inflated 1.001x for float32 rounding."""
-    max_norm = corpus.norm(dim=1).max().double() if corpus.shape[0] else torch.zeros(())
-    return 1.001 * queries.norm(dim=1).double(), 1.001 * max_norm.to(queries.device)
-
-
-def _bound_from_norms(
-    query_norms: torch.Tensor,
-    max_norm: torch.Tensor,
-    dim: int,
-    bfloat16: bool,
-    device: torch.device,
-) -> torch.Tensor:
-    unit = 2.0**-24
-    gamma = dim * unit / (1.0 - dim * unit)
-    reduced = torch.get_float32_matmul_precision() != "highest"
-    if device.type == "cuda":
-        reduced = reduced or torch.backends.cuda.matmul.allow_tf32
-    input_rounding = 2.0**-8 if (reduced or bfloat16) else 0.0  # bf16: the coarsest in use
-    output_rounding = 2.0**-8 if bfloat16 else 0.0
-    inflation = (1.0 + input_rounding) ** 2
-    factor = 2.0 * input_rounding + input_rounding**2 + gamma * inflation
-    factor += output_rounding * (1.0 + gamma) * inflation
-    bound = 2.0 * factor * query_norms * max_norm
-    bound += dim * 2.0**-126 * (1.0 + query_norms + max_norm)
-    return bound.float()
 
 
 class _Scratch(NamedTuple):
@@ -190,7 +176,7 @@ class _Sweep:
             bfloat16_error = self.error_bfloat16[
                 query_start : query_start + buffer.queries.shape[0]
             ]
-        self._seed_threshold(buffer, chunks, scratch)
+        self._seed_threshold(buffer, chunks, scratch, queries_bfloat16, bfloat16_error)
         for chunk in chunks:
             if queries_bfloat16 is not None and bfloat16_error is not None:
                 # A float32 score >= threshold implies a bf16 score >= threshold - both errors;
@@ -215,21 +201,39 @@ class _Sweep:
         ]
 
     def _seed_threshold(
-        self, buffer: _CandidateBuffer, chunks: list[_CorpusChunk], scratch: _Scratch
+        self,
+        buffer: _CandidateBuffer,
+        chunks: list[_CorpusChunk],
+        scratch: _Scratch,
+        queries_bfloat16: torch.Tensor | None,
+        bfloat16_error: torch.Tensor | None,
     ) -> None:
-        """Raise the threshold from the group maxima of the first chunks' float32 scores before
-        the sweep scores them again (<= 1/_SEED_FRACTION more GEMM work), so the early chunks do
-        not flood the buffer while its own k-th score catches up."""
+        """Raise the threshold from the group maxima of the first chunks' scores before the
+        sweep scores them again (<= 1/_SEED_FRACTION more GEMM work), so the early chunks do
+        not flood the buffer while its own k-th score catches up. With the bf16 filter on, the
+        seed GEMMs are bf16 too (half the cost, so more of them)."""
         maxima = []
-        for chunk in chunks[: min(_SEED_CHUNKS, len(chunks) // _SEED_FRACTION)]:
+        seed_chunks = _SEED_CHUNKS if queries_bfloat16 is None else _SEED_CHUNKS_BFLOAT16
+        for chunk in chunks[: min(seed_chunks, len(chunks) // _SEED_FRACTION)]:
             if chunk.size % _GROUP:
                 break
-            scores = self._float32_scores(buffer, chunk, scratch)
-            maxima.append(scores.view(scores.shape[0], -1, _GROUP).amax(dim=2))
-        if sum(m.shape[1] for m in maxima) >= buffer.k:
-            # k disjoint groups reach their maxima: a lower bound on the k-th best score.
-            top = torch.topk(torch.cat(maxima, dim=1), buffer.k, dim=1, sorted=False)
-            buffer.raise_threshold(top.values.amin(dim=1))
+            if queries_bfloat16 is None:
+                scores = self._float32_scores(buffer, chunk, scratch)
+                maxima.append(scores.view(scores.shape[0], -1, _GROUP).amax(dim=2))
+                continue
+            bits = self._bfloat16_scores(queries_bfloat16, chunk, scratch).view(torch.int16)
+            # int16 order is bf16 order for non-negative values; a group with none reports
+            # some member's score, which still is a score some item reaches.
+            group_max = bits.view(bits.shape[0], -1, _GROUP).amax(dim=2)
+            maxima.append(group_max.view(torch.bfloat16).float())
+        if sum(m.shape[1] for m in maxima) < buffer.k:
+            return
+        # k disjoint groups reach their maxima: a lower bound on the k-th best score.
+        kth = torch.topk(torch.cat(maxima, dim=1), buffer.k, dim=1, sorted=False).values.amin(1)
+        if bfloat16_error is not None:
+            # bf16 output v~ = bf16(v) has v >= v~ - 2^-8 |v~|; exact >= v - E; float32 >= exact - e.
+            kth = kth - 2.0**-8 * kth.abs() - bfloat16_error - buffer.error
+        buffer.raise_threshold(kth)
 
     def _float32_scores(
         self, buffer: _CandidateBuffer, chunk: _CorpusChunk, scratch: _Scratch
@@ -276,7 +280,7 @@ class _Sweep:
         rows, columns = _bfloat16_at_least(scores, prefilter)
         corpus = self.corpus[chunk.start : chunk.stop]
         values = _float32_scores(buffer.queries, rows, corpus, columns)
-        keep = values >= buffer.threshold[rows]
+        keep = (values >= buffer.threshold[rows]).nonzero().squeeze(1)  # one nonzero, not 3
         buffer.append(rows[keep], columns[keep] + chunk.start, values[keep])
 
 
@@ -297,61 +301,6 @@ class _CorpusChunk(NamedTuple):
         if self.excluded is not None and self.excluded_range is not None:
             lo, hi = self.excluded_range
             self.excluded.mask(scores, self.start, lo, hi)
-
-
-def _resolve_filter_precision(
-    corpus: torch.Tensor, filter_precision: FilterPrecision, corpus_chunk: int
-) -> Literal["bfloat16", "float32"]:
-    """``trainer.mips.resolved_filter_precision``: decided here so that its one-off timing runs
-    under the sweep's intra-op thread setting."""
-    if filter_precision == "float32" or corpus.device.type != "cpu":
-        return "float32"  # GPU bf16 GEMMs may reduce in bf16: the error bound would not hold
-    if filter_precision == "auto":
-        if corpus.shape[0] < 4 * corpus_chunk or not _bfloat16_matmul_is_faster():
-            return "float32"
-    return "bfloat16"
-
-
-def _bfloat16_corpus(
-    corpus: torch.Tensor, filter_precision: FilterPrecision, corpus_chunk: int
-) -> torch.Tensor | None:
-    """bf16 copy [N, D] of the corpus when the bf16 pre-filter is on, else None."""
-    if _resolve_filter_precision(corpus, filter_precision, corpus_chunk) == "float32":
-        return None
-    _silence_sparse_csr_beta_warning()
-    return corpus.bfloat16()
-
-
-@functools.cache
-def _silence_sparse_csr_beta_warning() -> None:
-    """torch warns once per process that sparse CSR is beta; use up that warning, silenced."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        empty = torch.zeros(0, dtype=torch.int64)
-        torch.sparse_csr_tensor(
-            torch.zeros(2, dtype=torch.int64), empty, torch.zeros(0), size=(1, 1)
-        )
-
-
-@functools.cache
-def _bfloat16_matmul_is_faster() -> bool:
-    """Whether this CPU multiplies bf16 well (native bf16 dot products): timed once."""
-    left, right = torch.randn(256, 64), torch.randn(8192, 64)
-    out32, out16 = torch.empty(256, 8192), torch.empty(256, 8192, dtype=torch.bfloat16)
-    left16, right16 = left.bfloat16(), right.bfloat16()
-
-    def best_time(run: Callable[[], object]) -> float:
-        times = []
-        for _ in range(5):
-            begin = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - begin)
-        return min(times)
-
-    float32_s = best_time(lambda: torch.mm(left, right.T, out=out32))
-    bfloat16_s = best_time(lambda: torch.mm(left16, right16.T, out=out16))
-    logger.debug("matmul float32 %.2e s, bfloat16 %.2e s", float32_s, bfloat16_s)
-    return bfloat16_s * 1.4 < float32_s
 
 
 def _bfloat16_at_least(
@@ -473,6 +422,7 @@ class _CandidateBuffer:
         self.positions = torch.full((num_rows, width), -1, dtype=torch.int64, device=device)
         self.fill = torch.zeros(num_rows, dtype=torch.int64, device=device)
         self.threshold = torch.full((num_rows,), _FLOAT32_MIN, device=device)
+        self.appended = 0  # entries appended since the threshold was last tightened
 
     def raise_threshold(self, kth_float32: torch.Tensor) -> None:
         """Tighten with kth_float32 [q]: the k-th best float32 score among valid seen items."""
@@ -492,9 +442,39 @@ class _CandidateBuffer:
             self._grow(int((self.fill + counts).max()))
         starts = torch.cumsum(counts, 0) - counts
         slots = self.fill[rows] + torch.arange(rows.numel(), device=rows.device) - starts[rows]
-        self.scores[rows, slots] = scores
-        self.positions[rows, slots] = positions
+        flat = rows * self.scores.shape[1] + slots  # 1-D index_copy_: ~2x cheaper than 2-D
+        self.scores.view(-1).index_copy_(0, flat, scores)
+        self.positions.view(-1).index_copy_(0, flat, positions)
         self.fill += counts
+        self.appended += rows.numel()
+        if self.appended * _TIGHTEN_EVERY >= self.k * self.fill.numel():
+            self._tighten_threshold()
+
+    def _tighten_threshold(self) -> None:
+        """Raise each row's threshold to within 1/_BUCKETS of [threshold, row max] below its
+        k-th best buffered score, by counting entries per bucket (~1/4 the cost of a top-k).
+
+        The threshold otherwise only moves when the buffer fills; a stale one lets ~2x more
+        items through the filter, and each costs ~0.3 us (select, rescore, append).
+        """
+        self.appended = 0
+        width = int(self.fill.max())
+        if width < self.k:
+            return
+        scores = self.scores[:, :width]
+        lowest = scores.masked_fill(scores == float("-inf"), float("inf")).amin(dim=1)
+        low = torch.maximum(self.threshold, lowest).unsqueeze(1)
+        scale = _BUCKETS / (scores.amax(dim=1, keepdim=True) - low).clamp_min(1e-30)
+        # Entries below the threshold (and -inf padding) land in bucket 0, whose edge is low.
+        buckets = ((scores - low) * scale).clamp_(0, _BUCKETS - 1).to(torch.int64)
+        counts = torch.zeros(scores.shape[0], _BUCKETS, dtype=torch.int32, device=low.device)
+        counts.scatter_add_(1, buckets, torch.ones_like(buckets, dtype=torch.int32))
+        at_least = counts.flip(1).cumsum(1).flip(1)  # [q, B]: entries in bucket >= b
+        best = ((at_least >= self.k).sum(dim=1, keepdim=True) - 1).clamp_min(0)
+        edge = low + best / scale
+        # The bucket arithmetic rounds: keep only edges that k buffered scores really reach.
+        reached = (scores >= edge).sum(dim=1) >= self.k
+        self.raise_threshold(torch.where(reached, edge.squeeze(1), _FLOAT32_MIN))
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact answer: scores [q, k] float64 and ids [q, k] int64."""
@@ -597,10 +577,12 @@ def _rescore(queries: torch.Tensor, corpus: torch.Tensor, positions: torch.Tenso
     out = positions.new_full(positions.shape, float("-inf"), dtype=torch.float64)
     rows_per_block = max(1, _RESCORE_BLOCK // max(positions.shape[1], 1))
     for start in range(0, positions.shape[0], rows_per_block):
-        block = slice(start, start + rows_per_block)
-        items = corpus[positions[block].clamp_min(0)].double()  # [b, w, D]
-        scores = torch.bmm(items, queries[block].double().unsqueeze(2)).squeeze(2)
-        out[block] = scores.masked_fill(positions[block] < 0, float("-inf"))
+        block = positions[start : start + rows_per_block]
+        # index_select gathers random rows ~2.5x faster than advanced indexing.
+        items = corpus.index_select(0, block.clamp_min(0).view(-1)).view(*block.shape, -1)
+        query_block = queries[start : start + rows_per_block].double().unsqueeze(2)
+        scores = torch.bmm(items.double(), query_block).squeeze(2)  # [b, w]
+        out[start : start + rows_per_block] = scores.masked_fill(block < 0, float("-inf"))
     return out
 
 

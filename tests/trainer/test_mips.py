@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.dist_helpers import run_distributed
+from trainer import mips_precision
 from trainer import mips_sweep as mips  # the bf16 test patches _bfloat16_at_least here
 from trainer.mips import (
     ItemLists,
@@ -125,6 +126,46 @@ def test_score_error_bound_holds() -> None:
             error = ((left @ right.T).double() - exact).abs()
             bound = score_error_bound(queries, corpus, bfloat16=bfloat16).double().unsqueeze(1)
             assert bool((error <= bound).all())
+
+
+def test_bfloat16_filter_bound_holds() -> None:
+    # |bf16 GEMM output - exact| <= filter bound + the output's own rounding (which the filter
+    # needs no margin for); the adversarial corpus rounds every coordinate by 0.75 ulp / 2.
+    generator = torch.Generator().manual_seed(6)
+    adversarial = torch.full((50, 64), 1.0 + 3 * 2.0**-10)
+    cases = [(torch.ones(4, 64), adversarial)]
+    for dim in (3, 64, 300):
+        queries = torch.randn(64, dim, generator=generator) * 7
+        corpus = torch.randn(4000, dim, generator=generator) * torch.rand(4000, 1) * 1e-2
+        cases.append((queries, corpus))
+    for queries, corpus in cases:
+        output = (queries.bfloat16() @ corpus.bfloat16().T).double()
+        error = (output - queries.double() @ corpus.double().T).abs()
+        bound = mips_precision._bfloat16_filter_bound(
+            queries, mips_precision._norms(queries, corpus)
+        )
+        assert bool((error <= bound.double().unsqueeze(1) + 2.0**-8 * 1.01 * output.abs()).all())
+        assert bool((bound <= score_error_bound(queries, corpus, bfloat16=True)).all())
+
+
+def test_tightened_threshold_stays_below_kth_score() -> None:
+    generator = torch.Generator().manual_seed(8)
+    queries, corpus = torch.randn(6, 8, generator=generator), torch.randn(300, 8)
+    buffer = mips._CandidateBuffer(queries, corpus, torch.arange(300), 10, torch.zeros(6))
+    scores = torch.randn(6, 40, generator=generator)
+    scores[1] = 2.0  # all tied: the k-th score itself is the tightest valid threshold
+    scores[2, 5:] = float("-inf")  # fewer than k entries: nothing to tighten
+    buffer.scores[:, :40], buffer.fill[:] = scores, 40
+    buffer.positions[:, :40] = torch.arange(40)
+    buffer._tighten_threshold()
+    kth = torch.topk(scores, 10, dim=1).values[:, -1]
+    rows = [0, 3, 4, 5]
+    assert bool((buffer.threshold[rows] <= kth[rows]).all())
+    # Within one bucket (1/64 of the span of the scores) of the k-th score.
+    spans = scores[rows].amax(dim=1) - scores[rows].amin(dim=1)
+    assert bool((buffer.threshold[rows] >= kth[rows] - spans / 64).all())
+    assert float(buffer.threshold[1]) == 2.0
+    assert float(buffer.threshold[2]) == torch.finfo(torch.float32).min
 
 
 def test_heavy_ties_are_broken_by_lower_id_with_bounded_buffer() -> None:
