@@ -7,8 +7,13 @@ import sys
 
 
 def torchrun_command(
-    nproc: int, config: str, overrides: list[str], max_restarts: int = 0
+    nproc: int,
+    config: str,
+    overrides: list[str],
+    max_restarts: int = 0,
+    module: str = "trainer.train",
 ) -> list[str]:
+    """``module`` is the entry point torchrun starts (the benchmark's baseline has its own)."""
     return [
         sys.executable,
         "-m",
@@ -17,7 +22,7 @@ def torchrun_command(
         f"--nproc_per_node={nproc}",
         f"--max_restarts={max_restarts}",
         "-m",
-        "trainer.train",
+        module,
         config,
         *overrides,
     ]

@@ -134,7 +134,7 @@ def train(config: ExperimentConfig) -> TrainResult:
         to_dict(config),
     )
     rows_per_epoch = manifest.splits[config.data.train_split].rows
-    result = _loop(model, context, loader, env, run_log, rows_per_epoch)
+    result = training_loop(model, context, loader, env, run_log, rows_per_epoch)
     meta = {"rows": result.rows_trained}
     samplers = context.negatives.state_dict()
     result.checkpoint = str(
@@ -151,7 +151,7 @@ def train(config: ExperimentConfig) -> TrainResult:
     return result
 
 
-def _loop(
+def training_loop(
     model: torch.nn.Module,
     context: StepContext,
     loader: Any,
@@ -159,6 +159,8 @@ def _loop(
     run_log: RunLogger,
     rows_per_epoch: int,
 ) -> TrainResult:
+    """Epochs of :func:`train_step` over ``loader``; logs loss and samples/s every
+    ``train.log_every_steps`` (the benchmark's plain baseline runs this same loop)."""
     config = context.config
     total_steps = config.train.max_steps
     global_batch = config.data.batch_size * env.world_size
