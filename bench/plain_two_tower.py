@@ -77,7 +77,6 @@ class PlainEmbeddingBags(nn.Module):
                 table.embedding_dim,
                 mode=_MODES[table.pooling],
                 sparse=sparse_gradients,
-                include_last_offset=True,
             )
             bound = math.sqrt(1 / table.num_embeddings)  # TorchRec's default table init
             nn.init.uniform_(bag.weight, -bound, bound)
@@ -88,7 +87,10 @@ class PlainEmbeddingBags(nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         """Jagged ``[sum(lengths)]`` ids per key -> feature -> pooled ``[B, d_f]``."""
         return {
-            key: self.embedding_bags[self.feature_tables[key]](jagged.values(), jagged.offsets())
+            # offsets without the final total: the plain (include_last_offset=False) layout
+            key: self.embedding_bags[self.feature_tables[key]](
+                jagged.values(), jagged.offsets()[:-1]
+            )
             for key, jagged in features.to_dict().items()
         }
 

@@ -65,10 +65,13 @@ def samples_per_second(
     with tempfile.TemporaryDirectory() as run_dir:
         overrides = [*run_overrides(data, run_dir, steps, extra), *arguments]
         command = torchrun_command(nproc, config, overrides, module=module)
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
+        log = Path(run_dir, "stderr.log")
+        # A file, not a pipe: loader worker processes can outlive the run and hold a pipe open.
+        with open(log, "w") as stderr:
+            code = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=stderr).returncode
+        if code != 0:
             raise RuntimeError(
-                f"{module} at {nproc} rank(s) exited {done.returncode}:\n{done.stderr[-3000:]}"
+                f"{module} at {nproc} rank(s) exited {code}:\n{log.read_text()[-3000:]}"
             )
         rates = [r["samples_per_s"] for r in read_metrics(Path(run_dir)) if "samples_per_s" in r]
     return statistics.median(rates[1:] or rates)
