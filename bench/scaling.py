@@ -7,8 +7,8 @@
 Left panel: seconds for ``--queries`` exact top-100 queries over N x 64 float32 corpora
 (N = 10^5, 10^6, 10^7 up to ``--max-corpus``), ``trainer.mips.exact_topk`` and faiss
 ``IndexFlatIP`` side by side (``bench.mips``, ids checked against float64). A 10^7 x 64 corpus is
-2.4 GiB in float32; the run holds it about three times (corpus, bf16 filter copy, faiss index),
-so 10^7 needs about 8 GiB of memory. Right panel: training samples/s at 1 and 2 gloo ranks for
+2.4 GiB in float32; the run holds it several times (corpus, bf16 filter copy, faiss index, the
+scratch of each search): peak RSS was 10.6 GiB at 10^7, so allow about 12 GiB. Right panel: training samples/s at 1 and 2 gloo ranks for
 the TorchRec two-tower and the plain-PyTorch baseline (``bench.train``). Both tables are printed.
 """
 
