@@ -164,11 +164,12 @@ def sampled_listwise_softmax_loss(
             dim=1,
         )
     if negative_mask is not None:
-        weights = negative_mask.to(logits.dtype)
+        weights = negative_mask.to(logits.dtype).detach()
         keep = torch.cat([torch.ones_like(weights[:, :1]), weights], dim=1)
-        # where, not log(0): an excluded entry must not leak nan/inf into the gradient.
-        log_weight = torch.where(keep > 0, keep.clamp_min(1e-30).log(), torch.zeros_like(keep))
-        logits = (logits + log_weight).masked_fill(keep <= 0, float("-inf"))
+        # log 0 = -inf excludes an entry in the same pass that adds log w (one [B, 1 + N] pass
+        # instead of five; this loss is a large share of a CPU step). The weights carry no
+        # gradient and an excluded entry's softmax gradient is exactly 0, so no nan/inf leaks.
+        logits = logits + keep.log()
     target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     per_row = F.cross_entropy(logits, target, reduction="none")
     return weighted_mean(per_row, row_weights)

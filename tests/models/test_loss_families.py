@@ -173,3 +173,14 @@ def test_gradcheck_float64(name: str) -> None:
         None if name == "cosine" else torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1], [0, 1, 0, 1]]) > 0
     )
     assert torch.autograd.gradcheck(lambda p, n, w: fn(p, n, w, mask), (pos, neg, weights))
+
+
+def test_listwise_softmax_excluded_negatives_get_zero_finite_gradient() -> None:
+    scores = torch.tensor([[3.0, -2.0, 50.0], [0.5, 40.0, 1.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    loss = sampled_listwise_softmax_loss(
+        torch.tensor([1.0, 0.0]), scores, 0.05, torch.ones(2), negative_mask=mask
+    )
+    loss.backward()
+    assert scores.grad is not None and torch.isfinite(scores.grad).all()
+    assert (scores.grad[mask == 0] == 0).all() and (scores.grad[mask > 0] != 0).all()
