@@ -208,6 +208,9 @@ def _torchrun(
     config = run_dir.parent / f"{run_dir.name}.yaml"
     config.write_text("seed: 0\n")
     overrides = [*TINY, f"data.path={root}", f"run.dir={run_dir}", "checkpoint.every_n_steps=4"]
+    # Loader workers in-process: a killed rank's worker processes (children of a forkserver, not
+    # of the rank) outlive it for a while, which stalls the restart on this 2-core box.
+    overrides.append("data.num_workers=0")
     env = {**os.environ, "OMP_NUM_THREADS": "1", **extra_env}
     log = run_dir.parent / f"{run_dir.name}-{len(list(run_dir.parent.glob('*.log')))}.log"
     with open(log, "w") as output:
