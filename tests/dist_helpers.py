@@ -21,6 +21,7 @@ rank's traceback.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 import traceback
@@ -104,8 +105,12 @@ def _rank_main(
     except BaseException:  # every failure, SystemExit included, must reach the parent test
         outcome = {"error": traceback.format_exc()}
     torch.save(outcome, Path(folder) / f"rank{rank}.pt")
-    if "error" in outcome:
-        raise SystemExit(1)
+    # Leave without interpreter teardown once the outcome is on disk: a rank that finished its
+    # work has intermittently aborted in teardown ("terminate called without an active
+    # exception", exit -6), which would fail a test whose ranks all succeeded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1 if "error" in outcome else 0)
 
 
 def _join_all(processes: list[Any], timeout_s: float) -> None:
