@@ -15,6 +15,18 @@ from data_pipeline.shard_writer import ShardWriter
 
 USERS, ITEMS, CATEGORIES = 40, 60, 5
 
+# A small model and batch for the tiny dataset: the overrides runs in tests share.
+TINY_MODEL = [
+    "model.embedding_dim=16",
+    "model.user_mlp=[32]",
+    "model.item_mlp=[32]",
+    "model.output_dim=16",
+    "data.batch_size=32",
+    "data.eval_batch_size=16",
+    "train.progress_bar=false",
+    "logging.wandb=false",
+]
+
 SCHEMA = EventSchema(
     features=(
         FeatureSpec("user_id", Side.USER, FeatureKind.ID, "user_id"),

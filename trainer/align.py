@@ -53,7 +53,6 @@ from trainer.config import (
     ConfigError,
     CorpusDistribution,
     ExperimentConfig,
-    load_config,
     to_dict,
     to_yaml,
 )
@@ -62,10 +61,9 @@ from trainer.distributed import (
     any_rank_has,
     init_distributed,
     seed_everything,
-    shutdown,
 )
+from trainer.entry import run_job
 from trainer.evaluate import first_row_batch
-from trainer.logs import configure_logging
 from trainer.mips import distributed_topk, shard_range
 from trainer.negative_sampling import step_generator
 from trainer.run_logger import RunLogger
@@ -536,19 +534,7 @@ def align(config: ExperimentConfig, reward: RewardFn | None = None) -> AlignResu
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if not args:
-        print("usage: python -m trainer.align CONFIG [key=value ...]", file=sys.stderr)
-        return 2
-    configure_logging()
-    config = load_config(args[0], args[1:])
-    try:
-        result = align(config)
-        if dist.get_rank() == 0:
-            logger.info("done: %s", result)
-    finally:
-        shutdown()
-    return 0
+    return run_job("trainer.align", align, argv)
 
 
 if __name__ == "__main__":

@@ -32,15 +32,14 @@ from data_pipeline.manifest import Manifest
 from models.ranker import ranker_bce_loss
 from trainer.build import build_dense_optimizer
 from trainer.checkpoint import Checkpointer, Progress, resolve_checkpoint
-from trainer.config import ExperimentConfig, load_config, to_dict, to_yaml
+from trainer.config import ExperimentConfig, to_dict, to_yaml
 from trainer.distributed import (
     DistributedEnv,
     any_rank_has,
     init_distributed,
     seed_everything,
-    shutdown,
 )
-from trainer.logs import configure_logging
+from trainer.entry import run_job
 from trainer.negative_sampling import step_generator
 from trainer.ranker_build import (
     build_sharded_ranker,
@@ -310,19 +309,7 @@ def _finished(run: _RankerRun) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if not args:
-        print("usage: python -m trainer.ranker_train CONFIG [key=value ...]", file=sys.stderr)
-        return 2
-    configure_logging()
-    config = load_config(args[0], args[1:])
-    try:
-        result = train_ranker(config)
-        if dist.get_rank() == 0:
-            logger.info("done: %s", result)
-    finally:
-        shutdown()
-    return 0
+    return run_job("trainer.ranker_train", train_ranker, argv)
 
 
 if __name__ == "__main__":

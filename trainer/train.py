@@ -31,16 +31,15 @@ from trainer.build import (
     loader_spec,
 )
 from trainer.checkpoint import Checkpointer, Progress, resolve_checkpoint
-from trainer.config import ExperimentConfig, NonFinitePolicy, load_config, to_dict, to_yaml
+from trainer.config import ExperimentConfig, NonFinitePolicy, to_dict, to_yaml
 from trainer.distributed import (
     DistributedEnv,
     init_distributed,
     seed_everything,
-    shutdown,
 )
+from trainer.entry import run_job
 from trainer.evaluate import first_row_batch
 from trainer.faults import fire_if_due, planned_fault
-from trainer.logs import configure_logging
 from trainer.negative_sampling import NegativeSampling
 from trainer.run_logger import RunLogger
 from trainer.signals import StopSignals
@@ -384,20 +383,13 @@ def _mean_across_ranks(value: float, device: torch.device) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if not args:
-        print("usage: python -m trainer.train CONFIG [key=value ...]", file=sys.stderr)
-        return 2
-    configure_logging()
-    config = load_config(args[0], args[1:])
-    try:
-        result = train(config)
-        if dist.get_rank() == 0:
-            logger.info("done: %s", result)
-    finally:
-        shutdown()
     # Stopped by a signal after saving: exit as the signal would have (a scheduler requeues).
-    return 128 + result.stopped_by_signal if result.stopped_by_signal else 0
+    return run_job(
+        "trainer.train",
+        train,
+        argv,
+        lambda result: 128 + result.stopped_by_signal if result.stopped_by_signal else 0,
+    )
 
 
 if __name__ == "__main__":

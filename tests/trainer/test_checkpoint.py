@@ -21,23 +21,16 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from data_pipeline.manifest import Manifest
 from launch.local import torchrun_command
 from tests.dist_helpers import run_distributed
-from tests.tiny_dataset import write_tiny_dataset
+from tests.tiny_dataset import TINY_MODEL, write_tiny_dataset
 from trainer.checkpoint import COMPLETE, complete_checkpoints, latest_checkpoint
 from trainer.config import load_config
 from trainer.run_logger import read_metrics
 from trainer.train import DIGEST_MODULUS, NonFiniteLossError, train
 
 TINY = [
-    "model.embedding_dim=16",
-    "model.user_mlp=[32]",
-    "model.item_mlp=[32]",
-    "model.output_dim=16",
-    "data.batch_size=32",
-    "data.eval_batch_size=16",
+    *TINY_MODEL,
     "train.epochs=2",
     "train.log_every_steps=2",
-    "train.progress_bar=false",
-    "logging.wandb=false",
     "loss.label_weights={click: 1.0, like: 0.5}",
     # Replicated and per-rank sampler state both travel through the checkpoint.
     "negatives.log_q.enabled=true",

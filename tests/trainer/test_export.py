@@ -18,7 +18,7 @@ from data_pipeline.manifest import Manifest
 from data_pipeline.schema import ITEM_ID, SchemaError, Side
 from launch.cli import main as cli_main
 from tests.dist_helpers import run_distributed
-from tests.tiny_dataset import ITEMS, USERS, write_tiny_dataset
+from tests.tiny_dataset import ITEMS, TINY_MODEL, USERS, write_tiny_dataset
 from trainer.build import batch_builder
 from trainer.config import ConfigError, load_config
 from trainer.distributed import init_distributed
@@ -37,17 +37,10 @@ from trainer.train import train
 
 K = 20
 TINY = [
-    "model.embedding_dim=16",
-    "model.user_mlp=[32]",
-    "model.item_mlp=[32]",
-    "model.output_dim=16",
-    "data.batch_size=32",
-    "data.eval_batch_size=16",
+    *TINY_MODEL,
     "data.num_workers=0",
     "train.epochs=1",
-    "train.progress_bar=false",
     "eval.at_end=false",
-    "logging.wandb=false",
     "loss.label_weights={click: 1.0, like: 0.5}",
 ]
 VARIANTS = {

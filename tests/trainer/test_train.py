@@ -8,22 +8,15 @@ from pathlib import Path
 import pytest
 
 from tests.dist_helpers import run_distributed
-from tests.tiny_dataset import write_tiny_dataset
+from tests.tiny_dataset import TINY_MODEL, write_tiny_dataset
 from trainer.config import load_config
 from trainer.run_logger import read_metrics
 from trainer.train import train
 
 TINY = [
-    "model.embedding_dim=16",
-    "model.user_mlp=[32]",
-    "model.item_mlp=[32]",
-    "model.output_dim=16",
-    "data.batch_size=32",
-    "data.eval_batch_size=16",
+    *TINY_MODEL,
     "train.epochs=2",
     "train.log_every_steps=2",
-    "train.progress_bar=false",
-    "logging.wandb=false",
     "loss.label_weights={click: 1.0, like: 0.5}",
 ]
 
