@@ -57,6 +57,9 @@ class Manifest:
     history_length: H, the longest history kept per row.
     source: where the raw data came from (kind, path/url, sha256).
     extra: converter-specific facts (id ranges, generator parameters).
+    counters: normalization statistics of every counter feature, fitted on the train split:
+        ``{name: {"mean", "std", "count"}}`` of ``log1p(count)``
+        (:meth:`data_pipeline.counters.CounterStatistics.to_manifest`).
     """
 
     dataset: str
@@ -66,6 +69,7 @@ class Manifest:
     history_length: int
     source: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    counters: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -80,6 +84,7 @@ class Manifest:
             },
             "source": self.source,
             "extra": self.extra,
+            "counters": self.counters,
         }
 
     def save(self, directory: Path | str) -> Path:
@@ -114,6 +119,7 @@ class Manifest:
             history_length=int(data["history_length"]),
             source=data.get("source", {}),
             extra=data.get("extra", {}),
+            counters=data.get("counters", {}),
         )
 
     def split_paths(self, directory: Path | str, split: str) -> list[Path]:

@@ -19,11 +19,29 @@ negative_ids``                              time) and not engaged (every label 0
 ``hist_<action>``   list<int8>              one aligned action series per history event
 user features       int64 / list<int64>     declared in ``manifest.features`` (side = user)
 item features       int64 / list<int64>     declared in ``manifest.features`` (side = item)
+``<f>_weights``     list<float32>           per-id weights of a weighted feature ``f``
+                                            (idf of text tokens, topic affinities), aligned
+                                            with ``f``'s ids
+counter ``<f>``     int64                   a point-in-time count (``data_pipeline/counters``)
 ==================  ======================  =================================================
 
 ``items/`` holds ``item_id`` plus every item feature; ``users/`` holds ``user_id`` plus every
-user feature. Feature columns carry embedding-table ids; ``manifest.tables`` gives each table's
-number of rows. Several features may share one table (``hist_item_ids`` reads ``item_id``).
+user feature that is not ``per_event`` (context and search history change with each event, so
+they live in event rows only). Feature columns carry embedding-table ids; ``manifest.tables``
+gives each table's number of rows. Several features may share one table (``hist_item_ids`` reads
+``item_id``; search query tokens may read the item text table).
+
+Feature kinds (storage) and groups (meaning):
+
+* kind ``id`` (int64), ``ids`` (list<int64>, optionally with a ``<f>_weights`` column) and
+  ``counter`` (int64 count; the model reads ``(log1p(count) - mean) / std`` as a dense input,
+  with statistics in ``manifest.counters``, and :func:`~data_pipeline.counters.counter_bucket`
+  as an embedding id of table ``f``).
+* group ``id`` (user/item id), ``history`` (item ids of the user's past), ``categorical``
+  (static side features), ``text`` (hashed title tokens, :mod:`data_pipeline.text`),
+  ``counter`` (dynamic popularity), ``context`` (hour, weekday, device, locale of the event),
+  ``search`` (the user's recent query tokens) and ``affinity`` (weighted ids, e.g. topic or
+  genre affinities). Configs switch features on and off by group (``features.groups``).
 """
 
 from __future__ import annotations
@@ -54,10 +72,42 @@ class Side(enum.Enum):
 
 
 class FeatureKind(enum.Enum):
-    """``ID``: one id per row (int64 column). ``IDS``: a jagged bag of ids (list<int64> column)."""
+    """``ID``: one id per row (int64 column). ``IDS``: a jagged bag of ids (list<int64> column).
+    ``COUNTER``: a non-negative int64 count, fed as a normalized dense value and a bucket id."""
 
     ID = "id"
     IDS = "ids"
+    COUNTER = "counter"
+
+
+class FeatureGroup(enum.Enum):
+    """What a feature means; configs select features by group (module docstring)."""
+
+    ID = "id"
+    HISTORY = "history"
+    CATEGORICAL = "categorical"
+    TEXT = "text"
+    COUNTER = "counter"
+    CONTEXT = "context"
+    SEARCH = "search"
+    AFFINITY = "affinity"
+
+
+WEIGHTS_SUFFIX = "_weights"
+
+
+def weights_column(feature: str) -> str:
+    """Name of the list<float32> weights column aligned with ``feature``'s ids."""
+    return f"{feature}{WEIGHTS_SUFFIX}"
+
+
+def _default_group(name: str, kind: FeatureKind) -> FeatureGroup:
+    """Group of a feature from a manifest written before groups existed."""
+    if name in (USER_ID, ITEM_ID):
+        return FeatureGroup.ID
+    if name == HISTORY_ITEMS:
+        return FeatureGroup.HISTORY
+    return FeatureGroup.COUNTER if kind is FeatureKind.COUNTER else FeatureGroup.CATEGORICAL
 
 
 class SchemaError(ValueError):
@@ -72,31 +122,62 @@ class FeatureSpec:
     Args:
         name: column name, also the ``KeyedJaggedTensor`` key.
         side: which tower reads it.
-        kind: scalar id or jagged id list.
-        table: embedding table name (shared tables are named by several features).
+        kind: scalar id, jagged id list or counter.
+        table: embedding table name (shared tables are named by several features); for a
+            counter, the table of its buckets.
+        group: what the feature means (:class:`FeatureGroup`); defaults from the name and kind.
+        weighted: an ``ids`` feature with a ``<name>_weights`` list<float32> column.
+        per_event: the value depends on the event (context, search history), so the feature is
+            absent from the ``users/`` / ``items/`` side tables.
     """
 
     name: str
     side: Side
     kind: FeatureKind
     table: str
+    group: FeatureGroup | None = None
+    weighted: bool = False
+    per_event: bool = False
+
+    def __post_init__(self) -> None:
+        if self.group is None:
+            object.__setattr__(self, "group", _default_group(self.name, self.kind))
+        if self.weighted and self.kind is not FeatureKind.IDS:
+            raise SchemaError(f"feature '{self.name}': only 'ids' features can be weighted")
+
+    @property
+    def feature_group(self) -> FeatureGroup:
+        assert self.group is not None  # set in __post_init__
+        return self.group
 
     def arrow_type(self) -> pa.DataType:
-        return pa.int64() if self.kind is FeatureKind.ID else pa.list_(pa.int64())
+        return pa.list_(pa.int64()) if self.kind is FeatureKind.IDS else pa.int64()
 
-    def to_json(self) -> dict[str, str]:
+    def arrow_fields(self) -> list[pa.Field]:
+        """The feature's column, and its weights column when weighted."""
+        fields = [pa.field(self.name, self.arrow_type(), nullable=False)]
+        if self.weighted:
+            fields.append(pa.field(weights_column(self.name), pa.list_(pa.float32()), False))
+        return fields
+
+    def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["side"] = self.side.value
         data["kind"] = self.kind.value
+        data["group"] = self.feature_group.value
         return data
 
     @staticmethod
-    def from_json(data: dict[str, str]) -> FeatureSpec:
+    def from_json(data: dict[str, Any]) -> FeatureSpec:
+        group = data.get("group")
         return FeatureSpec(
             name=data["name"],
             side=Side(data["side"]),
             kind=FeatureKind(data["kind"]),
             table=data["table"],
+            group=FeatureGroup(group) if group is not None else None,
+            weighted=bool(data.get("weighted", False)),
+            per_event=bool(data.get("per_event", False)),
         )
 
 
@@ -154,7 +235,7 @@ class EventSchema:
         taken = {f.name for f in fields}
         for feature in self.features:
             if feature.name not in taken:
-                fields.append(pa.field(feature.name, feature.arrow_type(), nullable=False))
+                fields += feature.arrow_fields()
                 taken.add(feature.name)
         fields += [
             pa.field(history_action_column(a), pa.list_(pa.int8()), nullable=False)
@@ -169,8 +250,13 @@ class EventSchema:
         key = ITEM_ID if side is Side.ITEM else USER_ID
         fields = [pa.field(key, pa.int64(), nullable=False)]
         for feature in self.features:
-            if feature.side is side and feature.name != key and feature.name != HISTORY_ITEMS:
-                fields.append(pa.field(feature.name, feature.arrow_type(), nullable=False))
+            if (
+                feature.side is side
+                and feature.name != key
+                and feature.name != HISTORY_ITEMS
+                and not feature.per_event
+            ):
+                fields += feature.arrow_fields()
         return pa.schema(fields)
 
     def to_json(self) -> dict[str, Any]:
