@@ -255,7 +255,10 @@ def train_plain(config: ExperimentConfig, sparse_gradients: bool) -> None:
     model = DistributedDataParallel(plain.to(env.device))
     context = step_context(model, manifest, config, env)
     loader = build_event_loader(
-        loader_spec(config, config.data.train_split, train=True), manifest, env.rank, env.world_size
+        loader_spec(config, config.data.train_split, True, manifest),
+        manifest,
+        env.rank,
+        env.world_size,
     )
     run_log = RunLogger(run_dir, env.is_main, False, "", config.run.name, to_dict(config))
     steps = _plain_loop(model, context, loader, env, run_log)

@@ -81,7 +81,7 @@ def profile(config_path: str, data: str, steps: int, extra: list[str], top: int)
         config = load_config(config_path, run_overrides(data, "runs/profile", steps, extra))
         manifest = Manifest.load(data)
         loader = build_event_loader(
-            loader_spec(config, config.data.train_split, train=True),
+            loader_spec(config, config.data.train_split, True, manifest),
             manifest,
             env.rank,
             env.world_size,

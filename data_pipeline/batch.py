@@ -6,7 +6,7 @@ Feature names here are the ``KeyedJaggedTensor`` keys and match the embedding co
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +15,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from data_pipeline.derived import add_derived_columns
+from data_pipeline.feature_encoding import FeatureEncoding, encode_kjt, needs_weights
 from data_pipeline.schema import (
     IMPRESSION_NEGATIVES,
     ITEM_ID,
@@ -22,7 +23,6 @@ from data_pipeline.schema import (
     RANKER_SCORE,
     USER_ID,
     EventSchema,
-    FeatureKind,
     FeatureSpec,
     SchemaError,
     label_column,
@@ -80,17 +80,6 @@ def _column_numpy(table: pa.Table, name: str) -> np.ndarray:
     return table.column(name).combine_chunks().to_numpy(zero_copy_only=False)
 
 
-def _jagged(table: pa.Table, feature: FeatureSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Values ``[sum(lengths)]`` and lengths ``[B]`` of one feature column."""
-    column = table.column(feature.name).combine_chunks()
-    if feature.kind is FeatureKind.ID:
-        values = column.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-        return values, np.ones(len(values), dtype=np.int64)
-    lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False)
-    values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    return values, lengths.astype(np.int64, copy=False)
-
-
 def padded_list_head(table: pa.Table, name: str, width: int) -> np.ndarray:
     """The first ``width`` values of each row of a list<int> column, -1 padded.
 
@@ -115,23 +104,20 @@ def padded_list_head(table: pa.Table, name: str, width: int) -> np.ndarray:
     return out
 
 
-def build_kjt(table: pa.Table, features: tuple[FeatureSpec, ...]) -> KeyedJaggedTensor:
+def build_kjt(
+    table: pa.Table,
+    features: tuple[FeatureSpec, ...],
+    encoding: FeatureEncoding | None = None,
+    weighted: bool | None = None,
+) -> KeyedJaggedTensor:
     """KJT over ``features`` in order; a feature absent from ``table`` gets zero lengths (used
-    when only one tower's columns are read, e.g. the item corpus)."""
-    rows = table.num_rows
-    values: list[np.ndarray] = []
-    lengths: list[np.ndarray] = []
-    for feature in features:
-        if feature.name in table.column_names:
-            v, n = _jagged(table, feature)
-        else:
-            v, n = np.zeros(0, dtype=np.int64), np.zeros(rows, dtype=np.int64)
-        values.append(v)
-        lengths.append(n)
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=[f.name for f in features],
-        values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
-        lengths=torch.from_numpy(np.concatenate(lengths) if lengths else np.zeros(0, np.int64)),
+    when only one tower's columns are read, e.g. the item corpus). Weights ride along when
+    ``weighted`` (default: when ``features`` has a weighted feature or a counter)."""
+    return encode_kjt(
+        table,
+        features,
+        encoding or FeatureEncoding(),
+        needs_weights(features) if weighted is None else weighted,
     )
 
 
@@ -145,12 +131,20 @@ class BatchBuilder:
         impression_negatives: K, impression hard negatives kept per row (0: none; the table
             then need not have ``impression_negative_ids``).
         recency_buckets: buckets of the derived ``hist_recency`` feature (<= 0: not derived).
+        encoding: counter statistics and weight normalization
+            (:mod:`data_pipeline.feature_encoding`).
     """
 
     schema: EventSchema
     recent_history: int = 0
     impression_negatives: int = 0
     recency_buckets: int = 0
+    encoding: FeatureEncoding = field(default_factory=FeatureEncoding)
+
+    @property
+    def weighted(self) -> bool:
+        """Whether both KJTs carry weights (one rule for both sides, so they concatenate)."""
+        return needs_weights(self.schema.features)
 
     def __post_init__(self) -> None:
         if self.impression_negatives < 0:
@@ -183,8 +177,12 @@ class BatchBuilder:
             else np.full(rows, -1, dtype=np.int64)
         )
         return Batch(
-            user_features=build_kjt(table, self.schema.user_features()),
-            item_features=build_kjt(table, self.schema.item_features()),
+            user_features=build_kjt(
+                table, self.schema.user_features(), self.encoding, self.weighted
+            ),
+            item_features=build_kjt(
+                table, self.schema.item_features(), self.encoding, self.weighted
+            ),
             labels=torch.from_numpy(np.ascontiguousarray(labels)),
             position=torch.from_numpy(position),
             user_ids=torch.from_numpy(user_ids),
@@ -208,7 +206,7 @@ class BatchBuilder:
             raise SchemaError(
                 f"missing user feature column(s) {missing}; found columns {table.column_names}"
             )
-        return build_kjt(table, features)
+        return build_kjt(table, features, self.encoding, self.weighted)
 
     def _impression_negatives(self, table: pa.Table) -> np.ndarray:
         """[B, K] int64, -1 padded; [B, 0] when K = 0."""

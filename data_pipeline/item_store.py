@@ -1,10 +1,10 @@
 """Item features by item id, so negatives sampled from the corpus meet the item tower with their
 real features rather than an id alone.
 
-The ``items/`` split is read once into arrays indexed by item id: a dense ``[num_items]`` array
-per scalar (``ID``) feature and CSR offsets/values per jagged (``IDS``) feature. A lookup is then a
-few numpy gathers, and gives the same ``KeyedJaggedTensor`` that ``BatchBuilder`` builds from the
-same rows of ``items/``.
+The ``items/`` split is read once into one Arrow table with a row index by item id. A lookup takes
+the rows of the wanted ids and encodes them with :func:`data_pipeline.feature_encoding.encode_kjt`,
+so it gives the same ``KeyedJaggedTensor`` (weights and counters included) that ``BatchBuilder``
+builds from the same rows of ``items/``.
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torchrec import KeyedJaggedTensor
 
+from data_pipeline.feature_encoding import FeatureEncoding, encode_kjt, needs_weights
 from data_pipeline.manifest import MANIFEST_NAME, Manifest
 from data_pipeline.schema import (
     ITEM_ID,
-    FeatureKind,
+    EventSchema,
     FeatureSpec,
     SchemaError,
     Side,
@@ -31,20 +31,6 @@ from data_pipeline.schema import (
 
 ITEMS_SPLIT = "items"
 SHOWN_IDS = 8
-
-
-@dataclass(frozen=True)
-class JaggedColumn:
-    """One feature indexed by item id.
-
-    Args:
-        offsets: [num_items + 1] int64; item i holds ``values[offsets[i]:offsets[i + 1]]``.
-            None for a scalar (``ID``) feature, whose ``values`` is then [num_items].
-        values: [sum(lengths)] int64 (jagged) or [num_items] int64 (scalar).
-    """
-
-    offsets: np.ndarray | None
-    values: np.ndarray
 
 
 def gather_jagged(starts: np.ndarray, lengths: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -68,23 +54,39 @@ class ItemFeatureStore:
 
     Args:
         items_dir: the ``items/`` directory read (named in errors).
-        features: item-side features in ``manifest.schema.item_features()`` order (KJT keys).
+        features: item-side features (KJT keys, in order).
         present: [num_items] bool, whether ``items/`` has a row for the id.
-        columns: feature name -> its values by item id (``item_id`` itself is not stored).
+        table: the ``items/`` rows.
+        row_of: [num_items] int64, the row of ``table`` holding each id (-1: none).
+        encoding: counter statistics and weight normalization, as the batches use them.
+        weighted: KJTs carry weights (same rule as the batches').
     """
 
     items_dir: Path
     features: tuple[FeatureSpec, ...]
     present: np.ndarray
-    columns: dict[str, JaggedColumn]
+    table: pa.Table
+    row_of: np.ndarray
+    encoding: FeatureEncoding
+    weighted: bool
 
     @property
     def num_items(self) -> int:
         return int(self.present.shape[0])
 
     @staticmethod
-    def load(root: str | Path, manifest: Manifest) -> ItemFeatureStore:
-        """Read ``<root>/items/`` (every file the manifest lists) into id-indexed arrays.
+    def load(
+        root: str | Path,
+        manifest: Manifest,
+        schema: EventSchema | None = None,
+        encoding: FeatureEncoding | None = None,
+    ) -> ItemFeatureStore:
+        """Read ``<root>/items/`` (every file the manifest lists).
+
+        Args:
+            schema: the model-facing schema whose item features to give (default: the
+                manifest's); KJTs carry weights when any of its features needs them.
+            encoding: default: the manifest's counter statistics, no weight normalization.
 
         Raises:
             SchemaError: a file lacks a column or has a wrong type (naming file and column), the
@@ -95,7 +97,13 @@ class ItemFeatureStore:
             raise SchemaError(
                 f"{Path(root) / MANIFEST_NAME}: no '{ITEM_ID}' table (have {sorted(manifest.tables)})"
             )
-        expected = manifest.schema.side_arrow_schema(Side.ITEM)
+        schema = schema or manifest.schema
+        features = schema.item_features()
+        if encoding is None:
+            encoding = FeatureEncoding.from_manifest(manifest.counters, manifest.tables, features)
+        stored = manifest.schema.side_arrow_schema(Side.ITEM)
+        wanted = {ITEM_ID} | {c.name for f in features for c in f.arrow_fields()}
+        expected = pa.schema([f for f in stored if f.name in wanted])
         tables = []
         for path in manifest.split_paths(root, ITEMS_SPLIT):
             validate_arrow_schema(pq.read_schema(path), expected, path)
@@ -109,13 +117,11 @@ class ItemFeatureStore:
         ids = _item_ids(table, num_items, items_dir)
         present = np.zeros(num_items, dtype=bool)
         present[ids] = True
-        features = manifest.schema.item_features()
-        columns = {
-            f.name: _index_by_id(table, f, ids, num_items, items_dir)
-            for f in features
-            if f.name != ITEM_ID
-        }
-        return ItemFeatureStore(items_dir, features, present, columns)
+        row_of = np.full(num_items, -1, dtype=np.int64)
+        row_of[ids] = np.arange(len(ids), dtype=np.int64)
+        return ItemFeatureStore(
+            items_dir, features, present, table, row_of, encoding, needs_weights(schema.features)
+        )
 
     def corpus_ids(self) -> torch.Tensor:
         """[N] int64, the ids that have a row in ``items/``, ascending."""
@@ -129,7 +135,8 @@ class ItemFeatureStore:
 
         Returns:
             KJT on ``ids.device`` with stride n and keys ``[f.name for f in features]``; each
-            key's lengths are [n] and its values jagged ``[sum(lengths)]`` int64.
+            key's lengths are [n] and its values jagged ``[sum(lengths)]`` int64 (with weights
+            ``[sum(lengths)]`` float32 when ``weighted``).
 
         Raises:
             ValueError: naming a few ids that are out of range or have no row in ``items/``.
@@ -140,26 +147,8 @@ class ItemFeatureStore:
             )
         wanted = ids.detach().cpu().numpy().astype(np.int64, copy=False)
         self._check_known(wanted)
-        values: list[np.ndarray] = []
-        lengths: list[np.ndarray] = []
-        for feature in self.features:
-            column = self.columns.get(feature.name)
-            if column is None:  # item_id: the ids themselves
-                values.append(wanted)
-                lengths.append(np.ones_like(wanted))
-            elif column.offsets is None:
-                values.append(column.values[wanted])
-                lengths.append(np.ones_like(wanted))
-            else:
-                starts = column.offsets[wanted]
-                counts = column.offsets[wanted + 1] - starts
-                values.append(gather_jagged(starts, counts, column.values))
-                lengths.append(counts)
-        kjt = KeyedJaggedTensor.from_lengths_sync(
-            keys=[f.name for f in self.features],
-            values=torch.from_numpy(np.concatenate(values) if values else wanted[:0]),
-            lengths=torch.from_numpy(np.concatenate(lengths) if lengths else wanted[:0]),
-        )
+        rows = self.table.take(pa.array(self.row_of[wanted]))
+        kjt = encode_kjt(rows, self.features, self.encoding, self.weighted)
         return kjt if ids.device.type == "cpu" else kjt.to(ids.device)
 
     def _check_known(self, ids: np.ndarray) -> None:
@@ -192,29 +181,3 @@ def _item_ids(table: pa.Table, num_items: int, items_dir: Path) -> np.ndarray:
             f"{np.flatnonzero(counts > 1)[:SHOWN_IDS].tolist()}"
         )
     return ids
-
-
-def _index_by_id(
-    table: pa.Table, feature: FeatureSpec, ids: np.ndarray, num_items: int, items_dir: Path
-) -> JaggedColumn:
-    """One feature column of ``items/`` rearranged so that item id i sits at index i."""
-    column = table.column(feature.name).combine_chunks()
-    flat = pc.list_flatten(column) if feature.kind is FeatureKind.IDS else column
-    if flat.null_count:
-        raise SchemaError(f"{items_dir}: column '{feature.name}' has {flat.null_count} null ids")
-    values = flat.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    if feature.kind is FeatureKind.ID:
-        by_id = np.zeros(num_items, dtype=np.int64)
-        by_id[ids] = values
-        return JaggedColumn(offsets=None, values=by_id)
-    row_lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False)
-    row_lengths = row_lengths.astype(np.int64, copy=False)
-    row_starts = np.cumsum(row_lengths) - row_lengths
-    lengths = np.zeros(num_items, dtype=np.int64)
-    lengths[ids] = row_lengths
-    offsets = np.zeros(num_items + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    # Rows in id order; ids absent from items/ contribute empty segments.
-    order = np.argsort(ids, kind="stable")
-    by_id = gather_jagged(row_starts[order], row_lengths[order], values)
-    return JaggedColumn(offsets=offsets, values=by_id)

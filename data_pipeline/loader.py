@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from data_pipeline.batch import BatchBuilder
 from data_pipeline.derived import with_derived_features
+from data_pipeline.feature_encoding import FeatureEncoding
 from data_pipeline.manifest import MANIFEST_NAME, Manifest
 from data_pipeline.reader import ParquetEventStream, list_work_units, seed_worker
-from data_pipeline.schema import IMPRESSION_NEGATIVES, SchemaError
+from data_pipeline.schema import IMPRESSION_NEGATIVES, EventSchema, SchemaError
 from data_pipeline.validation import IdValidator
 
 
@@ -31,6 +33,9 @@ class LoaderSpec:
         (0: off; K > 0 needs a dataset whose manifest has ``has_impression_negatives``).
     recency_buckets: -1: no per-event history features; >= 0: the history encoder's action
         features, and ``hist_recency`` with that many buckets when > 0.
+    schema: the stored features to read (``trainer.features``); None: the manifest's.
+    encoding: counter statistics and weight normalization of the batches.
+    id_policies: per-column id policy overriding ``id_policy``.
     """
 
     root: str
@@ -44,6 +49,9 @@ class LoaderSpec:
     recent_history: int = 0
     impression_negatives: int = 0
     recency_buckets: int = -1
+    schema: EventSchema | None = None
+    encoding: FeatureEncoding | None = None
+    id_policies: Mapping[str, str] = field(default_factory=dict)
 
 
 def build_event_loader(
@@ -59,7 +67,10 @@ def build_event_loader(
             is unreadable or off-schema (names the file).
     """
     root = Path(spec.root)
-    schema = manifest.schema
+    schema = spec.schema or manifest.schema
+    encoding = spec.encoding or FeatureEncoding.from_manifest(
+        manifest.counters, manifest.tables, schema.features
+    )
     if spec.impression_negatives > 0 and not schema.has_impression_negatives:
         raise SchemaError(
             f"{root / MANIFEST_NAME}: impression_negatives={spec.impression_negatives} needs "
@@ -82,8 +93,9 @@ def build_event_loader(
             spec.recent_history,
             impression_negatives=spec.impression_negatives,
             recency_buckets=spec.recency_buckets,
+            encoding=encoding,
         ),
-        validator=IdValidator(schema, manifest.tables, spec.id_policy),
+        validator=IdValidator(schema, manifest.tables, spec.id_policy, spec.id_policies),
         batch_size=spec.batch_size,
         columns=schema.event_arrow_schema().names,
         rank=rank,

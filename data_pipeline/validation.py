@@ -7,7 +7,8 @@ column; the ``hash`` policy folds them into range instead. Labels must be finite
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -30,15 +31,24 @@ class IdValidator:
     schema: event schema (which columns hold ids of which table).
     tables: table name -> number of rows.
     policy: ``"error"`` raises on an out-of-range id; ``"hash"`` maps it into range.
+    policies: per-column policy overriding ``policy`` (``features.columns.<f>.id_policy``).
+
+    Counter columns hold counts, not ids: they must be non-negative (their bucket ids are in
+    range by construction).
     """
 
     schema: EventSchema
     tables: dict[str, int]
     policy: str = "error"
+    policies: Mapping[str, str] = field(default_factory=dict)
 
     def id_columns(self) -> list[tuple[str, FeatureKind, str]]:
         """(column, kind, table) of every column holding embedding-table ids."""
-        columns = [(f.name, f.kind, f.table) for f in self.schema.features]
+        columns = [
+            (f.name, f.kind, f.table)
+            for f in self.schema.features
+            if f.kind is not FeatureKind.COUNTER
+        ]
         if self.schema.has_impression_negatives:
             columns.append((IMPRESSION_NEGATIVES, FeatureKind.IDS, ITEM_ID))
         return columns
@@ -61,19 +71,38 @@ class IdValidator:
             low, high = bounds["min"].as_py(), bounds["max"].as_py()
             if low >= 0 and high < size:
                 continue
-            if self.policy == "error":
+            policy = self.policies.get(name, self.policy)
+            if policy == "error":
                 raise SchemaError(
                     f"{path}: row group {row_group}: column '{name}' has ids in "
                     f"[{low}, {high}] outside table '{table_name}' of size {size} "
-                    f"(set data.id_policy=hash to fold them into range)"
+                    f"(set data.id_policy=hash or features.columns.{name}.id_policy=hash to "
+                    "fold them into range)"
                 )
             index = table.column_names.index(name)
             field = table.schema.field(index)
             # Keep the exact field (nullability, list child name) so row groups still concatenate.
             folded = _fold(column, size, kind).cast(field.type)
             table = table.set_column(index, field, folded)
+        self._check_counters(table, path, row_group)
         self._check_floats(table, path, row_group)
         return table
+
+    def _check_counters(self, table: pa.Table, path: str, row_group: int) -> None:
+        for feature in self.schema.features:
+            if feature.kind is not FeatureKind.COUNTER or feature.name not in table.column_names:
+                continue
+            column = table.column(feature.name)
+            if column.null_count:
+                raise SchemaError(
+                    f"{path}: row group {row_group}: counter column '{feature.name}' has "
+                    f"{column.null_count} null values"
+                )
+            if len(column) and pc.min(column).as_py() < 0:
+                raise SchemaError(
+                    f"{path}: row group {row_group}: counter column '{feature.name}' has "
+                    "negative counts"
+                )
 
     def _check_floats(self, table: pa.Table, path: str, row_group: int) -> None:
         """Labels must be finite (a null reads as NaN); ``ranker_score`` must not be inf."""

@@ -23,9 +23,9 @@ from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
 from torchrec.modules.crossnet import LowRankCrossNet
 
 from data_pipeline.schema import EventSchema
+from models.kjt_ops import select_keys, stack_rows, without_weights
 from models.losses import weighted_mean
 from models.towers import mlp, table_configs
-from models.two_tower import stack_rows
 from trainer.config import RankerConfig
 
 # Pairs per interaction chunk in ``score_items``: bounds the [chunk, F] activations.
@@ -146,6 +146,10 @@ class Ranker(nn.Module):
         Returns:
             [B + E, T] logits (E = 0 without extra items).
         """
+        user_features = self._own(user_features, self.user_feature_names)
+        item_features = self._own(item_features, self.item_feature_names)
+        if extra_item_features is not None:
+            extra_item_features = self._own(extra_item_features, self.item_feature_names)
         features = KeyedJaggedTensor.concat([user_features, item_features])
         rows = features.stride()
         if extra_item_features is not None:
@@ -172,8 +176,15 @@ class Ranker(nn.Module):
         """[B] expected NUV, sigmoid(score) . label_weights, of the pairs (user b, item b)."""
         return expected_net_user_value(self.score(user_features, item_features), self.label_weights)
 
+    @staticmethod
+    def _own(features: KeyedJaggedTensor, keys: list[str]) -> KeyedJaggedTensor:
+        """The ranker's keys of ``features``, without weights: the ranker embeds every feature
+        (counter buckets and text tokens included) as plain ids."""
+        return without_weights(select_keys(features, keys))
+
     def user_inputs(self, user_features: KeyedJaggedTensor) -> torch.Tensor:
         """[U, D_user] pooled user embeddings (the user half of x0); KJT stride U."""
+        user_features = self._own(user_features, self.user_feature_names)
         items = empty_features(self.item_feature_names, user_features)
         with self._autograd():
             pooled = self.sparse_arch(KeyedJaggedTensor.concat([user_features, items])).to_dict()
@@ -181,6 +192,7 @@ class Ranker(nn.Module):
 
     def item_inputs(self, item_features: KeyedJaggedTensor) -> torch.Tensor:
         """[N, D_item] pooled item embeddings (the item half of x0); KJT stride N."""
+        item_features = self._own(item_features, self.item_feature_names)
         users = empty_features(self.user_feature_names, item_features)
         with self._autograd():
             pooled = self.sparse_arch(KeyedJaggedTensor.concat([users, item_features])).to_dict()

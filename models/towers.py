@@ -7,7 +7,7 @@ the user history); a tower only reads the pooled outputs of its features.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -21,12 +21,20 @@ def table_configs(
     tables: dict[str, int],
     default_dim: int,
     table_dims: dict[str, int],
+    pooling: Mapping[str, PoolingType] | None = None,
+    check_dims: bool = True,
 ) -> list[EmbeddingBagConfig]:
     """One ``EmbeddingBagConfig`` per table named by ``features``, listing every feature that
-    reads it (shared tables such as ``item_id`` + ``hist_item_ids`` appear once)."""
+    reads it (shared tables such as ``item_id`` + ``hist_item_ids`` appear once).
+
+    Args:
+        pooling: table -> pooling (default mean).
+        check_dims: ``table_dims`` may only name tables of ``features``.
+    """
     unknown = sorted(set(table_dims) - {f.table for f in features})
-    if unknown:
+    if unknown and check_dims:
         raise ValueError(f"model.table_dims names tables {unknown} that no feature uses")
+    pooling = pooling or {}
     by_table: dict[str, list[str]] = {}
     for feature in features:
         by_table.setdefault(feature.table, []).append(feature.name)
@@ -42,7 +50,7 @@ def table_configs(
                 embedding_dim=table_dims.get(table, default_dim),
                 num_embeddings=tables[table],
                 feature_names=feature_names,
-                pooling=PoolingType.MEAN,
+                pooling=pooling.get(table, PoolingType.MEAN),
             )
         )
     return configs

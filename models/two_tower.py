@@ -9,19 +9,32 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingCollection, KeyedJaggedTensor
+from torchrec import EmbeddingBagCollection, EmbeddingCollection, KeyedJaggedTensor, PoolingType
 
 from data_pipeline.derived import history_feature_tables
 from data_pipeline.schema import ITEM_ID, EventSchema
 from models.debias import DebiasEstimates, build_example_debias
+from models.feature_layout import FeatureLayout
+from models.kjt_ops import (
+    empty_like_rows,
+    row_weight_sums,
+    select_keys,
+    stack_rows,
+    with_weights,
+    without_weights,
+)
 from models.light_ranker import LightRankingHead
 from models.sequence_arch import HistoryArch, sequence_feature_names, sequence_table_configs
 from models.temperature import Temperature
 from models.towers import Tower, table_configs
 from trainer.config import ModelConfig
+from trainer.feature_config import Pooling
+
+__all__ = ["TwoTowerModel", "TowerOutputs", "select_keys", "stack_rows", "dense_key"]
 
 # Key of the history encoder's output among the user tower's inputs.
 HISTORY_OUTPUT = "history_encoder"
+DENSE_SUFFIX = "_value"
 
 
 class TowerOutputs(NamedTuple):
@@ -45,37 +58,20 @@ class TowerOutputs(NamedTuple):
     debias: DebiasEstimates = DebiasEstimates()
 
 
-def select_keys(features: KeyedJaggedTensor, keys: list[str]) -> KeyedJaggedTensor:
-    """The KJT restricted to ``keys`` (in that order), same stride."""
-    index = {key: i for i, key in enumerate(features.keys())}
-    return features.permute([index[key] for key in keys])
-
-
-def stack_rows(batch: KeyedJaggedTensor, extra: KeyedJaggedTensor) -> KeyedJaggedTensor:
-    """Rows of ``extra`` (stride E, any subset of keys) appended under ``batch`` (stride B):
-    stride B + E, keys of ``batch``; keys missing from ``extra`` get empty bags there."""
-    extra_rows = extra.to_dict()
-    count = extra.stride()
-    values, lengths = [], []
-    for key, jagged in batch.to_dict().items():
-        values.append(jagged.values())
-        lengths.append(jagged.lengths())
-        if key in extra_rows:
-            values.append(extra_rows[key].values())
-            lengths.append(extra_rows[key].lengths())
-        else:
-            lengths.append(torch.zeros(count, dtype=jagged.lengths().dtype, device=jagged.device()))
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=batch.keys(), values=torch.cat(values), lengths=torch.cat(lengths)
-    )
-
-
 class TwoTowerModel(nn.Module):
     """Args:
     schema: event schema (features per side).
     tables: table name -> rows, from the manifest.
     config: model configuration.
     device: where the embedding tables are created (``meta`` before sharding).
+    layout: per-table pooling, weights and dimension, and the dense counters
+        (``trainer.features``); default: :meth:`FeatureLayout.from_schema`.
+
+    Embedding tables live in ``sparse_arch`` (unweighted bags), ``weighted_arch`` (tables read
+    with per-id weights: text idf, affinities; sum pooling of weights that are normalized per row
+    for mean-pooled features) and ``sequence_arch`` (the history encoder's sequences). A counter
+    feature is embedded by its bucket id and, when dense, its normalized value (the KJT weight)
+    joins the tower input as one more column (key ``<name>_value``).
     """
 
     def __init__(
@@ -84,8 +80,10 @@ class TwoTowerModel(nn.Module):
         tables: dict[str, int],
         config: ModelConfig,
         device: torch.device | None = None,
+        layout: FeatureLayout | None = None,
     ) -> None:
         super().__init__()
+        layout = layout or FeatureLayout.from_schema(schema)
         self.sequence_features: list[str] = []
         self.sequence_arch: EmbeddingCollection | None = None
         self.history: HistoryArch | None = None
@@ -103,12 +101,51 @@ class TwoTowerModel(nn.Module):
             dims[HISTORY_OUTPUT] = self.history.output_dim
             user_features = [f for f in user_features if f not in self.sequence_features]
             user_features.append(HISTORY_OUTPUT)
-        pooled = [f for f in schema.features if f.name not in self.sequence_features]
-        self.pooled_features = [f.name for f in pooled]
-        configs = table_configs(pooled, tables, config.embedding_dim, config.table_dims)
-        dims.update({name: c.embedding_dim for c in configs for name in c.feature_names})
+        self.dense_features = [f for f in layout.dense if f in {x.name for x in schema.features}]
+        dims.update({dense_key(f): 1 for f in self.dense_features})
+        pooled = [
+            f
+            for f in schema.features
+            if f.name not in self.sequence_features and f.name not in layout.not_embedded
+        ]
+        weighted = [f for f in pooled if layout.table(f.table).weighted]
+        plain = [f for f in pooled if not layout.table(f.table).weighted]
+        self.pooled_features = [f.name for f in plain]
+        self.weighted_features = [f.name for f in weighted]
+        table_dims = {**config.table_dims}
+        table_dims.update({t: x.dim for t, x in layout.tables.items() if x.dim is not None})
+        unknown = sorted(set(config.table_dims) - {f.table for f in schema.features})
+        if unknown:
+            raise ValueError(f"model.table_dims names tables {unknown} that no feature uses")
+        pooling = {t: _POOLING[x.pooling] for t, x in layout.tables.items()}
+        configs = table_configs(
+            plain, tables, config.embedding_dim, table_dims, pooling, check_dims=False
+        )
+        weighted_configs = table_configs(
+            weighted,
+            tables,
+            config.embedding_dim,
+            table_dims,
+            {f.table: PoolingType.SUM for f in weighted},
+            check_dims=False,
+        )
+        dims.update(
+            {name: c.embedding_dim for c in configs + weighted_configs for name in c.feature_names}
+        )
         self.sparse_arch = EmbeddingBagCollection(tables=configs, device=device)
-        item_features = [f.name for f in schema.item_features()]
+        self.weighted_arch: EmbeddingBagCollection | None = None
+        if weighted_configs:
+            self.weighted_arch = EmbeddingBagCollection(
+                tables=weighted_configs, is_weighted=True, device=device
+            )
+        user_features = [
+            key for f in user_features for key in _tower_keys(f, layout, self.dense_features)
+        ]
+        item_features = [
+            key
+            for f in schema.item_features()
+            for key in _tower_keys(f.name, layout, self.dense_features)
+        ]
         self.user_tower = Tower(
             user_features,
             sum(dims[f] for f in user_features),
@@ -169,23 +206,49 @@ class TwoTowerModel(nn.Module):
         """The user tower alone (serving): [B, D], equal to ``forward(...).user`` of any batch
         with these user features. ``user_features``: KJT with every user key, stride B."""
         rows = user_features.stride()
-        lengths = user_features.lengths()
-        no_items = KeyedJaggedTensor(
-            keys=self.item_tower.feature_names,
-            values=user_features.values().new_zeros(0),
-            lengths=lengths.new_zeros(len(self.item_tower.feature_names) * rows),
-        )
+        user_keys = set(user_features.keys())
+        item_keys = [
+            k
+            for k in self.pooled_features + self.weighted_features + self.sequence_features
+            if k not in user_keys
+        ]
+        item_keys += [k for k in self.dense_features if k not in user_keys]
+        no_items = empty_like_rows(list(dict.fromkeys(item_keys)), user_features)
         features = KeyedJaggedTensor.concat([user_features, no_items])
         return self.user_tower(self._lookup(features, rows))
 
     def _lookup(self, features: KeyedJaggedTensor, rows: int) -> dict[str, torch.Tensor]:
-        """Feature -> pooled embeddings [stride, d_f]; with the history encoder also
-        ``item_id`` [stride, d] (one id per row) and the history encoding [rows, d_h] of the
-        first ``rows`` rows (the ones with user features)."""
+        """Tower input -> [stride, d]: pooled embeddings per feature, ``<counter>_value``
+        [stride, 1] dense counters; with the history encoder also ``item_id`` [stride, d] (one
+        id per row) and the history encoding [rows, d_h] of the first ``rows`` rows (the ones
+        with user features)."""
+        embeddings = self.sparse_arch(
+            without_weights(select_keys(features, self.pooled_features))
+        ).to_dict()
+        if self.weighted_arch is not None:
+            weighted = with_weights(select_keys(features, self.weighted_features))
+            embeddings.update(self.weighted_arch(weighted).to_dict())
+        for name in self.dense_features:
+            embeddings[dense_key(name)] = row_weight_sums(features, name).unsqueeze(1)
         if self.sequence_arch is None or self.history is None:
-            return self.sparse_arch(features).to_dict()
-        embeddings = self.sparse_arch(select_keys(features, self.pooled_features)).to_dict()
-        sequences = self.sequence_arch(select_keys(features, self.sequence_features))
+            return embeddings
+        sequences = self.sequence_arch(
+            without_weights(select_keys(features, self.sequence_features))
+        )
         embeddings[ITEM_ID] = sequences[ITEM_ID].values()  # one id per row: [B + E, D]
         embeddings[HISTORY_OUTPUT] = self.history(sequences, rows)
         return embeddings
+
+
+_POOLING = {Pooling.SUM: PoolingType.SUM, Pooling.MEAN: PoolingType.MEAN}
+
+
+def dense_key(feature: str) -> str:
+    """Tower input key of a counter's dense value."""
+    return f"{feature}{DENSE_SUFFIX}"
+
+
+def _tower_keys(feature: str, layout: FeatureLayout, dense: list[str]) -> list[str]:
+    """Tower inputs of one feature: its embedding (unless not embedded), its dense value."""
+    keys = [] if feature in layout.not_embedded else [feature]
+    return keys + ([dense_key(feature)] if feature in dense else [])

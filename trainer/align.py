@@ -45,6 +45,7 @@ from trainer.build import (
     build_dense_optimizer,
     build_sharded_model,
     build_unsharded_model,
+    item_store,
     loader_spec,
     model_schema,
 )
@@ -289,7 +290,7 @@ def _build(
         config, train=replace(config.train, dense_lr=alignment.lr, sparse_lr=alignment.sparse_lr)
     )
     policy = build_sharded_model(manifest, trained, env)
-    store = ItemFeatureStore.load(config.data.path, manifest)
+    store = item_store(manifest, config)
     reference = load_reference(manifest, config, reference_path, env.device)
     corpus = store.corpus_ids()
     calls = max(1, -(-len(corpus) // config.data.eval_batch_size))
@@ -310,7 +311,7 @@ def _build(
         store=store,
         explorer=_explorer(config, manifest, store),
         loader=build_event_loader(
-            loader_spec(config, config.data.train_split, train=True),
+            loader_spec(config, config.data.train_split, True, manifest),
             manifest,
             env.rank,
             env.world_size,
@@ -411,7 +412,7 @@ def top_k_reward(
     corpus_ids, corpus = local_corpus(model, store, manifest, config, env)
     split = config.eval.split
     loader = build_event_loader(
-        loader_spec(config, split, train=False), manifest, env.rank, env.world_size
+        loader_spec(config, split, False, manifest), manifest, env.rank, env.world_size
     )
     total = torch.zeros(2, dtype=torch.float64, device=env.device)
     for batch in synchronized(loader, env, lambda: first_row_batch(manifest, config, split)):

@@ -10,12 +10,15 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from data_pipeline.batch import BatchBuilder
 from data_pipeline.derived import history_feature_tables, with_derived_features
+from data_pipeline.feature_encoding import FeatureEncoding
+from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.loader import LoaderSpec
 from data_pipeline.manifest import Manifest
 from data_pipeline.schema import EventSchema
 from models.two_tower import TwoTowerModel
 from trainer.config import ConfigError, ExperimentConfig
 from trainer.distributed import DistributedEnv
+from trainer.features import resolve_features
 from trainer.sharding import attach_sparse_optimizer, shard_model
 
 
@@ -26,18 +29,22 @@ def history_recency(config: ExperimentConfig) -> int:
 
 
 def model_schema(manifest: Manifest, config: ExperimentConfig) -> EventSchema:
-    """The model-facing schema: stored features plus the derived ones the config switches on."""
+    """The model-facing schema: the stored features the config selects (``features``) plus the
+    derived ones it switches on."""
     return with_derived_features(
-        manifest.schema, config.data.recent_history, history_recency(config)
+        resolve_features(manifest, config).schema,
+        config.data.recent_history,
+        history_recency(config),
     )
 
 
 def model_tables(manifest: Manifest, config: ExperimentConfig) -> dict[str, int]:
-    """Table sizes: the manifest's plus the history encoder's per-event tables."""
+    """Table sizes: the manifest's, features' own tables, the history encoder's tables."""
+    tables = resolve_features(manifest, config).tables
     recency = history_recency(config)
     if recency < 0:
-        return dict(manifest.tables)
-    return {**manifest.tables, **history_feature_tables(manifest.schema, recency)}
+        return tables
+    return {**tables, **history_feature_tables(manifest.schema, recency)}
 
 
 def batch_builder(manifest: Manifest, config: ExperimentConfig) -> BatchBuilder:
@@ -46,15 +53,27 @@ def batch_builder(manifest: Manifest, config: ExperimentConfig) -> BatchBuilder:
         model_schema(manifest, config),
         config.data.recent_history,
         recency_buckets=max(history_recency(config), 0),
+        encoding=resolve_features(manifest, config).encoding,
+    )
+
+
+def item_store(manifest: Manifest, config: ExperimentConfig) -> ItemFeatureStore:
+    """The item corpus by id, encoded like the training batches' item side."""
+    resolved = resolve_features(manifest, config)
+    return ItemFeatureStore.load(
+        config.data.path, manifest, model_schema(manifest, config), resolved.encoding
     )
 
 
 def build_unsharded_model(
     manifest: Manifest, config: ExperimentConfig, device: torch.device | None = None
 ) -> TwoTowerModel:
+    layout = resolve_features(manifest, config).layout
     try:
         schema = model_schema(manifest, config)
-        return TwoTowerModel(schema, model_tables(manifest, config), config.model, device=device)
+        return TwoTowerModel(
+            schema, model_tables(manifest, config), config.model, device=device, layout=layout
+        )
     except ValueError as error:
         raise ConfigError(f"model: {error}") from error
 
@@ -91,8 +110,12 @@ def label_weights(manifest: Manifest, config: ExperimentConfig) -> torch.Tensor:
     return torch.tensor([config.loss.label_weights.get(x, 0.0) for x in labels])
 
 
-def loader_spec(config: ExperimentConfig, split: str, train: bool) -> LoaderSpec:
+def loader_spec(
+    config: ExperimentConfig, split: str, train: bool, manifest: Manifest | None = None
+) -> LoaderSpec:
+    """The loader of ``split``; with ``manifest``, it reads only the configured features."""
     data = config.data
+    resolved = resolve_features(manifest, config) if manifest is not None else None
     return LoaderSpec(
         root=data.path,
         split=split,
@@ -105,4 +128,7 @@ def loader_spec(config: ExperimentConfig, split: str, train: bool) -> LoaderSpec
         recent_history=data.recent_history,
         impression_negatives=config.negatives.impressions.per_row if train else 0,
         recency_buckets=history_recency(config),
+        schema=resolved.schema if resolved else None,
+        encoding=resolved.encoding if resolved else FeatureEncoding(),
+        id_policies=resolved.id_policies if resolved else {},
     )

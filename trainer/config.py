@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from models.alignment import AlignmentMethod
 from models.debias import DebiasMode
 from models.history import Combiner, Encoder, Positions, Summary
+from trainer.feature_config import FeaturesConfig, validate_features
 
 
 class ConfigError(ValueError):
@@ -445,6 +446,7 @@ class ExperimentConfig:
     ranker: RankerConfig = field(default_factory=RankerConfig)
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
 
 
 def load_config(
@@ -535,6 +537,7 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
     _validate_alignment(config.alignment, fail)
     _validate_light_head(config, fail)
     _validate_distillation(config.distillation, fail)
+    validate_features(config.features, fail)
 
 
 def _validate_alignment(alignment: AlignmentConfig, fail: Callable[[str, str], None]) -> None:

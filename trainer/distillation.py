@@ -37,7 +37,7 @@ from models.distillation import (
 from models.ranker import PAIR_CHUNK, Ranker, expected_net_user_value
 from models.retrieval_loss import ScoredCandidates, sample_negative_columns
 from models.two_tower import select_keys
-from trainer.build import label_weights, model_schema
+from trainer.build import item_store, label_weights, model_schema
 from trainer.config import ConfigError, DistillationConfig, ExperimentConfig
 from trainer.distributed import DistributedEnv
 from trainer.ranker_build import load_ranker, ranker_run_config
@@ -121,7 +121,7 @@ class Distillation:
         assert section.listwise.teacher is not None  # validated with the config
         check_teacher_features(config, manifest, section.listwise.teacher)
         teacher = load_ranker(section.listwise.teacher, manifest).to(env.device)
-        store = ItemFeatureStore.load(config.data.path, manifest)
+        store = item_store(manifest, config)
         logger.info("distillation teacher %s", section.listwise.teacher)
         return Distillation(section, teacher, store, weights)
 

@@ -118,7 +118,7 @@ def embed_queries(
     ranker embeddings [q_r, NU, D] or None without the head).
     """
     loader = build_event_loader(
-        loader_spec(config, split, train=False), manifest, env.rank, env.world_size
+        loader_spec(config, split, False, manifest), manifest, env.rank, env.world_size
     )
     users, targets, embeddings, ranker = [], [], [], []
     for batch in synchronized(loader, env, lambda: first_row_batch(manifest, config, split)):

@@ -9,8 +9,11 @@ distributed run of size 1; DCP reshards whatever world size saved it). The expor
   ``IndexIDMap`` (searches return item ids).
 - ``user_tower.pt2``: the user tower as a ``torch.export`` program. TorchRec's KeyedJaggedTensor
   is built inside it, so it takes plain tensors: ``values`` [sum(lengths)] int64 ids of every
-  user feature in ``user_features`` order, ``lengths`` [F, B] int64; it returns [B, D] float32.
-- ``example_input.pt``: {"values", "lengths"} for that program (``torch.load(weights_only=True)``).
+  user feature in ``user_features`` order, ``lengths`` [F, B] int64 and ``weights``
+  [sum(lengths)] float32 (per-id weights and dense counter values; ones for plain ids); it
+  returns [B, D] float32.
+- ``example_input.pt``: {"values", "lengths", "weights"} for that program
+  (``torch.load(weights_only=True)``).
 - ``export.json``: feature names, dims, normalization, temperature, item count, source step.
 - ``config.yaml`` and ``dataset/manifest.json``: what ``twotower retrieve`` needs to build user
   features from raw rows the way the data pipeline does.
@@ -66,35 +69,49 @@ class UserTowerProgram(nn.Module):
         self.model = model
         self.user_keys = list(user_keys)
 
-    def forward(self, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """values: [sum(lengths)] int64, feature-major; lengths: [F, B] int64. Returns [B, D]."""
+    def forward(
+        self, values: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """values: [sum(lengths)] int64, feature-major; lengths: [F, B] int64; weights:
+        [sum(lengths)] float32. Returns [B, D]."""
         features = KeyedJaggedTensor(
-            keys=self.user_keys, values=values, lengths=lengths.reshape(-1)
+            keys=self.user_keys, values=values, lengths=lengths.reshape(-1), weights=weights
         )
         return self.model.user_embeddings(features)
 
 
-def program_inputs(user_features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A user KJT (F keys, stride B) as the program's (values [sum(lengths)], lengths [F, B])."""
+ProgramInputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def program_inputs(user_features: KeyedJaggedTensor) -> ProgramInputs:
+    """A user KJT (F keys, stride B) as the program's (values [N], lengths [F, B], weights [N]);
+    weights are ones where the KJT has none."""
     keys = user_features.keys()
     lengths = user_features.lengths().to(torch.int64).reshape(len(keys), -1)
-    return user_features.values().to(torch.int64), lengths
+    values = user_features.values().to(torch.int64)
+    weights = user_features.weights_or_none()
+    if weights is None:
+        weights = torch.ones(values.shape, dtype=torch.float32, device=values.device)
+    return values, lengths, weights.to(torch.float32)
 
 
 def export_user_program(
-    model: TwoTowerModel, user_keys: list[str], example: tuple[torch.Tensor, torch.Tensor]
+    model: TwoTowerModel, user_keys: list[str], example: ProgramInputs
 ) -> torch.export.ExportedProgram:
     """``torch.export`` of ``UserTowerProgram`` with a dynamic batch and value count.
 
     Args:
-        example: (values [N], lengths [F, B]) with B >= 2.
+        example: (values [N], lengths [F, B], weights [N]) with B >= 2.
     """
     batch = torch.export.Dim("batch", min=1)
     values = torch.export.Dim("values", min=0)
     program = UserTowerProgram(model, user_keys).eval()
     with torch.no_grad():
         return torch.export.export(
-            program, example, dynamic_shapes=({0: values}, {1: batch}), strict=False
+            program,
+            example,
+            dynamic_shapes=({0: values}, {1: batch}, {0: values}),
+            strict=False,
         )
 
 
@@ -196,10 +213,10 @@ def export_run(
         write_faiss_index(item_ids, item_embeddings, out_dir / FAISS_INDEX)
     builder = batch_builder(manifest, config)
     user_keys = [f.name for f in builder.schema.user_features()]
-    values, lengths = program_inputs(builder.user_features(example_rows(manifest, config)))
-    example = (values.to(env.device), lengths.to(env.device))
+    values, lengths, weights = program_inputs(builder.user_features(example_rows(manifest, config)))
+    example = (values.to(env.device), lengths.to(env.device), weights.to(env.device))
     torch.export.save(export_user_program(model, user_keys, example), out_dir / USER_PROGRAM)
-    torch.save({"values": values, "lengths": lengths}, out_dir / EXAMPLE_INPUT)
+    torch.save({"values": values, "lengths": lengths, "weights": weights}, out_dir / EXAMPLE_INPUT)
     (out_dir / "config.yaml").write_text(to_yaml(config))
     (out_dir / "dataset").mkdir(exist_ok=True)
     manifest.save(out_dir / "dataset")
@@ -239,6 +256,7 @@ def _export_info(
             "inputs": {
                 "values": "[sum(lengths)] int64 ids, feature-major in user_features order",
                 "lengths": "[F, B] int64, F = len(user_features)",
+                "weights": "[sum(lengths)] float32 per-id weights (ones for plain ids)",
             },
             "output": "[B, embedding_dim] float32",
         },

@@ -36,6 +36,7 @@ from data_pipeline.negatives import (
 from data_pipeline.schema import IMPRESSION_NEGATIVES
 from models.retrieval_loss import ScoredCandidates
 from models.two_tower import TowerOutputs
+from trainer.build import item_store
 from trainer.config import ConfigError, CorpusDistribution, ExperimentConfig
 from trainer.distributed import DistributedEnv
 from trainer.global_negatives import gather_candidates
@@ -118,7 +119,7 @@ class NegativeSampling:
             or negatives.impressions.per_row > 0
             or negatives.mined.per_row > 0
         )
-        store = ItemFeatureStore.load(config.data.path, manifest) if needs_store else None
+        store = item_store(manifest, config) if needs_store else None
         sampler = _corpus_sampler(config, manifest, store) if store is not None else None
         estimator = None
         if negatives.log_q.enabled:

@@ -159,7 +159,10 @@ def _build(
         bad_batch_dir=run_dir / "bad_batches",
     )
     loader = build_event_loader(
-        loader_spec(config, config.data.train_split, train=True), manifest, env.rank, env.world_size
+        loader_spec(config, config.data.train_split, True, manifest),
+        manifest,
+        env.rank,
+        env.world_size,
     )
     if env.is_main:
         logger.info("sharding plan:\n%s", model.plan)

@@ -139,7 +139,9 @@ def _corpus_softmax_stats(
     manifest = Manifest.load(config.data.path)
     store = ItemFeatureStore.load(config.data.path, manifest)
     corpus = store.corpus_ids()
-    batch = next(iter(build_event_loader(loader_spec(config, "test", False), manifest, 0, 1)))
+    batch = next(
+        iter(build_event_loader(loader_spec(config, "test", False, manifest), manifest, 0, 1))
+    )
     log_probs = []
     for path in (policy, start):
         model = load_reference(manifest, config, path, torch.device("cpu"))

@@ -130,7 +130,7 @@ def test_export_manifest_and_user_program(exported: dict) -> None:
     example = torch.load(exported["out"] / EXAMPLE_INPUT, weights_only=True)
     assert example["lengths"].shape[0] == len(info["user_features"])
     with torch.no_grad():
-        users = model.user_program(example["values"], example["lengths"])
+        users = model.user_program(example["values"], example["lengths"], example["weights"])
     assert users.shape == (example["lengths"].shape[1], 16)
     torch.testing.assert_close(users.norm(dim=1), torch.ones(len(users)))
     # Any batch size: one row alone embeds as it does inside a batch.

@@ -122,7 +122,9 @@ def _score_rank(rank: int, world_size: int, root: str, mask: bool) -> dict[str, 
     negatives = NegativeSampling.build(config, manifest, env)
     from data_pipeline.loader import build_event_loader
 
-    loader = build_event_loader(loader_spec(config, "train", True), manifest, rank, world_size)
+    loader = build_event_loader(
+        loader_spec(config, "train", True, manifest), manifest, rank, world_size
+    )
     hits = 0
     live = 0
     for step, batch in enumerate(loader):

@@ -1,0 +1,105 @@
+"""Small ``KeyedJaggedTensor`` operations the models share (weights preserved where present)."""
+
+from __future__ import annotations
+
+import torch
+from torchrec import KeyedJaggedTensor
+
+
+def select_keys(features: KeyedJaggedTensor, keys: list[str]) -> KeyedJaggedTensor:
+    """The KJT restricted to ``keys`` (in that order), same stride, weights kept."""
+    index = {key: i for i, key in enumerate(features.keys())}
+    missing = [key for key in keys if key not in index]
+    if missing:
+        raise KeyError(f"features {missing} are not in the input (have {features.keys()})")
+    return features.permute([index[key] for key in keys])
+
+
+def without_weights(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """The same ids without weights (for unweighted embedding collections)."""
+    if features.weights_or_none() is None:
+        return features
+    return KeyedJaggedTensor(
+        keys=features.keys(),
+        values=features.values(),
+        lengths=features.lengths(),
+        offsets=features.offsets(),
+        stride=features.stride(),
+    )
+
+
+def with_weights(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """The KJT with weights (ones where it had none)."""
+    if features.weights_or_none() is not None:
+        return features
+    return KeyedJaggedTensor(
+        keys=features.keys(),
+        values=features.values(),
+        weights=torch.ones(features.values().shape, device=features.values().device),
+        lengths=features.lengths(),
+        offsets=features.offsets(),
+        stride=features.stride(),
+    )
+
+
+def row_weight_sums(features: KeyedJaggedTensor, key: str) -> torch.Tensor:
+    """[stride] per-row sum of ``key``'s weights (a counter row holds one weight, its dense
+    value; an empty row gives 0).
+
+    Raises:
+        ValueError: the KJT carries no weights.
+    """
+    jagged = features[key]
+    weights = jagged.weights_or_none()
+    if weights is None:
+        raise ValueError(f"feature '{key}' is read as a dense value but the input has no weights")
+    lengths = jagged.lengths()
+    rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+    out = torch.zeros(lengths.numel(), dtype=weights.dtype, device=weights.device)
+    return out.index_add(0, rows, weights)
+
+
+def stack_rows(batch: KeyedJaggedTensor, extra: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """Rows of ``extra`` (stride E, any subset of keys) appended under ``batch`` (stride B):
+    stride B + E, keys of ``batch``; keys missing from ``extra`` get empty bags there. Weights
+    are kept when ``batch`` has them (ones where ``extra`` has none)."""
+    extra_rows = extra.to_dict()
+    count = extra.stride()
+    weighted = batch.weights_or_none() is not None
+    values, lengths, weights = [], [], []
+    for key, jagged in batch.to_dict().items():
+        values.append(jagged.values())
+        lengths.append(jagged.lengths())
+        if weighted:
+            weights.append(jagged.weights())
+        if key in extra_rows:
+            other = extra_rows[key]
+            values.append(other.values())
+            lengths.append(other.lengths())
+            if weighted:
+                own = other.weights_or_none()
+                weights.append(
+                    own if own is not None else torch.ones_like(other.values(), dtype=torch.float32)
+                )
+        else:
+            lengths.append(torch.zeros(count, dtype=jagged.lengths().dtype, device=jagged.device()))
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=batch.keys(),
+        values=torch.cat(values),
+        lengths=torch.cat(lengths),
+        weights=torch.cat(weights) if weighted else None,
+    )
+
+
+def empty_like_rows(keys: list[str], like: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """A KJT with ``keys``, the stride of ``like``, every bag empty; weights iff ``like`` has."""
+    rows = like.stride()
+    values = like.values().new_zeros(0)
+    weighted = like.weights_or_none() is not None
+    return KeyedJaggedTensor(
+        keys=list(keys),
+        values=values,
+        weights=like.weights().new_zeros(0) if weighted else None,
+        lengths=like.lengths().new_zeros(len(keys) * rows),
+        stride=rows,
+    )

@@ -1,0 +1,94 @@
+"""The ``features`` section of an experiment config: which data columns the towers read and how.
+
+```yaml
+features:
+  groups: [id, history, categorical, text, counter, context, search, affinity]
+  columns:                      # optional: when given, exactly these columns are used
+    item_title_tokens: {kind: text, pooling: mean, weighted: true, dim: 32}
+    search_query_tokens: {kind: search, table: text_tokens}     # share the title token table
+    item_rating_count_7d: {kind: counter, dense: true, bucketized: true}
+    ctx_hour: {kind: context, id_policy: error}
+```
+
+Every column named in ``columns`` must exist in the data and be of the declared kind (its
+feature group); data features not named are reported at start and left out. Without
+``columns``, every data feature of an enabled group is used with the defaults. The resolution
+against the manifest lives in :mod:`trainer.features`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from data_pipeline.schema import FeatureGroup
+
+
+class Pooling(enum.Enum):
+    """How a bag of ids becomes one vector: sum or mean (weighted: weighted sum / mean)."""
+
+    SUM = "sum"
+    MEAN = "mean"
+
+
+class FeatureIdPolicy(enum.Enum):
+    """Per-feature override of ``data.id_policy``."""
+
+    DEFAULT = "default"
+    ERROR = "error"
+    HASH = "hash"
+
+
+@dataclass
+class FeatureConfig:
+    """One column (``features.columns.<name>``).
+
+    Args:
+        kind: the feature group the column must have in the data (a declaration that is
+            checked; null accepts any).
+        enabled: false leaves the column out.
+        table: embedding table; null: the data's table. Naming another feature's table
+            shares it; a new name gives the feature its own table, sized like the data's.
+        dim: embedding dimension of the table (null: ``model.table_dims`` / ``embedding_dim``).
+        pooling: sum or mean over the bag (features of one table must agree).
+        weighted: use the column's per-id weights (idf, affinity) when it has them.
+        id_policy: ``error`` / ``hash`` for out-of-range ids, or ``default`` (``data.id_policy``).
+        dense: counters only: feed the normalized ``log1p`` count to the tower MLP.
+        bucketized: counters only: embed the log2 bucket of the count.
+    """
+
+    kind: FeatureGroup | None = None
+    enabled: bool = True
+    table: str | None = None
+    dim: int | None = None
+    pooling: Pooling = Pooling.MEAN
+    weighted: bool = True
+    id_policy: FeatureIdPolicy = FeatureIdPolicy.DEFAULT
+    dense: bool = True
+    bucketized: bool = True
+
+
+@dataclass
+class FeaturesConfig:
+    """Args:
+    groups: feature groups switched on (ablations drop groups).
+    columns: per-column declarations; when non-empty, exactly the enabled ones are used.
+    """
+
+    groups: list[FeatureGroup] = field(default_factory=lambda: list(FeatureGroup))
+    columns: dict[str, FeatureConfig] = field(default_factory=dict)
+
+
+def validate_features(features: FeaturesConfig, fail: Callable[[str, str], None]) -> None:
+    """Checks that need no data (the rest happen against the manifest at start)."""
+    if FeatureGroup.ID not in features.groups:
+        fail("features.groups", "must include 'id' (the user and item ids)")
+    for name, column in features.columns.items():
+        key = f"features.columns.{name}"
+        if column.dim is not None and column.dim < 1:
+            fail(f"{key}.dim", "must be >= 1 or null")
+        if column.table is not None and not column.table:
+            fail(f"{key}.table", "must be a table name or null")
+        if column.kind is FeatureGroup.COUNTER and not (column.dense or column.bucketized):
+            fail(key, "a counter needs dense or bucketized (or enabled: false)")

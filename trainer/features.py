@@ -1,0 +1,210 @@
+"""Resolves the ``features`` config against a dataset's manifest, once, at start.
+
+The result says which stored features the towers read, from which tables (shared or own), with
+which dimension, pooling, weights and id policy, and how counters are fed. The batch builder,
+the item store and the model are all built from it, so they agree by construction.
+
+Reported at start (:func:`report`): data features left out because ``features.columns`` does not
+name them, and those of disabled groups. A column named in the config but absent from the data
+is a :class:`~trainer.config.ConfigError` naming the column, the manifest and a data file.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from data_pipeline.feature_encoding import FeatureEncoding
+from data_pipeline.manifest import MANIFEST_NAME, Manifest
+from data_pipeline.schema import EventSchema, FeatureGroup, FeatureKind, FeatureSpec, SchemaError
+from models.feature_layout import FeatureLayout, TableLayout
+from trainer.config import ConfigError, ExperimentConfig
+from trainer.feature_config import FeatureConfig, FeatureIdPolicy, Pooling
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResolvedFeatures:
+    """Args:
+    schema: the manifest's schema restricted to the features used (tables and weight flags as
+        configured); derived features are added on top by ``with_derived_features``.
+    tables: table name -> rows (the manifest's plus features' own tables).
+    layout: tables and counters for the model.
+    encoding: counter statistics and weight normalization for the batches and the item store.
+    id_policies: column -> ``error`` / ``hash`` where the config overrides ``data.id_policy``.
+    left_out: (feature, reason) of every data feature not used.
+    """
+
+    schema: EventSchema
+    tables: dict[str, int]
+    layout: FeatureLayout
+    encoding: FeatureEncoding
+    id_policies: dict[str, str]
+    left_out: tuple[tuple[str, str], ...]
+
+
+def _first_data_file(manifest: Manifest, root: Path) -> Path | None:
+    for split in ("train", "valid", "test"):
+        if split in manifest.splits and manifest.splits[split].files:
+            return root / manifest.splits[split].files[0].path
+    return None
+
+
+def _absent_column_error(name: str, manifest: Manifest, root: Path) -> ConfigError:
+    where = f"{root / MANIFEST_NAME} (dataset '{manifest.dataset}') lists no feature '{name}'"
+    path = _first_data_file(manifest, root)
+    if path is not None and path.exists():
+        columns = pq.read_schema(path).names
+        state = "has it" if name in columns else "has no such column"
+        where += f", and {path} {state} (its columns: {columns})"
+    known = [f.name for f in manifest.schema.features]
+    return ConfigError(
+        f"config key 'features.columns.{name}': column '{name}' is not in the data: {where}. "
+        f"Features of this dataset: {known}"
+    )
+
+
+def _select(
+    manifest: Manifest, config: ExperimentConfig, root: Path
+) -> tuple[list[tuple[FeatureSpec, FeatureConfig]], list[tuple[str, str]]]:
+    """The (feature, its config) pairs used, and (name, reason) of those left out."""
+    declared = config.features.columns
+    groups = set(config.features.groups)
+    stored = {f.name: f for f in manifest.schema.features}
+    for name in declared:
+        if name not in stored:
+            raise _absent_column_error(name, manifest, root)
+    used: list[tuple[FeatureSpec, FeatureConfig]] = []
+    left_out: list[tuple[str, str]] = []
+    for feature in manifest.schema.features:
+        group = feature.feature_group
+        column = declared.get(feature.name)
+        if column is not None and column.kind is not None and column.kind is not group:
+            raise ConfigError(
+                f"config key 'features.columns.{feature.name}.kind': declared "
+                f"'{column.kind.value}', but the data's column is a '{group.value}' feature "
+                f"({feature.kind.value}, table '{feature.table}') in "
+                f"{root / MANIFEST_NAME}"
+            )
+        if declared and column is None:
+            left_out.append((feature.name, "present in the data but not in features.columns"))
+        elif group not in groups:
+            left_out.append((feature.name, f"group '{group.value}' not in features.groups"))
+        elif column is not None and not column.enabled:
+            left_out.append((feature.name, f"features.columns.{feature.name}.enabled=false"))
+        else:
+            used.append((feature, column or FeatureConfig()))
+    names = {f.name for f, _ in used}
+    for required in ("user_id", "item_id"):
+        if required in stored and required not in names:
+            raise ConfigError(
+                f"config key 'features': '{required}' is left out; both towers need their id"
+            )
+    return used, left_out
+
+
+def _merge_table(
+    layouts: dict[str, TableLayout], owners: dict[str, str], table: str, name: str, new: TableLayout
+) -> None:
+    """Record ``name``'s wishes for ``table``; features sharing a table must agree."""
+    if table not in layouts:
+        layouts[table], owners[table] = new, name
+        return
+    old = layouts[table]
+    for attribute in ("pooling", "dim"):
+        mine, theirs = getattr(new, attribute), getattr(old, attribute)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise ConfigError(
+                f"config key 'features.columns.{name}.{attribute}': table '{table}' is shared "
+                f"with '{owners[table]}', which sets {attribute}={theirs}, not {mine}"
+            )
+    layouts[table] = TableLayout(
+        old.pooling, old.weighted or new.weighted, old.dim if old.dim is not None else new.dim
+    )
+
+
+def resolve_features(manifest: Manifest, config: ExperimentConfig) -> ResolvedFeatures:
+    """Raises:
+    ConfigError: naming the ``features`` key (absent column, kind mismatch, conflicting shared
+        table settings, counter statistics missing).
+    """
+    root = Path(config.data.path)
+    used, left_out = _select(manifest, config, root)
+    tables = dict(manifest.tables)
+    layouts: dict[str, TableLayout] = {}
+    owners: dict[str, str] = {}
+    features: list[FeatureSpec] = []
+    id_policies: dict[str, str] = {}
+    dense: list[str] = []
+    not_embedded: set[str] = set()
+    counter_tables: dict[str, str] = {}
+    for feature, column in used:
+        table = column.table or feature.table
+        if table not in tables:
+            tables[table] = manifest.tables[feature.table]
+        elif tables[table] < manifest.tables[feature.table]:
+            raise ConfigError(
+                f"config key 'features.columns.{feature.name}.table': table '{table}' has "
+                f"{tables[table]} rows, fewer than the {manifest.tables[feature.table]} ids of "
+                f"'{feature.name}'"
+            )
+        weighted = feature.weighted and column.weighted
+        features.append(replace(feature, table=table, weighted=weighted))
+        if column.id_policy is not FeatureIdPolicy.DEFAULT:
+            id_policies[feature.name] = column.id_policy.value
+        if feature.kind is FeatureKind.COUNTER:
+            counter_tables[table] = feature.name
+            if column.dense:
+                dense.append(feature.name)
+            if not column.bucketized:
+                not_embedded.add(feature.name)
+                continue
+        dim = column.dim if column.dim is not None else config.model.table_dims.get(table)
+        _merge_table(
+            layouts, owners, table, feature.name, TableLayout(column.pooling, weighted, dim)
+        )
+    for table, counter in counter_tables.items():
+        if layouts.get(table, TableLayout()).weighted:
+            raise ConfigError(
+                f"config key 'features.columns.{counter}.table': counter bucket table '{table}' "
+                "is shared with a weighted feature (its weights are the dense counter value)"
+            )
+    mean_weighted = frozenset(
+        f.name
+        for f in features
+        if layouts.get(f.table, TableLayout()).weighted
+        and f.kind is FeatureKind.IDS
+        and layouts[f.table].pooling is Pooling.MEAN
+    )
+    schema = replace(manifest.schema, features=tuple(features))
+    try:
+        encoding = FeatureEncoding.from_manifest(manifest.counters, tables, features, mean_weighted)
+    except (SchemaError, ValueError) as error:
+        raise ConfigError(f"config key 'features': {root / MANIFEST_NAME}: {error}") from error
+    return ResolvedFeatures(
+        schema=schema,
+        tables=tables,
+        layout=FeatureLayout(layouts, tuple(dense), frozenset(not_embedded)),
+        encoding=encoding,
+        id_policies=id_policies,
+        left_out=tuple(left_out),
+    )
+
+
+def report(resolved: ResolvedFeatures) -> list[str]:
+    """Log (and return) one line per group used and per data feature left out."""
+    lines = []
+    by_group: dict[FeatureGroup, list[str]] = {}
+    for feature in resolved.schema.features:
+        by_group.setdefault(feature.feature_group, []).append(feature.name)
+    for group, names in by_group.items():
+        lines.append(f"features: {group.value}: {', '.join(names)}")
+    for name, reason in resolved.left_out:
+        lines.append(f"features: left out '{name}': {reason}")
+    for line in lines:
+        (logger.warning if "left out" in line else logger.info)(line)
+    return lines
