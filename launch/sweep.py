@@ -215,6 +215,7 @@ COLUMNS = (
     Column("NDCG@10", Source.EVAL, "ndcg@10"),
     Column("HR@10", Source.EVAL, "hr@10"),
     Column("tail Recall@50", Source.EVAL, "tail_recall@50"),
+    Column("cold Recall@50", Source.EVAL, "cold_recall@50"),
     Column("coverage@10", Source.EVAL, "coverage@10"),
     Column("samples/s", Source.TRAIN, "samples_per_second", ",.0f"),
     # Shown only when some run measured them (a dataset with a ranker; truth: synthetic worlds).

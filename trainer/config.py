@@ -335,6 +335,8 @@ class EvalConfig:
     at_end: bool = True
     query_chunk: int = 1024
     corpus_chunk: int = 8192
+    # Cold Recall@K counts the eval rows whose target has fewer training events than this.
+    cold_item_max_events: int = 5
     funnel: FunnelConfig = field(default_factory=FunnelConfig)
 
 
@@ -511,6 +513,10 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
         fail("model.temperature", "must be > 0")
     if not config.eval.ks or min(config.eval.ks) < 1:
         fail("eval.ks", "must list positive cutoffs")
+    if config.eval.cold_item_max_events < 1:
+        fail(
+            "eval.cold_item_max_events", "must be >= 1 (items with fewer training events are cold)"
+        )
     funnel = config.eval.funnel
     if not funnel.ks or min(funnel.ks) < 1 or max(funnel.ks) > funnel.retrieve_n:
         fail(

@@ -8,6 +8,9 @@ evaluating test) are excluded from the ranking, except the target itself.
 Tail recall (``tail_recall@K`` for every K in ``eval.ks``, plus the ``tail_queries`` fraction) is
 recall over the queries whose target is a long-tail item: outside the ``HEAD_FRACTION`` (20%)
 most popular of the items with any training interaction (``trainer.metrics.tail_items``).
+Cold recall (``cold_recall@K``, ``cold_queries``) is the same over the queries whose target has
+fewer than ``eval.cold_item_max_events`` training events (``trainer.metrics.cold_items``).
+``tail_rows`` and ``cold_rows`` count those queries over all ranks.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from trainer.light_rerank import pad_columns, reranked_topk
 from trainer.metrics import (
     HEAD_FRACTION,
     MetricCutoffs,
-    only_tail,
+    cold_items,
     retrieval_metrics,
     tail_items,
 )
@@ -219,21 +222,31 @@ def popularity_scores(train_pairs: pa.Table, num_items: int) -> np.ndarray:
     return np.bincount(items, minlength=num_items).astype(np.float32)
 
 
-def _reduce_metrics(
-    local: dict[str, float], count: int, tail_count: int, device: torch.device
-) -> dict[str, float]:
+def _reduce_metrics(local: dict[str, float], count: int, device: torch.device) -> dict[str, float]:
     """Means over every rank's queries, not means of rank means: each rank's mean is weighted by
-    the queries it averaged over (``count``; ``tail_count`` for tail_recall@k). NaN where no rank
-    had any such query. Coverage is not a mean and is reduced elsewhere."""
-    keys = [k for k in local if not k.startswith("coverage")]
-    weights = [tail_count if k.startswith("tail_recall") else count for k in keys]
+    the queries it averaged over, ``count`` or, for ``<subset>_recall@k``, its
+    ``<subset>_rows`` (so subset recall is all ranks' hits over all ranks' rows). The
+    ``<subset>_rows`` are summed. NaN where no rank had any such query. Coverage is not a mean
+    and is reduced elsewhere."""
+    rows = {key: int(value) for key, value in local.items() if key.endswith("_rows")}
+    keys = [k for k in local if not k.startswith("coverage") and k not in rows]
+    weights = [_weight(key, count, rows) for key in keys]
     # A rank without such queries holds NaN (or a placeholder) there: it must add 0, not NaN * 0.
     sums = [local[k] * w if w else 0.0 for k, w in zip(keys, weights, strict=True)]
-    values = torch.tensor(sums + weights, dtype=torch.float64, device=device)
+    values = torch.tensor(sums + weights + list(rows.values()), dtype=torch.float64, device=device)
     dist.all_reduce(values)
-    totals = values[len(keys) :].tolist()
     sums = values[: len(keys)].tolist()
-    return {k: s / t if t > 0 else math.nan for k, s, t in zip(keys, sums, totals, strict=True)}
+    totals = values[len(keys) : 2 * len(keys)].tolist()
+    result = {k: s / t if t > 0 else math.nan for k, s, t in zip(keys, sums, totals, strict=True)}
+    row_totals = values[2 * len(keys) :].tolist()
+    result |= {key: int(total) for key, total in zip(rows, row_totals, strict=True)}
+    return result
+
+
+def _weight(key: str, count: int, rows: dict[str, int]) -> int:
+    """The number of queries behind a rank's ``key`` mean: its subset's rows for subset recall."""
+    subset, separator, _ = key.partition("_recall@")
+    return rows[f"{subset}_rows"] if separator else count
 
 
 def _coverage(top10: torch.Tensor, num_items: int, device: torch.device) -> float:
@@ -245,13 +258,14 @@ def _coverage(top10: torch.Tensor, num_items: int, device: torch.device) -> floa
 
 
 def cutoffs_for(ks: Sequence[int]) -> MetricCutoffs:
-    """HR@10, Recall@each K, NDCG@K for K <= 50, coverage@10, tail Recall@each K."""
+    """HR@10, Recall@each K, NDCG@K for K <= 50, coverage@10, tail and cold Recall@each K."""
     return MetricCutoffs(
         hit_rate=(10,),
         recall=tuple(ks),
         ndcg=tuple(k for k in ks if k <= 50) or (min(ks),),
         coverage=(10,),
         tail_recall=tuple(ks),
+        cold_recall=tuple(ks),
     )
 
 
@@ -261,6 +275,7 @@ def _score_ranking(
     ks: Sequence[int],
     num_items: int,
     tail: torch.Tensor,
+    cold: torch.Tensor,
     device: torch.device,
 ) -> dict[str, float]:
     """Metrics over all ranks' queries (means weighted by each rank's query count).
@@ -268,19 +283,19 @@ def _score_ranking(
     Args:
         topk_ids: [q_r, K] this rank's ranked ids; targets: [q_r] int64.
         tail: [num_items] bool long-tail mask, the same on every rank.
+        cold: [num_items] bool cold-item mask, the same on every rank.
     """
     cutoffs = cutoffs_for(ks)
-    tail = tail.cpu()
+    tail, cold = tail.cpu(), cold.cpu()
     if len(targets):
-        local = retrieval_metrics(topk_ids.cpu(), targets.cpu(), num_items, cutoffs, tail)
+        local = retrieval_metrics(topk_ids.cpu(), targets.cpu(), num_items, cutoffs, tail, cold)
     else:
         placeholder = torch.zeros(1, max(ks), dtype=torch.int64)
         one_target = torch.zeros(1, dtype=torch.int64)
         local = dict.fromkeys(
-            retrieval_metrics(placeholder, one_target, num_items, cutoffs, tail), 0.0
+            retrieval_metrics(placeholder, one_target, num_items, cutoffs, tail, cold), 0.0
         )
-    tail_count = int((only_tail(targets.cpu(), tail) >= 0).sum())
-    result = _reduce_metrics(local, len(targets), tail_count, device)
+    result = _reduce_metrics(local, len(targets), device)
     result["coverage@10"] = _coverage(topk_ids[:, :10], num_items, device)
     return result
 
@@ -324,11 +339,15 @@ def evaluate_model(
     )
     counts = popularity_scores(train_pairs, num_items)
     tail = torch.from_numpy(tail_items(counts, HEAD_FRACTION))
+    cold = torch.from_numpy(cold_items(counts, config.eval.cold_item_max_events))
+    ks = config.eval.ks
+    model_metrics = _score_ranking(topk_ids, targets, ks, num_items, tail, cold, env.device)
     results = {
         "split": split,
         "num_items": num_items,
         "head_fraction": HEAD_FRACTION,
-        "model": _score_ranking(topk_ids, targets, config.eval.ks, num_items, tail, env.device),
+        "cold_item_max_events": config.eval.cold_item_max_events,
+        "model": model_metrics,
     }
     head = head_module(model)
     if head is not None and ranker_queries is not None:
@@ -337,7 +356,7 @@ def evaluate_model(
             head, queries, ranker_queries, corpus_ids, corpus, weights, config, exclude
         )
         results["reranked"] = _score_ranking(
-            pad_columns(reranked, k), targets, config.eval.ks, num_items, tail, env.device
+            pad_columns(reranked, k), targets, ks, num_items, tail, cold, env.device
         )
     popularity = torch.from_numpy(counts)
     _, pop_ids = distributed_topk(
@@ -347,9 +366,7 @@ def evaluate_model(
         k,
         exclude=exclude,
     )
-    results["popularity"] = _score_ranking(
-        pop_ids, targets, config.eval.ks, num_items, tail, env.device
-    )
+    results["popularity"] = _score_ranking(pop_ids, targets, ks, num_items, tail, cold, env.device)
     count = torch.tensor([len(targets)], device=env.device)
     dist.all_reduce(count)
     results["num_queries"] = int(count.item())
@@ -358,6 +375,12 @@ def evaluate_model(
 
         results["funnel"] = funnel_metrics(model, manifest, config, env, split)
     if env.is_main:
+        if model_metrics["cold_rows"] == 0:
+            logger.warning(
+                "no %s query has a cold target (fewer than %d training events): cold_recall@K is NaN",
+                split,
+                config.eval.cold_item_max_events,
+            )
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True))
         logger.info("evaluation on %s:\n%s", split, format_table(results))

@@ -5,7 +5,9 @@ when there are none); catalog coverage is over all queries. Relevance is binary.
 
 Tail recall is recall restricted to long-tail items (``tail_items``): relevant items in the head
 are dropped, and the mean is over the queries left with at least one relevant (tail) item. With
-one target per query that is recall@k over the queries whose target is a tail item.
+one target per query that is recall@k over the queries whose target is a tail item. Cold recall
+is the same restriction to cold items (``cold_items``: fewer than a given number of training
+events).
 """
 
 from __future__ import annotations
@@ -31,17 +33,23 @@ class MetricCutoffs:
     recall: tuple[int, ...] = (10, 50, 100)
     ndcg: tuple[int, ...] = (10, 50)
     coverage: tuple[int, ...] = (10,)
-    # Reported only when retrieval_metrics is given a tail mask; None = the recall cutoffs.
+    # Reported only when retrieval_metrics is given a tail (cold) mask; None = the recall cutoffs.
     tail_recall: tuple[int, ...] | None = None
+    cold_recall: tuple[int, ...] | None = None
 
     @property
     def tail_recall_cutoffs(self) -> tuple[int, ...]:
         return self.recall if self.tail_recall is None else self.tail_recall
 
     @property
+    def cold_recall_cutoffs(self) -> tuple[int, ...]:
+        return self.recall if self.cold_recall is None else self.cold_recall
+
+    @property
     def largest(self) -> int:
         cutoffs = (*self.hit_rate, *self.recall, *self.ndcg, *self.coverage)
-        return max((*cutoffs, *self.tail_recall_cutoffs), default=1)
+        subsets = (*self.tail_recall_cutoffs, *self.cold_recall_cutoffs)
+        return max((*cutoffs, *subsets), default=1)
 
 
 def tail_items(counts: np.ndarray, head_fraction: float = HEAD_FRACTION) -> np.ndarray:
@@ -74,14 +82,34 @@ def tail_items(counts: np.ndarray, head_fraction: float = HEAD_FRACTION) -> np.n
     return tail
 
 
+def cold_items(counts: np.ndarray, max_events: int) -> np.ndarray:
+    """Cold-item mask: items with fewer than ``max_events`` training events (never-seen included).
+
+    Args:
+        counts: [N] non-negative training event counts (e.g. ``popularity_scores``); ids 0..N-1.
+        max_events: >= 1; an item with ``count < max_events`` is cold.
+    Returns:
+        [N] bool, True for cold items.
+    """
+    if counts.ndim != 1:
+        raise ValueError(f"counts must be [N], got shape {counts.shape}")
+    if max_events < 1:
+        raise ValueError(f"max_events must be >= 1, got {max_events}")
+    if (counts < 0).any():
+        raise ValueError("counts must be >= 0")
+    return np.asarray(counts < max_events, dtype=bool)
+
+
 def retrieval_metrics(
     topk_ids: torch.Tensor,
     targets: torch.Tensor | ItemLists,
     num_items: int,
     cutoffs: MetricCutoffs = MetricCutoffs(),
     tail: torch.Tensor | None = None,
+    cold: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """HR@k, Recall@k, NDCG@k, MRR, catalog coverage@k and (given ``tail``) tail Recall@k.
+    """HR@k, Recall@k, NDCG@k, MRR, catalog coverage@k and (given ``tail``, ``cold``) tail and
+    cold Recall@k.
 
     Args:
         topk_ids: [Q, K] int64 ranked item ids per query, distinct within a row; -1 = no item.
@@ -89,12 +117,13 @@ def retrieval_metrics(
         num_items: catalog size (coverage denominator).
         cutoffs: the K's to report; K must be >= cutoffs.largest.
         tail: [num_items] bool long-tail mask (``tail_items``), or None for no tail metrics.
+        cold: [num_items] bool cold-item mask (``cold_items``), or None for no cold metrics.
     Returns:
         {"hr@10", "recall@10", "recall@50", "recall@100", "ndcg@10", "ndcg@50", "mrr",
         "coverage@10"} for the default cutoffs, as Python floats; with ``tail`` also
         "tail_recall@10", "tail_recall@50", "tail_recall@100" (means over the queries with a
-        tail relevant item, NaN if none) and "tail_queries" (the fraction of evaluated queries
-        that have one).
+        tail relevant item, NaN if none), "tail_queries" (the fraction of evaluated queries
+        that have one) and "tail_rows" (their number); with ``cold`` the same as "cold_...".
     """
     if topk_ids.dim() != 2 or topk_ids.shape[1] < cutoffs.largest:
         raise ValueError(
@@ -113,39 +142,69 @@ def retrieval_metrics(
     metrics["mrr"] = _mean(reciprocal_rank(relevant))
     for k in cutoffs.coverage:
         metrics[f"coverage@{k}"] = catalog_coverage(topk_ids[:, :k], num_items)
-    if tail is not None:
-        if tuple(tail.shape) != (num_items,):
-            raise ValueError(
-                f"tail must be [{num_items}] (one flag per item), got {tuple(tail.shape)}"
-            )
-        tail_relevant, tail_num_relevant = relevance_matrix(topk_ids, only_tail(targets, tail))
-        has_tail = tail_num_relevant > 0
-        metrics["tail_queries"] = _mean(has_tail[evaluated].double())
-        tail_relevant = tail_relevant[has_tail].double()
-        tail_num_relevant = tail_num_relevant[has_tail].double()
-        for k in cutoffs.tail_recall_cutoffs:
-            metrics[f"tail_recall@{k}"] = _mean(tail_relevant[:, :k].sum(dim=1) / tail_num_relevant)
+    for subset, items, ks in (
+        ("tail", tail, cutoffs.tail_recall_cutoffs),
+        ("cold", cold, cutoffs.cold_recall_cutoffs),
+    ):
+        if items is not None:
+            if tuple(items.shape) != (num_items,):
+                raise ValueError(
+                    f"{subset} must be [{num_items}] (one flag per item), got {tuple(items.shape)}"
+                )
+            metrics |= subset_recall(subset, topk_ids, only_in(targets, items), evaluated, ks)
+    return metrics
+
+
+def subset_recall(
+    subset: str,
+    topk_ids: torch.Tensor,
+    subset_targets: torch.Tensor | ItemLists,
+    evaluated: torch.Tensor,
+    ks: tuple[int, ...],
+) -> dict[str, float]:
+    """Recall@k counting only the relevant items of an item subset (``only_in``).
+
+    Args:
+        subset: the metric prefix ("tail", "cold").
+        topk_ids: [Q, K] int64 ranked ids.
+        subset_targets: [Q] or Q lists: the relevant items inside the subset.
+        evaluated: [Q] bool, the queries with any relevant item.
+    Returns:
+        "<subset>_recall@k" per k (NaN without a query that has a relevant subset item),
+        "<subset>_queries" (the fraction of evaluated queries that have one), "<subset>_rows"
+        (their number).
+    """
+    relevant, num_relevant = relevance_matrix(topk_ids, subset_targets)
+    has_subset = num_relevant > 0
+    metrics: dict[str, float] = {
+        f"{subset}_queries": _mean(has_subset[evaluated].double()),
+        f"{subset}_rows": int(has_subset.sum()),
+    }
+    relevant, num_relevant = relevant[has_subset].double(), num_relevant[has_subset].double()
+    for k in ks:
+        metrics[f"{subset}_recall@{k}"] = _mean(relevant[:, :k].sum(dim=1) / num_relevant)
     return metrics
 
 
 @overload
-def only_tail(targets: torch.Tensor, tail: torch.Tensor) -> torch.Tensor: ...
+def only_in(targets: torch.Tensor, items: torch.Tensor) -> torch.Tensor: ...
 @overload
-def only_tail(targets: ItemLists, tail: torch.Tensor) -> ItemLists: ...
-def only_tail(targets: torch.Tensor | ItemLists, tail: torch.Tensor) -> torch.Tensor | ItemLists:
-    """The relevant items that are tail items; the others (and -1) become "no target".
+def only_in(targets: ItemLists, items: torch.Tensor) -> ItemLists: ...
+def only_in(targets: torch.Tensor | ItemLists, items: torch.Tensor) -> torch.Tensor | ItemLists:
+    """The relevant items inside an item subset; the others (and -1) become "no target".
 
     Args:
         targets: [Q] int64 single targets (-1 = none), or Q lists of relevant ids.
-        tail: [N] bool long-tail mask.
+        items: [N] bool subset mask (``tail_items``, ``cold_items``).
     Returns:
-        [Q] int64 with non-tail targets set to -1, or Q lists holding only their tail ids.
+        [Q] int64 with targets outside the subset set to -1, or Q lists holding only their ids
+        inside it.
     """
-    tail = tail.to(torch.bool)
+    items = items.to(torch.bool)
     if isinstance(targets, torch.Tensor):
-        keep = (targets >= 0) & tail[targets.clamp_min(0)]
+        keep = (targets >= 0) & items[targets.clamp_min(0)]
         return torch.where(keep, targets, -1)
-    keep = (targets.ids >= 0) & tail[targets.ids.clamp_min(0)]
+    keep = (targets.ids >= 0) & items[targets.ids.clamp_min(0)]
     kept_per_list = torch.bincount(targets.rows()[keep], minlength=targets.num_lists)
     offsets = torch.zeros_like(targets.offsets)
     torch.cumsum(kept_per_list, 0, out=offsets[1:])

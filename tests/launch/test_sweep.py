@@ -267,12 +267,14 @@ def test_sweep_end_to_end_two_variants_and_a_failure(
     assert [v["status"] for v in results["variants"]] == ["ok", "ok", "failed"]
     assert "no manifest" in by_name["broken"]["failure_line"]
     for name in ("t=0.1", "+ hotter"):
-        assert "tail_recall@50" in by_name[name]["metrics"]["model"]
+        model_metrics = by_name[name]["metrics"]["model"]
+        assert {"tail_recall@50", "cold_recall@50", "cold_rows"} <= set(model_metrics)
         assert by_name[name]["train"]["steps"] == 3
     # Same seed and data, different temperatures: the runs really differ.
     assert by_name["t=0.1"]["metrics"]["model"] != by_name["+ hotter"]["metrics"]["model"]
     assert results["seeds"] == [0] and "recall@10" in results["popularity"]
     assert "| t=0.1 |" in (dataset_dir / "results.md").read_text()
+    assert "| tail Recall@50 | cold Recall@50 |" in (dataset_dir / "results.md").read_text()
 
 
 FUNNEL = (

@@ -27,11 +27,18 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
         ("data.id_policy=drop", "data.id_policy"),
         ("model.temperature=0", "model.temperature"),
         ("data.batch_size=1", "data.batch_size"),
+        ("eval.cold_item_max_events=-1", "eval.cold_item_max_events"),
+        ("eval.cold_item_max_events=0", "eval.cold_item_max_events"),
     ],
 )
 def test_bad_values_name_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=rf"'{key}'"):
         load_config(None, [override])
+
+
+def test_cold_item_threshold_default_and_override() -> None:
+    assert load_config(None).eval.cold_item_max_events == 5
+    assert load_config(None, ["eval.cold_item_max_events=1"]).eval.cold_item_max_events == 1
 
 
 def test_unknown_key_in_file_names_file_and_key(tmp_path: Path) -> None:

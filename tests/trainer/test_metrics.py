@@ -11,7 +11,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.metrics import MetricCutoffs, popularity_topk, retrieval_metrics, tail_items
+from trainer.metrics import (
+    MetricCutoffs,
+    cold_items,
+    popularity_topk,
+    retrieval_metrics,
+    tail_items,
+)
 from trainer.mips import ItemLists, exact_topk
 
 SMALL = MetricCutoffs(hit_rate=(2,), recall=(2, 4), ndcg=(2, 4), coverage=(2,))
@@ -191,3 +197,74 @@ def test_tail_recall_equals_loop_reference(seed: int, num_queries: int) -> None:
         hits = [int(targets[q]) in topk[q, :cutoff].tolist() for q in tail_queries]
         expected = sum(hits) / len(hits) if hits else math.nan
         assert metrics[f"tail_recall@{cutoff}"] == pytest.approx(expected, nan_ok=True)
+
+
+COLD_SMALL = MetricCutoffs(hit_rate=(2,), recall=(2,), ndcg=(2,), coverage=(2,), cold_recall=(2, 4))
+
+
+def test_cold_items_by_hand() -> None:
+    # Fewer than 3 events: the never-seen items 1 and 6, item 4 (1) and item 7 (2).
+    assert np.flatnonzero(cold_items(COUNTS, 3)).tolist() == [1, 4, 6, 7]
+    assert np.flatnonzero(cold_items(COUNTS, 1)).tolist() == [1, 6]
+    assert cold_items(COUNTS, 6).all()
+    with pytest.raises(ValueError, match="max_events"):
+        cold_items(COUNTS, 0)
+
+
+def test_cold_recall_single_targets_by_hand() -> None:
+    cold = torch.from_numpy(cold_items(COUNTS, 3))  # cold = {1, 4, 6, 7}
+    topk = torch.tensor([[4, 5, 2, 3], [5, 0, 2, 7], [0, 2, 3, 5], [2, 3, 0, 5], [1, 0, 2, 3]])
+    # Targets 4 (cold, hit at 1), 7 (cold, hit at 4), 2 (3 events: warm), 6 (cold, never seen,
+    # missed), 1 (cold, hit at 1): 4 cold queries of 5, hits@2 = 2, hits@4 = 3.
+    targets = torch.tensor([4, 7, 2, 6, 1])
+    metrics = retrieval_metrics(topk, targets, 8, COLD_SMALL, cold=cold)
+    assert metrics["cold_rows"] == 4
+    assert metrics["cold_queries"] == pytest.approx(4 / 5)
+    assert metrics["cold_recall@2"] == pytest.approx(2 / 4)
+    assert metrics["cold_recall@4"] == pytest.approx(3 / 4)
+    assert metrics["recall@2"] == pytest.approx(3 / 5)  # the other metrics are unchanged
+    assert not any(key.startswith("tail") for key in metrics)
+    # No cold target: NaN recall over 0 rows, never a silent 0.
+    warm_only = retrieval_metrics(topk[2:3], torch.tensor([2]), 8, COLD_SMALL, cold=cold)
+    assert warm_only["cold_rows"] == 0 and warm_only["cold_queries"] == 0.0
+    assert math.isnan(warm_only["cold_recall@2"]) and math.isnan(warm_only["cold_recall@4"])
+    assert "cold_recall@2" not in retrieval_metrics(topk, targets, 8, COLD_SMALL)
+    with pytest.raises(ValueError, match="cold must be"):
+        retrieval_metrics(topk, targets, 8, COLD_SMALL, cold=cold[:7])
+
+
+def test_cold_and_tail_recall_are_independent_subsets() -> None:
+    tail = torch.from_numpy(tail_items(COUNTS, 0.5))  # tail = {1, 4, 5, 6, 7}
+    cold = torch.from_numpy(cold_items(COUNTS, 3))  # cold = {1, 4, 6, 7}
+    topk = torch.tensor([[0, 5, 2, 3], [5, 0, 2, 7]])
+    # Target 5 is tail but not cold (3 events); 7 is both and hit at 4 only.
+    cutoffs = MetricCutoffs(
+        hit_rate=(2,), recall=(2,), ndcg=(2,), coverage=(2,), tail_recall=(2,), cold_recall=(4,)
+    )
+    metrics = retrieval_metrics(topk, torch.tensor([5, 7]), 8, cutoffs, tail, cold)
+    assert metrics["tail_rows"] == 2 and metrics["tail_recall@2"] == pytest.approx(1 / 2)
+    assert metrics["cold_rows"] == 1 and metrics["cold_recall@4"] == pytest.approx(1.0)
+    assert "cold_recall@2" not in metrics and "tail_recall@4" not in metrics
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), num_queries=st.integers(1, 12), max_events=st.integers(1, 4))
+def test_cold_recall_equals_loop_reference(seed: int, num_queries: int, max_events: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    num_items, k = 20, 6
+    counts = torch.randint(0, 5, (num_items,), generator=generator).numpy()
+    topk = torch.stack(
+        [torch.randperm(num_items, generator=generator)[:k] for _ in range(num_queries)]
+    )
+    targets = torch.randint(0, num_items, (num_queries,), generator=generator)
+    cutoffs = MetricCutoffs(
+        hit_rate=(k,), recall=(k,), ndcg=(k,), coverage=(k,), cold_recall=(3, k)
+    )
+    cold = torch.from_numpy(cold_items(counts, max_events))
+    metrics = retrieval_metrics(topk, targets, num_items, cutoffs, cold=cold)
+    cold_queries = [q for q in range(num_queries) if counts[targets[q]] < max_events]
+    assert metrics["cold_rows"] == len(cold_queries)
+    for cutoff in (3, k):
+        hits = [int(targets[q]) in topk[q, :cutoff].tolist() for q in cold_queries]
+        expected = sum(hits) / len(hits) if hits else math.nan
+        assert metrics[f"cold_recall@{cutoff}"] == pytest.approx(expected, nan_ok=True)
