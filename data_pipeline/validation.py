@@ -2,7 +2,9 @@
 
 FBGEMM's table-batched embedding only warns on an out-of-range index and returns a zero
 embedding, so ids are checked here, per row group, with an error that names file, row group and
-column; the ``hash`` policy folds them into range instead. Labels must be finite.
+column; the ``hash`` policy folds them into range instead. Labels must be finite. Counter columns
+hold raw counts, not ids (their bucket id is computed from the count), so they are only checked to
+be non-negative.
 """
 
 from __future__ import annotations
@@ -37,8 +39,12 @@ class IdValidator:
     policy: str = "error"
 
     def id_columns(self) -> list[tuple[str, FeatureKind, str]]:
-        """(column, kind, table) of every column holding embedding-table ids."""
-        columns = [(f.name, f.kind, f.table) for f in self.schema.features]
+        """(column, kind, table) of every column holding embedding-table ids (not counters)."""
+        columns = [
+            (f.name, f.kind, f.table)
+            for f in self.schema.features
+            if f.kind is not FeatureKind.COUNTER
+        ]
         if self.schema.has_impression_negatives:
             columns.append((IMPRESSION_NEGATIVES, FeatureKind.IDS, ITEM_ID))
         return columns
@@ -73,7 +79,19 @@ class IdValidator:
             folded = _fold(column, size, kind).cast(field.type)
             table = table.set_column(index, field, folded)
         self._check_floats(table, path, row_group)
+        self._check_counters(table, path, row_group)
         return table
+
+    def _check_counters(self, table: pa.Table, path: str, row_group: int) -> None:
+        for feature in self.schema.features:
+            if feature.kind is not FeatureKind.COUNTER or feature.name not in table.column_names:
+                continue
+            column = table.column(feature.name)
+            if column.null_count or (len(column) and pc.min(column).as_py() < 0):
+                raise SchemaError(
+                    f"{path}: row group {row_group}: counter column '{feature.name}' must hold "
+                    f"non-negative counts without nulls"
+                )
 
     def _check_floats(self, table: pa.Table, path: str, row_group: int) -> None:
         """Labels must be finite (a null reads as NaN); ``ranker_score`` must not be inf."""
