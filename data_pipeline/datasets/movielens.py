@@ -166,6 +166,7 @@ def prepare_movielens(
     """
     variant = variant.lower().removeprefix("ml-")
     out = Path(out)
+    text_config = TextHashConfig(text_vocab_size, text_max_tokens, bigrams=True)
     resolved = resolve_source(variant, source, cache_dir=cache_dir, allow_download=allow_download)
     logger.info(
         "MovieLens %s source: %s %s (%s layout)",
@@ -186,7 +187,7 @@ def prepare_movielens(
     sources = EventSources(
         log=log,
         timeline=timeline,
-        title=title_text(log.item_titles, TextHashConfig(text_vocab_size, text_max_tokens, True)),
+        title=title_text(log.item_titles, text_config),
         counters=item_counters(
             log.item, log.timestamp, log.like, split == TRAIN, int(log.item_map.shape[0])
         ),
@@ -199,26 +200,14 @@ def prepare_movielens(
         splits[name] = _write_events(
             out, name, sources, rows, schema, row_group_rows, rows_per_file
         )
-    splits["users"] = write_side_table(out, schema, Side.USER, log.users.columns, row_group_rows)
-    item_columns = {
-        **log.items.columns,
-        **sources.title.columns(),
-        **sources.counters.snapshot,
-    }
-    splits["items"] = write_side_table(out, schema, Side.ITEM, item_columns, row_group_rows)
+    splits.update(_write_side_tables(out, schema, sources, row_group_rows))
     extra = _extra(log, timeline, splits, write_raw_ids(out, log))
     extra["text"] = sources.title.to_manifest()
     extra["counters"] = sources.counters.to_manifest()
     manifest = Manifest(
         dataset=f"movielens-{variant}",
         schema=schema,
-        tables={
-            **log.users.table_sizes,
-            **TIME_CONTEXT_TABLES,
-            **log.items.table_sizes,
-            TEXT_TABLE: text_vocab_size,
-            **movielens_counters.table_sizes(),
-        },
+        tables=_table_sizes(log, text_config),
         splits=splits,
         history_length=history_length,
         source=resolved.to_json(),
@@ -228,6 +217,29 @@ def prepare_movielens(
     manifest.save(out)
     logger.info("wrote %s: %s", out, {name: info.rows for name, info in splits.items()})
     return manifest
+
+
+def _write_side_tables(
+    out: Path, schema: EventSchema, sources: EventSources, row_group_rows: int
+) -> dict[str, SplitInfo]:
+    """``users/`` (static user features) and ``items/`` (static features, title text and the
+    train-only counter snapshot)."""
+    log = sources.log
+    item_columns = {**log.items.columns, **sources.title.columns(), **sources.counters.snapshot}
+    return {
+        "users": write_side_table(out, schema, Side.USER, log.users.columns, row_group_rows),
+        "items": write_side_table(out, schema, Side.ITEM, item_columns, row_group_rows),
+    }
+
+
+def _table_sizes(log: MovieLensLog, text_config: TextHashConfig) -> dict[str, int]:
+    return {
+        **log.users.table_sizes,
+        **TIME_CONTEXT_TABLES,
+        **log.items.table_sizes,
+        TEXT_TABLE: text_config.vocab_size,
+        **movielens_counters.table_sizes(),
+    }
 
 
 def load_log(resolved: ResolvedSource) -> MovieLensLog:
