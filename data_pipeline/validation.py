@@ -40,7 +40,7 @@ class IdValidator:
 
     def id_columns(self) -> list[tuple[str, FeatureKind, str]]:
         """(column, kind, table) of every column holding embedding-table ids (not counters)."""
-        columns = [
+        columns: list[tuple[str, FeatureKind, str]] = [
             (f.name, f.kind, f.table)
             for f in self.schema.features
             if f.kind is not FeatureKind.COUNTER
