@@ -2,7 +2,9 @@
 
 FBGEMM's table-batched embedding only warns on an out-of-range index and returns a zero
 embedding, so ids are checked here, per row group, with an error that names file, row group and
-column; the ``hash`` policy folds them into range instead. Labels must be finite.
+column; the ``hash`` policy folds them into range instead. Labels must be finite. Counter columns
+hold raw counts, not ids (their bucket id is computed from the count), so they are only checked to
+be non-negative.
 """
 
 from __future__ import annotations
@@ -32,9 +34,6 @@ class IdValidator:
     tables: table name -> number of rows.
     policy: ``"error"`` raises on an out-of-range id; ``"hash"`` maps it into range.
     policies: per-column policy overriding ``policy`` (``features.columns.<f>.id_policy``).
-
-    Counter columns hold counts, not ids: they must be non-negative (their bucket ids are in
-    range by construction).
     """
 
     schema: EventSchema
@@ -43,8 +42,8 @@ class IdValidator:
     policies: Mapping[str, str] = field(default_factory=dict)
 
     def id_columns(self) -> list[tuple[str, FeatureKind, str]]:
-        """(column, kind, table) of every column holding embedding-table ids."""
-        columns = [
+        """(column, kind, table) of every column holding embedding-table ids (not counters)."""
+        columns: list[tuple[str, FeatureKind, str]] = [
             (f.name, f.kind, f.table)
             for f in self.schema.features
             if f.kind is not FeatureKind.COUNTER
@@ -71,8 +70,7 @@ class IdValidator:
             low, high = bounds["min"].as_py(), bounds["max"].as_py()
             if low >= 0 and high < size:
                 continue
-            policy = self.policies.get(name, self.policy)
-            if policy == "error":
+            if self.policies.get(name, self.policy) == "error":
                 raise SchemaError(
                     f"{path}: row group {row_group}: column '{name}' has ids in "
                     f"[{low}, {high}] outside table '{table_name}' of size {size} "
@@ -84,8 +82,8 @@ class IdValidator:
             # Keep the exact field (nullability, list child name) so row groups still concatenate.
             folded = _fold(column, size, kind).cast(field.type)
             table = table.set_column(index, field, folded)
-        self._check_counters(table, path, row_group)
         self._check_floats(table, path, row_group)
+        self._check_counters(table, path, row_group)
         return table
 
     def _check_counters(self, table: pa.Table, path: str, row_group: int) -> None:
@@ -93,15 +91,10 @@ class IdValidator:
             if feature.kind is not FeatureKind.COUNTER or feature.name not in table.column_names:
                 continue
             column = table.column(feature.name)
-            if column.null_count:
+            if column.null_count or (len(column) and pc.min(column).as_py() < 0):
                 raise SchemaError(
-                    f"{path}: row group {row_group}: counter column '{feature.name}' has "
-                    f"{column.null_count} null values"
-                )
-            if len(column) and pc.min(column).as_py() < 0:
-                raise SchemaError(
-                    f"{path}: row group {row_group}: counter column '{feature.name}' has "
-                    "negative counts"
+                    f"{path}: row group {row_group}: counter column '{feature.name}' must hold "
+                    f"non-negative counts without nulls"
                 )
 
     def _check_floats(self, table: pa.Table, path: str, row_group: int) -> None:

@@ -27,6 +27,15 @@ def _parser() -> argparse.ArgumentParser:
         help="GroupLens zip or unpacked folder (else download, else offline copy)",
     )
     movielens.add_argument("--history-length", type=int, default=50)
+    movielens.add_argument(
+        "--text-vocab-size",
+        type=int,
+        default=1 << 15,
+        help="rows of the hashed title-token table (text_tokens)",
+    )
+    movielens.add_argument(
+        "--text-max-tokens", type=int, default=16, help="title words kept (bigrams are added)"
+    )
     synthetic = datasets.add_parser("synthetic", help="latent-factor world with a logged feed")
     synthetic.add_argument("--users", type=int, default=10_000)
     synthetic.add_argument("--items", type=int, default=5_000)
@@ -159,6 +168,8 @@ def _prepare(args: argparse.Namespace) -> int:
             out=args.out,
             source=args.source,
             history_length=args.history_length,
+            text_vocab_size=args.text_vocab_size,
+            text_max_tokens=args.text_max_tokens,
         )
     else:
         from data_pipeline.datasets.synthetic import prepare_synthetic

@@ -6,6 +6,18 @@ is all null and there is no ranker score. Each row carries its point-in-time his
 trainer needs no join. The split is temporal leave-last-out per user
 (:mod:`data_pipeline.datasets.split`); eval rows carry the history up to the held-out event.
 
+Feature breadth beyond the side files:
+
+* ``item_title_tokens`` (+ ``_weights``): hashed title words and bigrams, idf-weighted, in table
+  ``text_tokens`` (:mod:`data_pipeline.datasets.movielens_text`); in event rows and ``items/``.
+* ``item_{rating,like}_count_{1d,7d,30d}``: point-in-time item popularity
+  (:mod:`data_pipeline.datasets.movielens_counters`). Event rows of every split count the same
+  item's events with ``t - w <= s < t`` over the whole log; ``items/`` holds a snapshot at
+  ``max(train timestamp) + 1`` over train-split events only, so the evaluation corpus sees no
+  held-out event; ``manifest.counters`` is fitted on train rows.
+* ``ctx_hour``, ``ctx_weekday``: UTC hour and weekday of the event, per-event user-side context
+  (event rows only, not ``users/``).
+
 Output (``out/``)::
 
     train/ valid/ test/   events, each split in (timestamp, user_id, item_id) order
@@ -23,16 +35,26 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from data_pipeline.datasets import movielens_counters
 from data_pipeline.datasets import movielens_features as features_module
+from data_pipeline.datasets.event_features import (
+    TEXT_TABLE,
+    TIME_CONTEXT_TABLES,
+    time_context,
+    time_context_specs,
+)
 from data_pipeline.datasets.history import UserTimeline, build_timeline, history_for_rows
+from data_pipeline.datasets.movielens_counters import ItemCounters, item_counters
 from data_pipeline.datasets.movielens_formats import parse_items, parse_ratings, parse_users
 from data_pipeline.datasets.movielens_source import ResolvedSource, resolve_source
+from data_pipeline.datasets.movielens_text import TitleText, title_spec, title_text
 from data_pipeline.datasets.output import clear_output, write_side_file, write_side_table
-from data_pipeline.datasets.split import MIN_EVENTS_TO_HOLD_OUT, SPLIT_NAMES, leave_last_out
+from data_pipeline.datasets.split import MIN_EVENTS_TO_HOLD_OUT, SPLIT_NAMES, TRAIN, leave_last_out
 from data_pipeline.manifest import Manifest, SplitInfo
 from data_pipeline.schema import (
     HISTORY_ITEMS,
@@ -49,6 +71,7 @@ from data_pipeline.schema import (
     label_column,
 )
 from data_pipeline.shard_writer import ShardWriter
+from data_pipeline.text import TextHashConfig
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +114,25 @@ class MovieLensLog:
     item_titles: list[str]
 
 
+@dataclass(frozen=True)
+class EventSources:
+    """Everything an event row is built from.
+
+    Args:
+        log: the events and side features.
+        timeline: per-user order of ``log`` (history).
+        title: ``[I]`` title ids and weights, denormalized per row.
+        counters: ``[N]`` point-in-time counts per event.
+        history_length: H.
+    """
+
+    log: MovieLensLog
+    timeline: UserTimeline
+    title: TitleText
+    counters: ItemCounters
+    history_length: int
+
+
 def prepare_movielens(
     variant: str,
     out: Path,
@@ -101,6 +143,8 @@ def prepare_movielens(
     allow_download: bool = True,
     row_group_rows: int | None = None,
     rows_per_file: int = 1_000_000,
+    text_vocab_size: int = 1 << 15,
+    text_max_tokens: int = 16,
 ) -> Manifest:
     """Convert one MovieLens variant into ``out`` and return its manifest.
 
@@ -117,9 +161,12 @@ def prepare_movielens(
             2M events (so 2 ranks × 2 workers get several units each), else 65536. Smaller
             splits (valid/test) get smaller groups so that each has at least 8.
         rows_per_file: rows per Parquet file.
+        text_vocab_size: rows of the ``text_tokens`` table (title ids lie in ``[1, size)``).
+        text_max_tokens: title words kept (unigrams; bigrams are on).
     """
     variant = variant.lower().removeprefix("ml-")
     out = Path(out)
+    text_config = TextHashConfig(text_vocab_size, text_max_tokens, bigrams=True)
     resolved = resolve_source(variant, source, cache_dir=cache_dir, allow_download=allow_download)
     logger.info(
         "MovieLens %s source: %s %s (%s layout)",
@@ -137,27 +184,62 @@ def prepare_movielens(
     clear_output(out, extra_dirs=("raw_ids",))
     timeline = build_timeline(log.user, log.timestamp, log.item)
     split = leave_last_out(timeline)
+    sources = EventSources(
+        log=log,
+        timeline=timeline,
+        title=title_text(log.item_titles, text_config),
+        counters=item_counters(
+            log.item, log.timestamp, log.like, split == TRAIN, int(log.item_map.shape[0])
+        ),
+        history_length=history_length,
+    )
     output_order = np.lexsort((log.item, log.user, log.timestamp))
     splits: dict[str, SplitInfo] = {}
     for code, name in enumerate(SPLIT_NAMES):
         rows = output_order[split[output_order] == code]
         splits[name] = _write_events(
-            out, name, log, timeline, rows, schema, history_length, row_group_rows, rows_per_file
+            out, name, sources, rows, schema, row_group_rows, rows_per_file
         )
-    splits["users"] = write_side_table(out, schema, Side.USER, log.users.columns, row_group_rows)
-    splits["items"] = write_side_table(out, schema, Side.ITEM, log.items.columns, row_group_rows)
+    splits.update(_write_side_tables(out, schema, sources, row_group_rows))
+    extra = _extra(log, timeline, splits, write_raw_ids(out, log))
+    extra["text"] = sources.title.to_manifest()
+    extra["counters"] = sources.counters.to_manifest()
     manifest = Manifest(
         dataset=f"movielens-{variant}",
         schema=schema,
-        tables={**log.users.table_sizes, **log.items.table_sizes},
+        tables=_table_sizes(log, text_config),
         splits=splits,
         history_length=history_length,
         source=resolved.to_json(),
-        extra=_extra(log, timeline, splits, write_raw_ids(out, log)),
+        extra=extra,
+        counters=sources.counters.statistics,
     )
     manifest.save(out)
     logger.info("wrote %s: %s", out, {name: info.rows for name, info in splits.items()})
     return manifest
+
+
+def _write_side_tables(
+    out: Path, schema: EventSchema, sources: EventSources, row_group_rows: int
+) -> dict[str, SplitInfo]:
+    """``users/`` (static user features) and ``items/`` (static features, title text and the
+    train-only counter snapshot)."""
+    log = sources.log
+    item_columns = {**log.items.columns, **sources.title.columns(), **sources.counters.snapshot}
+    return {
+        "users": write_side_table(out, schema, Side.USER, log.users.columns, row_group_rows),
+        "items": write_side_table(out, schema, Side.ITEM, item_columns, row_group_rows),
+    }
+
+
+def _table_sizes(log: MovieLensLog, text_config: TextHashConfig) -> dict[str, int]:
+    return {
+        **log.users.table_sizes,
+        **TIME_CONTEXT_TABLES,
+        **log.items.table_sizes,
+        TEXT_TABLE: text_config.vocab_size,
+        **movielens_counters.table_sizes(),
+    }
 
 
 def load_log(resolved: ResolvedSource) -> MovieLensLog:
@@ -187,7 +269,8 @@ def load_log(resolved: ResolvedSource) -> MovieLensLog:
 
 
 def movielens_schema(log: MovieLensLog) -> EventSchema:
-    """User features (whatever the release has), the shared-table history, item features."""
+    """User features (whatever the release has), the shared-table history, time context, item
+    features, title text and popularity counters."""
     user_specs = [FeatureSpec(name, Side.USER, FeatureKind.ID, name) for name in log.users.columns]
     history = FeatureSpec(HISTORY_ITEMS, Side.USER, FeatureKind.IDS, ITEM_ID)
     item_specs = [
@@ -200,7 +283,14 @@ def movielens_schema(log: MovieLensLog) -> EventSchema:
         for name, column in log.items.columns.items()
     ]
     return EventSchema(
-        features=(*user_specs, history, *item_specs),
+        features=(
+            *user_specs,
+            history,
+            *time_context_specs(),
+            *item_specs,
+            title_spec(),
+            *movielens_counters.counter_specs(),
+        ),
         labels=LABELS,
         history_actions=HISTORY_ACTIONS,
         has_position=True,
@@ -209,18 +299,19 @@ def movielens_schema(log: MovieLensLog) -> EventSchema:
     )
 
 
-def event_table(
-    log: MovieLensLog, timeline: UserTimeline, rows: np.ndarray, history_length: int
-) -> pa.Table:
+def event_table(sources: EventSources, rows: np.ndarray) -> pa.Table:
     """The event rows ``rows`` ([R] input indices) with labels, features and history."""
+    log = sources.log
     actions = {"like": log.like, "dislike": log.dislike}
-    history = history_for_rows(timeline, log.item, actions, rows, history_length, log.timestamp)
+    history = history_for_rows(
+        sources.timeline, log.item, actions, rows, sources.history_length, log.timestamp
+    )
     n = int(rows.shape[0])
-    user, item = log.user[rows], log.item[rows]
-    columns: dict[str, np.ndarray | pa.Array] = {
+    user, item, timestamp = log.user[rows], log.item[rows], log.timestamp[rows]
+    columns: dict[str, Any] = {
         USER_ID: user,
         ITEM_ID: item,
-        TIMESTAMP: log.timestamp[rows],
+        TIMESTAMP: timestamp,
         POSITION: pa.nulls(n, pa.int32()),
         label_column("click"): np.ones(n, dtype=np.float32),
         label_column("like"): log.like[rows].astype(np.float32),
@@ -228,7 +319,14 @@ def event_table(
         **{history_action_column(a): history.action_arrow(a) for a in HISTORY_ACTIONS},
         HISTORY_TIMESTAMPS: history.timestamps_arrow(),
     }
-    for taken in (log.users.take(user), log.items.take(item)):
+    taken_columns = (
+        log.users.take(user),
+        time_context(timestamp),
+        log.items.take(item),
+        sources.title.take(item),
+        sources.counters.take(rows),
+    )
+    for taken in taken_columns:
         columns.update({k: v for k, v in taken.items() if k not in columns})
     return pa.table(columns)
 
@@ -243,11 +341,9 @@ def split_row_group_rows(rows: int, row_group_rows: int) -> int:
 def _write_events(
     out: Path,
     split: str,
-    log: MovieLensLog,
-    timeline: UserTimeline,
+    sources: EventSources,
     rows: np.ndarray,
     schema: EventSchema,
-    history_length: int,
     row_group_rows: int,
     rows_per_file: int,
 ) -> SplitInfo:
@@ -256,7 +352,7 @@ def _write_events(
     with ShardWriter(out, split, arrow_schema, rows_per_file, group_rows) as writer:
         for start in range(0, int(rows.shape[0]), CHUNK_ROWS):
             chunk = rows[start : start + CHUNK_ROWS]
-            writer.write(event_table(log, timeline, chunk, history_length))
+            writer.write(event_table(sources, chunk))
     return writer.info
 
 

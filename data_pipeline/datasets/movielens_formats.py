@@ -181,3 +181,9 @@ def decode_text(data: bytes) -> str:
 def _title_year(title: str) -> int:
     match = _TITLE_YEAR.search(title)
     return int(match.group(1)) if match else -1
+
+
+def title_without_year(title: str) -> str:
+    """``"Toy Story (1995)"`` -> ``"Toy Story"``: the release year is the ``year_bucket``
+    feature already, so title text leaves it out (the same trailing ``(YYYY)`` it is parsed from)."""
+    return _TITLE_YEAR.sub("", title).rstrip()

@@ -110,6 +110,10 @@ def test_tiny_ml100k_folder(tmp_path: Path) -> None:
         "item_id": 6,
         "genres": 6,  # <unknown> + Action, Adventure, Comedy, Drama, Sci-Fi
         "year_bucket": 24,
+        "ctx_hour": 24,
+        "ctx_weekday": 7,
+        "text_tokens": 1 << 15,
+        **{f"item_{k}_count_{w}": 24 for k in ("rating", "like") for w in ("1d", "7d", "30d")},
     }
     assert manifest.schema.labels == ("click", "like")
     assert manifest.schema.history_actions == ("like", "dislike")
@@ -142,8 +146,9 @@ def test_tiny_ml100k_folder(tmp_path: Path) -> None:
     }
     items = {r["item_id"]: r for r in read_split(out, "items").to_pylist()}
     assert items[1]["genres"] == [1, 2]
-    assert items[3] == {"item_id": 3, "genres": [0], "year_bucket": 0}
-    assert items[4] == {"item_id": 4, "genres": [4, 5], "year_bucket": 3}  # 1927
+    static = ("item_id", "genres", "year_bucket")
+    assert {k: items[3][k] for k in static} == {"item_id": 3, "genres": [0], "year_bucket": 0}
+    assert {k: items[4][k] for k in static} == {"item_id": 4, "genres": [4, 5], "year_bucket": 3}
     assert items[5]["year_bucket"] == 1  # before 1920
     titles = pq.read_table(out / "raw_ids" / "items.parquet")["title"].to_pylist()
     assert titles[2] == "Café au lait (1994)"
@@ -307,7 +312,7 @@ def test_ml20m_csv_layout_has_only_user_id(tmp_path: Path) -> None:
     (source / "movies.csv").write_text(movies)
     manifest = prepare_movielens("20m", tmp_path / "out", source, HISTORY)
     user_features = [f.name for f in manifest.schema.user_features()]
-    assert user_features == ["user_id", "hist_item_ids"]
+    assert user_features == ["user_id", "hist_item_ids", "ctx_hour", "ctx_weekday"]
     assert read_split(tmp_path / "out", "users").column_names == ["user_id"]
     items = read_split(tmp_path / "out", "items").to_pylist()
     assert items[0]["genres"] == [1, 2] and items[1]["genres"] == [0]

@@ -9,9 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from data_pipeline.datasets.event_features import counter_spec
 from data_pipeline.loader import LoaderSpec, build_event_loader
 from data_pipeline.manifest import Manifest
-from data_pipeline.schema import RANKER_SCORE, SchemaError
+from data_pipeline.schema import RANKER_SCORE, EventSchema, SchemaError
 from data_pipeline.validation import IdValidator
 from tests.tiny_dataset import ITEMS, write_tiny_dataset
 
@@ -119,3 +120,14 @@ def test_loader_reports_bad_impression_id_with_file_and_row_group(tmp_path: Path
         SchemaError, match=rf"{path.name}: row group 1: column 'impression_negative_ids'"
     ):
         list(build_event_loader(spec, Manifest.load(root), 0, 1))
+
+
+def test_counters_are_counts_not_table_ids() -> None:
+    schema = EventSchema(features=(counter_spec("item_rating_count_1d"),), labels=("click",))
+    validator = IdValidator(schema, {"item_rating_count_1d": 24})
+    assert validator.id_columns() == []
+    large = pa.table({"item_rating_count_1d": pa.array([0, 1000], pa.int64())})
+    assert validator(large, "f.parquet", 0).equals(large)  # counts above the 24 buckets are fine
+    negative = pa.table({"item_rating_count_1d": pa.array([3, -1], pa.int64())})
+    with pytest.raises(SchemaError, match="f.parquet: row group 2: counter column"):
+        validator(negative, "f.parquet", 2)
