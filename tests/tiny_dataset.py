@@ -9,9 +9,31 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data_pipeline.counters import CounterStatistics, counter_name, point_in_time_counts
+from data_pipeline.datasets.event_features import (
+    COUNTER_BUCKETS,
+    TEXT_TABLE,
+    context_spec,
+    counter_spec,
+    text_spec,
+    time_context,
+)
 from data_pipeline.manifest import Manifest, ShardFile, sha256_file
-from data_pipeline.schema import EventSchema, FeatureKind, FeatureSpec, Side
+from data_pipeline.schema import (
+    EventSchema,
+    FeatureGroup,
+    FeatureKind,
+    FeatureSpec,
+    Side,
+    weights_column,
+)
 from data_pipeline.shard_writer import ShardWriter
+from data_pipeline.text import (
+    DocumentFrequency,
+    TextHashConfig,
+    idf_weight_column,
+    text_id_column,
+)
 
 USERS, ITEMS, CATEGORIES = 40, 60, 5
 
@@ -80,6 +102,55 @@ def _events(rng: np.random.Generator, rows: int, start: int) -> pa.Table:
     )
 
 
+# Every feature kind of issue 8, written with the real prepare-time helpers.
+TEXT = TextHashConfig(vocab_size=64, max_tokens=4, bigrams=True)
+VIEWS = counter_name("view", "1h")
+ALL_KINDS = (
+    text_spec("item_text_tokens", Side.ITEM),
+    counter_spec(VIEWS),
+    context_spec("ctx_hour"),
+    text_spec("search_query_tokens", Side.USER, per_event=True),
+    FeatureSpec(
+        "user_topic_affinity", Side.USER, FeatureKind.IDS, "topic", FeatureGroup.AFFINITY, True
+    ),
+)
+ALL_KINDS_TABLES = {TEXT_TABLE: 64, VIEWS: COUNTER_BUCKETS, "ctx_hour": 24, "topic": 4}
+_WORDS = ("red", "blue", "fast", "slow", "café", "北京", "night", "day")
+
+
+def _item_text(item: int) -> str:
+    return " ".join(_WORDS[(item * k + k) % len(_WORDS)] for k in range(1, 4))
+
+
+def _text_columns(name: str, texts: list[str]) -> dict[str, pa.Array]:
+    ids = text_id_column(pa.array(texts, pa.string()), TEXT)
+    idf = DocumentFrequency.empty(TEXT.vocab_size).update(ids).idf()
+    return {name: ids, weights_column(name): idf_weight_column(ids, idf)}
+
+
+def _affinity(users: np.ndarray) -> dict[str, pa.Array]:
+    ids = pa.array([[int(u) % 4, (int(u) + 1) % 4] for u in users], pa.list_(pa.int64()))
+    weights = pa.array([[0.75, 0.25] for _ in users], pa.list_(pa.float32()))
+    return {"user_topic_affinity": ids, weights_column("user_topic_affinity"): weights}
+
+
+def _all_kinds_columns(table: pa.Table, views: np.ndarray) -> pa.Table:
+    items = table.column("item_id").to_numpy()
+    users = table.column("user_id").to_numpy()
+    times = table.column("timestamp").to_numpy() * 60  # a minute apart: 1 h windows vary
+    queries = [_item_text(int(u) % ITEMS)[: 3 + int(u) % 9] for u in users]
+    columns = {
+        **_text_columns("item_text_tokens", [_item_text(int(i)) for i in items]),
+        VIEWS: pa.array(views, pa.int64()),
+        "ctx_hour": pa.array(time_context(times)["ctx_hour"], pa.int64()),
+        **_text_columns("search_query_tokens", queries),
+        **_affinity(users),
+    }
+    for name, column in columns.items():
+        table = table.append_column(name, column)
+    return table
+
+
 def write_tiny_dataset(
     root: Path,
     train_rows: int = 640,
@@ -87,17 +158,22 @@ def write_tiny_dataset(
     seed: int = 0,
     impressions: bool = False,
     history_timestamps: bool = False,
+    all_kinds: bool = False,
 ) -> Path:
     """Writes train/valid/test/items/users + manifest.json under ``root``; returns ``root``.
 
     ``impressions`` adds the impression hard-negative column to every event split;
-    ``history_timestamps`` adds ``hist_timestamps`` (recency features)."""
+    ``history_timestamps`` adds ``hist_timestamps`` (recency features); ``all_kinds`` adds a
+    feature of every issue-8 kind (:data:`ALL_KINDS`: weighted text, a point-in-time counter,
+    context, weighted search tokens sharing the text table, weighted topic affinities)."""
     rng = np.random.default_rng(seed)
     schema = replace(
         SCHEMA,
+        features=SCHEMA.features + (ALL_KINDS if all_kinds else ()),
         has_impression_negatives=impressions,
         has_history_timestamps=history_timestamps,
     )
+    statistics = CounterStatistics()
     splits = {}
     for split, rows in (("train", train_rows), ("valid", USERS), ("test", USERS)):
         with ShardWriter(
@@ -115,6 +191,16 @@ def write_tiny_dataset(
                 table = table.append_column("impression_negative_ids", negatives)
             if history_timestamps:
                 table = table.append_column("hist_timestamps", _history_times(table))
+            if all_kinds:
+                counts = point_in_time_counts(
+                    table.column("item_id").to_numpy(),
+                    table.column("timestamp").to_numpy() * 60,
+                    {"view": np.ones(table.num_rows, bool)},
+                    {"1h": 3600},
+                )[VIEWS]
+                if split == "train":
+                    statistics.update({VIEWS: counts})
+                table = _all_kinds_columns(table, counts)
             table = table.select(schema.event_arrow_schema().names)
             writer.write(table)
         splits[split] = writer.info
@@ -125,11 +211,22 @@ def write_tiny_dataset(
         }
     )
     users = pa.table({"user_id": np.arange(USERS), "user_segment": np.arange(USERS) % 3})
+    if all_kinds:
+        for name, column in _text_columns(
+            "item_text_tokens", [_item_text(i) for i in range(ITEMS)]
+        ).items():
+            items = items.append_column(name, column)
+        items = items.append_column(VIEWS, pa.array((np.arange(ITEMS) * 5) % 7, pa.int64()))
+        for name, column in _affinity(np.arange(USERS)).items():
+            users = users.append_column(name, column)
     for split, table, side in (("items", items, Side.ITEM), ("users", users, Side.USER)):
-        with ShardWriter(root, split, SCHEMA.side_arrow_schema(side), row_group_rows=16) as writer:
-            writer.write(table)
+        with ShardWriter(root, split, schema.side_arrow_schema(side), row_group_rows=16) as writer:
+            writer.write(table.select(schema.side_arrow_schema(side).names))
         splits[split] = writer.info
-    Manifest("tiny", schema, dict(TABLES), splits, history_length=5).save(root)
+    tables = {**TABLES, **(ALL_KINDS_TABLES if all_kinds else {})}
+    Manifest(
+        "tiny", schema, tables, splits, history_length=5, counters=statistics.to_manifest()
+    ).save(root)
     return root
 
 

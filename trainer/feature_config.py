@@ -11,8 +11,9 @@ features:
 ```
 
 Every column named in ``columns`` must exist in the data and be of the declared kind (its
-feature group); data features not named are reported at start and left out. Without
-``columns``, every data feature of an enabled group is used with the defaults. The resolution
+feature group). Data features that ``columns`` does not name are reported at start and, by
+``undeclared``, used with the defaults (``use``), left out (``skip``) or refused (``error``).
+Without ``columns``, every data feature of an enabled group is used with the defaults. The resolution
 against the manifest lives in :mod:`trainer.features`.
 """
 
@@ -30,6 +31,14 @@ class Pooling(enum.Enum):
 
     SUM = "sum"
     MEAN = "mean"
+
+
+class Undeclared(enum.Enum):
+    """What happens to a data feature that a non-empty ``features.columns`` does not name."""
+
+    USE = "use"
+    SKIP = "skip"
+    ERROR = "error"
 
 
 class FeatureIdPolicy(enum.Enum):
@@ -73,11 +82,14 @@ class FeatureConfig:
 class FeaturesConfig:
     """Args:
     groups: feature groups switched on (ablations drop groups).
-    columns: per-column declarations; when non-empty, exactly the enabled ones are used.
+    columns: per-column declarations and settings.
+    undeclared: data features ``columns`` does not name (when it names any): used with the
+        defaults, skipped, or an error.
     """
 
     groups: list[FeatureGroup] = field(default_factory=lambda: list(FeatureGroup))
     columns: dict[str, FeatureConfig] = field(default_factory=dict)
+    undeclared: Undeclared = Undeclared.USE
 
 
 def validate_features(features: FeaturesConfig, fail: Callable[[str, str], None]) -> None:

@@ -22,7 +22,7 @@ from data_pipeline.manifest import MANIFEST_NAME, Manifest
 from data_pipeline.schema import EventSchema, FeatureGroup, FeatureKind, FeatureSpec, SchemaError
 from models.feature_layout import FeatureLayout, TableLayout
 from trainer.config import ConfigError, ExperimentConfig
-from trainer.feature_config import FeatureConfig, FeatureIdPolicy, Pooling
+from trainer.feature_config import FeatureConfig, FeatureIdPolicy, Pooling, Undeclared
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ class ResolvedFeatures:
     encoding: counter statistics and weight normalization for the batches and the item store.
     id_policies: column -> ``error`` / ``hash`` where the config overrides ``data.id_policy``.
     left_out: (feature, reason) of every data feature not used.
+    undeclared: (feature, note) of data features ``features.columns`` does not name, used with
+        the defaults.
     """
 
     schema: EventSchema
@@ -45,6 +47,7 @@ class ResolvedFeatures:
     encoding: FeatureEncoding
     id_policies: dict[str, str]
     left_out: tuple[tuple[str, str], ...]
+    undeclared: tuple[tuple[str, str], ...] = ()
 
 
 def _first_data_file(manifest: Manifest, root: Path) -> Path | None:
@@ -70,8 +73,9 @@ def _absent_column_error(name: str, manifest: Manifest, root: Path) -> ConfigErr
 
 def _select(
     manifest: Manifest, config: ExperimentConfig, root: Path
-) -> tuple[list[tuple[FeatureSpec, FeatureConfig]], list[tuple[str, str]]]:
-    """The (feature, its config) pairs used, and (name, reason) of those left out."""
+) -> tuple[list[tuple[FeatureSpec, FeatureConfig]], list[tuple[str, str]], list[tuple[str, str]]]:
+    """The (feature, its config) pairs used, (name, reason) of those left out, and (name,
+    note) of undeclared features used with the defaults."""
     declared = config.features.columns
     groups = set(config.features.groups)
     stored = {f.name: f for f in manifest.schema.features}
@@ -80,6 +84,7 @@ def _select(
             raise _absent_column_error(name, manifest, root)
     used: list[tuple[FeatureSpec, FeatureConfig]] = []
     left_out: list[tuple[str, str]] = []
+    notes: list[tuple[str, str]] = []
     for feature in manifest.schema.features:
         group = feature.feature_group
         column = declared.get(feature.name)
@@ -91,8 +96,19 @@ def _select(
                 f"{root / MANIFEST_NAME}"
             )
         if declared and column is None:
-            left_out.append((feature.name, "present in the data but not in features.columns"))
-        elif group not in groups:
+            undeclared = config.features.undeclared
+            reason = "present in the data but not in features.columns"
+            if undeclared is Undeclared.ERROR:
+                raise ConfigError(
+                    f"config key 'features.columns': data column '{feature.name}' "
+                    f"({group.value}) of {root / MANIFEST_NAME} is not declared "
+                    "(features.undeclared=error)"
+                )
+            if undeclared is Undeclared.SKIP:
+                left_out.append((feature.name, f"{reason} (features.undeclared=skip)"))
+                continue
+            notes.append((feature.name, f"{reason}: used with the defaults"))
+        if group not in groups:
             left_out.append((feature.name, f"group '{group.value}' not in features.groups"))
         elif column is not None and not column.enabled:
             left_out.append((feature.name, f"features.columns.{feature.name}.enabled=false"))
@@ -104,7 +120,7 @@ def _select(
             raise ConfigError(
                 f"config key 'features': '{required}' is left out; both towers need their id"
             )
-    return used, left_out
+    return used, left_out, notes
 
 
 def _merge_table(
@@ -133,7 +149,7 @@ def resolve_features(manifest: Manifest, config: ExperimentConfig) -> ResolvedFe
         table settings, counter statistics missing).
     """
     root = Path(config.data.path)
-    used, left_out = _select(manifest, config, root)
+    used, left_out, notes = _select(manifest, config, root)
     tables = dict(manifest.tables)
     layouts: dict[str, TableLayout] = {}
     owners: dict[str, str] = {}
@@ -192,6 +208,7 @@ def resolve_features(manifest: Manifest, config: ExperimentConfig) -> ResolvedFe
         encoding=encoding,
         id_policies=id_policies,
         left_out=tuple(left_out),
+        undeclared=tuple(notes),
     )
 
 
@@ -203,8 +220,10 @@ def report(resolved: ResolvedFeatures) -> list[str]:
         by_group.setdefault(feature.feature_group, []).append(feature.name)
     for group, names in by_group.items():
         lines.append(f"features: {group.value}: {', '.join(names)}")
-    for name, reason in resolved.left_out:
-        lines.append(f"features: left out '{name}': {reason}")
+    notices = [f"features: left out '{name}': {reason}" for name, reason in resolved.left_out]
+    notices += [f"features: '{name}' {note}" for name, note in resolved.undeclared]
     for line in lines:
-        (logger.warning if "left out" in line else logger.info)(line)
-    return lines
+        logger.info(line)
+    for line in notices:
+        logger.warning(line)
+    return lines + notices

@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.manifest import Manifest
 from data_pipeline.reader import list_work_units, read_unit
 from models.losses import in_batch_softmax_loss, net_user_value
@@ -20,6 +19,7 @@ from trainer.build import (
     build_dense_optimizer,
     build_sharded_model,
     build_unsharded_model,
+    item_store,
 )
 from trainer.config import ShardingType, load_config
 from trainer.distributed import DistributedEnv, seed_everything
@@ -88,7 +88,7 @@ def _compare_rank(
     # and scales per-half losses the way DDP averages gradients.
     local = _batch(root_path, manifest, slice(rank * 16, rank * 16 + 16), config)
     # Extra items (sampled / hard negatives) ride in the same sharded lookup as extra rows.
-    extra = ItemFeatureStore.load(root_path, manifest).lookup(torch.tensor([3, 7, 3, 59]))
+    extra = item_store(manifest, config).lookup(torch.tensor([3, 7, 3, 59]))
     with torch.no_grad():
         sharded_extra = sharded(local.user_features, local.item_features, extra).extra_items
         reference_extra = reference(local.user_features, local.item_features, extra).extra_items
@@ -125,7 +125,7 @@ def _reference_step(root: str, initial: dict, extra: list[str]) -> dict:
     model = build_unsharded_model(manifest, config)
     model.load_state_dict(initial)
     weights = torch.tensor([1.0, 0.5])
-    tables = ("sparse_arch", "sequence_arch")
+    tables = ("sparse_arch", "weighted_arch", "sequence_arch")
     dense = [p for n, p in model.named_parameters() if not n.startswith(tables)]
     optimizer = torch.optim.AdamW(dense, lr=config.train.dense_lr)
     table_optimizer = torch.optim.SGD(
@@ -151,6 +151,15 @@ def _reference_step(root: str, initial: dict, extra: list[str]) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+# Feature settings of the all-kinds case: search tokens summed with raw idf weights, affinity
+# table 8 wide, the counter's bucket table its own 4-wide one.
+ALL_KINDS_CONFIG = [
+    "features.columns.search_query_tokens.pooling=sum",
+    "features.columns.item_text_tokens.pooling=sum",
+    "features.columns.user_topic_affinity.dim=8",
+    "features.columns.item_view_count_1h.dim=4",
+]
+
 # The history encoder: item_id moves to an EmbeddingCollection shared with the history.
 HISTORY = [
     "model.history.enabled=true",
@@ -162,19 +171,26 @@ HISTORY = [
 
 
 @pytest.mark.parametrize(
-    ("sharding_type", "history"),
+    ("sharding_type", "history", "all_kinds"),
     [
-        (ShardingType.TABLE_WISE, False),
-        (ShardingType.COLUMN_WISE, False),
-        (ShardingType.TABLE_WISE, True),
-        (ShardingType.COLUMN_WISE, True),
+        (ShardingType.TABLE_WISE, False, False),
+        (ShardingType.COLUMN_WISE, False, False),
+        (ShardingType.TABLE_WISE, True, False),
+        (ShardingType.COLUMN_WISE, True, False),
+        # Every issue-8 feature kind: weighted text (idf, mean-pooled through a weighted table)
+        # shared with weighted search tokens, a counter (bucket embedding + dense input),
+        # context, weighted affinities; one table declared with its own settings.
+        (ShardingType.TABLE_WISE, False, True),
+        (ShardingType.COLUMN_WISE, True, True),
     ],
 )
 def test_sharded_matches_unsharded(
-    tmp_path: Path, sharding_type: ShardingType, history: bool
+    tmp_path: Path, sharding_type: ShardingType, history: bool, all_kinds: bool
 ) -> None:
-    root = write_tiny_dataset(tmp_path / "data", history_timestamps=history)
+    root = write_tiny_dataset(tmp_path / "data", history_timestamps=history, all_kinds=all_kinds)
     extra = HISTORY if history else []
+    if all_kinds:
+        extra = [*extra, *ALL_KINDS_CONFIG]
     results = run_distributed(_compare_rank, 2, str(root), sharding_type.value, extra)
     assert all(r["forward_close"] for r in results)
     assert all(r["plan_types"] == [sharding_type.value] for r in results)
