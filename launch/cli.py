@@ -181,6 +181,12 @@ def _add_feature_breadth_options(synthetic: argparse.ArgumentParser) -> None:
     synthetic.add_argument(
         "--counter-windows", default="1h,1d,7d", help="comma list of counter windows (s/m/h/d/w)"
     )
+    synthetic.add_argument(
+        "--device-effect",
+        type=float,
+        default=0.0,
+        help="how much the session's device shifts relevance towards its topics (0: off)",
+    )
 
 
 def _synthetic_features(args: argparse.Namespace) -> SyntheticFeatures:
@@ -205,6 +211,7 @@ def _synthetic_features(args: argparse.Namespace) -> SyntheticFeatures:
         search_probability=args.search_probability,
         search_history=args.search_history,
         counter_windows=tuple(w.strip() for w in args.counter_windows.split(",") if w.strip()),
+        device_effect=args.device_effect,
     )
 
 

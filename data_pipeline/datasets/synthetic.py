@@ -244,7 +244,7 @@ def prepare_synthetic(
                 config.start_timestamp,
                 config.start_timestamp + (sessions - 1) * config.session_interval_s,
             ],
-            "relevance": "u · v + item_bias (truth/user_factors, item_factors, item_bias)",
+            "relevance": _relevance_rule(breadth),
         },
         counters=stream.statistics.to_manifest(),
     )
@@ -267,7 +267,9 @@ def generate_events(
     for chunk_index, first in enumerate(range(0, run.sessions, run.sessions_per_chunk)):
         sessions = min(run.sessions_per_chunk, run.sessions - first)
         rng = np.random.default_rng([run.seed, FEED_STREAM, chunk_index])
-        feed = simulate_feed(world, config, first, sessions, rng)
+        feed = simulate_feed(
+            world, config, first, sessions, rng, stream.relevance_shift(chunk_index)
+        )
         feed = truncate_feed(feed, run.events - counts["impressions"])
         clicks = sort_clicks(feed, first, sessions)
         histories = session_histories(feed, clicks, state, first, config, run.history_length)
@@ -286,6 +288,16 @@ def generate_events(
         )
         logger.debug("chunk %d: %d impressions", chunk_index, feed.user.shape[0])
     return counts
+
+
+def _relevance_rule(features: SyntheticFeatures) -> str:
+    rule = "u · v + item_bias (truth/user_factors, item_factors, item_bias)"
+    if features.device_effect:
+        rule += (
+            f" + {features.device_effect:g} × device_topics[ctx_device] · item_topics[item] "
+            "(truth/device_topics, item_topics)"
+        )
+    return rule
 
 
 def synthetic_schema(features: SyntheticFeatures | None = None) -> EventSchema:
@@ -320,6 +332,8 @@ def save_truth(
         arrays["topic_directions"] = stream.topics.directions
         arrays["item_topics"] = stream.topics.item_topics
         arrays["user_topics"] = stream.topics.user_topics
+    if stream.device_topics is not None:
+        arrays["device_topics"] = stream.device_topics.astype(np.float32)
     return {name: save_array(out, f"truth/{name}.npy", array) for name, array in arrays.items()}
 
 

@@ -7,6 +7,7 @@ window (:class:`~data_pipeline.counters.StreamingCounters`), plus one chunk.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import pyarrow.parquet as pq
 from data_pipeline.counters import CounterStatistics, StreamingCounters
 from data_pipeline.datasets.synthetic_features import (
     COUNTER_KINDS,
+    DEVICE_EFFECT_STREAM,
+    DEVICE_STREAM,
     ITEM_TEXT,
     SEARCH_TOKENS,
     SESSION_FEATURE_STREAM,
@@ -24,6 +27,7 @@ from data_pipeline.datasets.synthetic_features import (
     SyntheticFeatures,
     UserContext,
     build_user_context,
+    draw_devices,
     session_context,
 )
 from data_pipeline.datasets.synthetic_feed import FeedChunk
@@ -105,6 +109,12 @@ class FeatureStream:
         self.context: UserContext | None = None
         if features.has(FeatureGroup.CONTEXT):
             self.context = build_user_context(world.user_features["region"], features, seed)
+        self.device_topics: np.ndarray | None = None
+        if features.device_effect:
+            effect_rng = np.random.default_rng([seed, DEVICE_EFFECT_STREAM])
+            topics = features.topics.topics
+            self.device_topics = effect_rng.standard_normal((features.devices, topics))
+        self._devices: tuple[int, np.ndarray] | None = None
         self.queries = QueryState.empty(users, features.search_history, features.topics.query_words)
         self._query_log: pq.ParquetWriter | None = None
         self.counters = StreamingCounters(COUNTER_KINDS, features.windows)
@@ -129,6 +139,33 @@ class FeatureStream:
             return {}
         ids, weights = self.topics.affinity_arrow()
         return {TOPIC_AFFINITY: ids, weights_column(TOPIC_AFFINITY): weights}
+
+    def _draw_devices(self, chunk_index: int, session_user: np.ndarray) -> np.ndarray:
+        """[S] devices of the chunk's sessions; drawn once per chunk, from its own stream, so
+        they are the same whether or not the device shifts relevance."""
+        if self._devices is None or self._devices[0] != chunk_index:
+            assert self.context is not None
+            rng = np.random.default_rng([self.seed, DEVICE_STREAM, chunk_index])
+            self._devices = (chunk_index, draw_devices(self.context, session_user, rng))
+        return self._devices[1][: session_user.shape[0]]
+
+    def relevance_shift(
+        self, chunk_index: int
+    ) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
+        """The device effect on relevance for ``simulate_feed`` (None when off): ``(user [S],
+        candidates [S, K]) -> [S, K]`` ``device_effect × device_topics[device] ·
+        item_topics[candidate]``."""
+        if self.device_topics is None:
+            return None
+        device_topics, topics = self.device_topics, self.topics
+        assert topics is not None
+
+        def shift(user: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+            device = self._draw_devices(chunk_index, user)
+            pull = np.einsum("st,skt->sk", device_topics[device], topics.item_topics[candidates])
+            return self.features.device_effect * pull
+
+        return shift
 
     def chunk(self, feed: FeedChunk, chunk_index: int) -> ChunkFeatures:
         """Per-session and per-row columns of one chunk; advances every rolling state."""
@@ -158,6 +195,7 @@ class FeatureStream:
                 self.context,
                 session_user,
                 self.timestamps(session_index),
+                self._draw_devices(chunk_index, session_user),
                 self.features.locales,
                 rng,
             )

@@ -23,7 +23,10 @@ Groups (each switched on by :attr:`SyntheticFeatures.groups`):
 
 The feed itself (users, items, labels) does not depend on these features: they draw from their own
 streams (``[seed, 3]`` for topics, ``[seed, 4]`` for user context preferences, ``[seed, 5, c]`` per
-chunk), so turning groups on or off leaves every other column unchanged.
+chunk, ``[seed, 6, c]`` for session devices, ``[seed, 7]`` for device effects), so turning groups
+on or off leaves every other column unchanged. The one exception is opt-in:
+``SyntheticFeatures.device_effect > 0`` lets the session's device shift true relevance (and so
+clicks) by a small topic-dependent term.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ EXTRA_GROUPS = (
 )
 CONTEXT_STREAM = 4
 SESSION_FEATURE_STREAM = 5
+DEVICE_STREAM = 6
+DEVICE_EFFECT_STREAM = 7
 _HOME_LOCALE_SHARE = 0.85
 _TRAVEL_PROBABILITY = 0.05
 _DEVICE_CONCENTRATION = 0.5
@@ -89,6 +94,10 @@ class SyntheticFeatures:
         devices, locales: context cardinalities.
         counter_windows: window names (``"1h"``, see :func:`parse_window`); the default suits the
             default world, whose feed spans ~11.6 days.
+        device_effect: strength of the device's pull on relevance (0 = none, the default; needs
+            the context group and topics): ``relevance += device_effect × device_topics[device]
+            · item_topics[item]`` with ``device_topics`` [D, T] ~ N(0, 1) (``truth/``), so the
+            device context becomes predictive of clicks.
     """
 
     groups: tuple[FeatureGroup, ...] = EXTRA_GROUPS
@@ -99,6 +108,7 @@ class SyntheticFeatures:
     devices: int = 3
     locales: int = 8
     counter_windows: tuple[str, ...] = tuple(DEFAULT_WINDOWS)
+    device_effect: float = 0.0
 
     def __post_init__(self) -> None:
         unknown = [g for g in self.groups if g not in EXTRA_GROUPS]
@@ -119,6 +129,11 @@ class SyntheticFeatures:
             )
         for name in self.counter_windows:
             parse_window(name)
+        if self.device_effect and not (self.has(FeatureGroup.CONTEXT) and self.needs_topics):
+            raise ValueError(
+                f"device_effect={self.device_effect} needs the context group and a topic group "
+                "(text, search or affinity)"
+            )
 
     @staticmethod
     def none() -> SyntheticFeatures:
@@ -190,7 +205,7 @@ class SyntheticFeatures:
             "locales": self.locales,
             "counter_windows": self.windows,
             "counter_kinds": list(COUNTER_KINDS),
-        }
+        } | ({"device_effect": self.device_effect} if self.device_effect else {})
 
 
 @dataclass(frozen=True)
@@ -216,17 +231,25 @@ def build_user_context(region: np.ndarray, features: SyntheticFeatures, seed: in
     return UserContext(preference, home.astype(np.int64))
 
 
+def draw_devices(
+    context: UserContext, session_user: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """[S] users -> [S] int64 device of each session, from the user's preference."""
+    cdf = np.cumsum(context.device_preference[session_user], axis=1)
+    return (rng.random(session_user.shape[0])[:, None] >= cdf[:, :-1]).sum(axis=1)
+
+
 def session_context(
     context: UserContext,
     session_user: np.ndarray,
     session_timestamp: np.ndarray,
+    device: np.ndarray,
     locales: int,
     rng: np.random.Generator,
 ) -> dict[str, np.ndarray]:
-    """[S] users and timestamps -> context name -> [S] int64 ids (hour, weekday, device, locale)."""
+    """[S] users, timestamps and devices -> context name -> [S] int64 ids (hour, weekday,
+    device, locale)."""
     sessions = session_user.shape[0]
-    cdf = np.cumsum(context.device_preference[session_user], axis=1)
-    device = (rng.random(sessions)[:, None] >= cdf[:, :-1]).sum(axis=1)
     travel = rng.random(sessions) < _TRAVEL_PROBABILITY
     locale = np.where(
         travel, rng.integers(locales, size=sessions), context.home_locale[session_user]
@@ -236,4 +259,3 @@ def session_context(
         DEVICE: device.astype(np.int64),
         LOCALE: locale.astype(np.int64),
     }
-

@@ -306,3 +306,31 @@ def test_invalid_feature_knobs() -> None:
         TopicConfig(title_words=(5, 3))
     with pytest.raises(ValueError, match="affinity_top_k"):
         TopicConfig(topics=2, affinity_top_k=3)
+
+
+def test_device_effect_shifts_clicks(tmp_path: Path, with_eval: tuple[Path, Manifest]) -> None:
+    """Opt-in: the session's device pulls relevance towards its topics, so clicked impressions
+    lean towards them; devices themselves (their own stream) are those of the run without it."""
+    base_out, base = with_eval
+    assert (
+        "device_topics" not in base.extra["truth"] and "ctx_device" not in base.extra["relevance"]
+    )
+    features = SyntheticFeatures(
+        counter_windows=FEATURES.counter_windows, text_vocab_size=1 << 12, device_effect=3.0
+    )
+    run = {**RUN, "features": features, "valid_fraction": 0.0, "test_fraction": 0.0}
+    manifest = prepare_synthetic(out=tmp_path, **run)
+    assert "device_topics" in manifest.extra["relevance"]
+    device_topics = np.load(tmp_path / manifest.extra["truth"]["device_topics"]["path"])
+    item_topics = np.load(tmp_path / manifest.extra["truth"]["item_topics"]["path"])
+    train = pq.read_table(tmp_path / "train")
+    device, item = train["ctx_device"].to_numpy(), train["item_id"].to_numpy()
+    pull = np.einsum("rt,rt->r", device_topics[device], item_topics[item])
+    click = train["label_click"].to_numpy() == 1
+    assert pull[click].mean() > pull[~click].mean() + 0.1
+    base_train = pq.read_table(base_out / "train", columns=["user_id", "ctx_device"])
+    rows = base_train.num_rows
+    assert train["user_id"].to_numpy()[:rows].tolist() == base_train["user_id"].to_pylist()
+    assert device[:rows].tolist() == base_train["ctx_device"].to_pylist()
+    with pytest.raises(ValueError, match="device_effect"):
+        SyntheticFeatures(groups=(FeatureGroup.CONTEXT,), device_effect=1.0)
