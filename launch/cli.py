@@ -195,6 +195,7 @@ def _synthetic_features(args: argparse.Namespace) -> SyntheticFeatures:
     from data_pipeline.schema import FeatureGroup
 
     names = [n.strip() for n in args.feature_groups.split(",") if n.strip()]
+    groups: tuple[FeatureGroup, ...]
     if names == ["all"]:
         groups = EXTRA_GROUPS
     elif names in ([], ["none"]):

@@ -237,7 +237,8 @@ class FeatureStream:
         """Every item's counters as of the last train session's timestamp + 1: one query event
         per item with no kind flag set, so the queries count train impressions and nothing else
         (later chunks start at or after that time, so the counters stay exact)."""
-        at = int(self.timestamps(np.int64(max(self.snapshot_session - 1, 0)))) + 1
+        last_train = np.array([max(self.snapshot_session - 1, 0)], dtype=np.int64)
+        at = int(self.timestamps(last_train)[0]) + 1
         no_kind = np.zeros(self.num_items, dtype=bool)
         return self.counters.update(
             np.arange(self.num_items, dtype=np.int64),

@@ -236,7 +236,8 @@ def draw_devices(
 ) -> np.ndarray:
     """[S] users -> [S] int64 device of each session, from the user's preference."""
     cdf = np.cumsum(context.device_preference[session_user], axis=1)
-    return (rng.random(session_user.shape[0])[:, None] >= cdf[:, :-1]).sum(axis=1)
+    draws = np.asarray(rng.random(session_user.shape[0]))
+    return (draws[:, None] >= cdf[:, :-1]).sum(axis=1)
 
 
 def session_context(

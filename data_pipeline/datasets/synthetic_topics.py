@@ -203,7 +203,7 @@ def _draw_titles(
     """[M, T] mixtures -> [M, L] int32 title word indices, -1 padded."""
     items = item_topics.shape[0]
     low, high = config.title_words
-    lengths = rng.integers(low, high + 1, size=items)
+    lengths = np.asarray(rng.integers(low, high + 1, size=items))
     topic = sample_rows(item_topics, rng.random((items, high)))
     topic_word = topic * config.words_per_topic + zipf_draws(
         config.words_per_topic, (items, high), rng
@@ -222,7 +222,7 @@ def draw_query_words(
     word from a topic drawn from the user's affinity."""
     count = users.shape[0]
     width = config.query_words
-    lengths = rng.integers(1, width + 1, size=count)
+    lengths = np.asarray(rng.integers(1, width + 1, size=count))
     topic = sample_rows(topics.user_topics[users].astype(np.float64), rng.random((count, width)))
     words = topic * config.words_per_topic + zipf_draws(config.words_per_topic, (count, width), rng)
     return np.where(np.arange(width) < lengths[:, None], words, -1).astype(np.int32)
