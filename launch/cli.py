@@ -7,8 +7,12 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trainer.logs import configure_logging
+
+if TYPE_CHECKING:
+    from data_pipeline.datasets.synthetic_features import SyntheticFeatures
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,6 +59,13 @@ def _parser() -> argparse.ArgumentParser:
         default=0.0,
         help="share of sessions shown in random order (0: off)",
     )
+    synthetic.add_argument(
+        "--session-interval-s",
+        type=int,
+        default=10,
+        help="seconds between sessions (sets the feed's time span)",
+    )
+    _add_feature_breadth_options(synthetic)
 
     train = commands.add_parser("train", help="train in this process (world size 1)")
     train.add_argument("config")
@@ -159,6 +170,61 @@ def _add_slurm_parser(launchers: argparse._SubParsersAction) -> None:
     slurm.add_argument("overrides", nargs="*")
 
 
+def _add_feature_breadth_options(synthetic: argparse.ArgumentParser) -> None:
+    synthetic.add_argument(
+        "--feature-groups",
+        default="none",
+        help="extra feature groups: 'all', 'none' or a comma list of text, search, context, "
+        "counter, affinity",
+    )
+    synthetic.add_argument("--topics", type=int, default=16, help="topics of titles and queries")
+    synthetic.add_argument(
+        "--text-vocab-size", type=int, default=1 << 15, help="rows of the hashed text table"
+    )
+    synthetic.add_argument(
+        "--search-probability", type=float, default=0.3, help="chance of a search per session"
+    )
+    synthetic.add_argument(
+        "--search-history", type=int, default=5, help="last queries kept per event row"
+    )
+    synthetic.add_argument(
+        "--counter-windows", default="1h,1d,7d", help="comma list of counter windows (s/m/h/d/w)"
+    )
+    synthetic.add_argument(
+        "--device-effect",
+        type=float,
+        default=0.0,
+        help="how much the session's device shifts relevance towards its topics (0: off)",
+    )
+
+
+def _synthetic_features(args: argparse.Namespace) -> SyntheticFeatures:
+    from data_pipeline.datasets.synthetic_features import EXTRA_GROUPS, SyntheticFeatures
+    from data_pipeline.datasets.synthetic_topics import TopicConfig
+    from data_pipeline.schema import FeatureGroup
+
+    names = [n.strip() for n in args.feature_groups.split(",") if n.strip()]
+    groups: tuple[FeatureGroup, ...]
+    if names == ["all"]:
+        groups = EXTRA_GROUPS
+    elif names in ([], ["none"]):
+        groups = ()
+    else:
+        try:
+            groups = tuple(FeatureGroup(n) for n in names)
+        except ValueError as error:
+            raise SystemExit(f"--feature-groups: {error}") from error
+    return SyntheticFeatures(
+        groups=groups,
+        topics=TopicConfig(topics=args.topics, affinity_top_k=min(3, args.topics)),
+        text_vocab_size=args.text_vocab_size,
+        search_probability=args.search_probability,
+        search_history=args.search_history,
+        counter_windows=tuple(w.strip() for w in args.counter_windows.split(",") if w.strip()),
+        device_effect=args.device_effect,
+    )
+
+
 def _prepare(args: argparse.Namespace) -> int:
     if args.dataset == "movielens":
         from data_pipeline.datasets.movielens import prepare_movielens
@@ -176,7 +242,9 @@ def _prepare(args: argparse.Namespace) -> int:
         from data_pipeline.datasets.synthetic_world import WorldConfig
 
         world = WorldConfig(
-            promotion_std=args.promotion_std, shuffled_fraction=args.shuffled_fraction
+            promotion_std=args.promotion_std,
+            shuffled_fraction=args.shuffled_fraction,
+            session_interval_s=args.session_interval_s,
         )
         manifest = prepare_synthetic(
             users=args.users,
@@ -186,6 +254,7 @@ def _prepare(args: argparse.Namespace) -> int:
             out=args.out,
             history_length=args.history_length,
             world=world,
+            features=_synthetic_features(args),
         )
     rows = {name: info.rows for name, info in manifest.splits.items()}
     print(f"prepared {manifest.dataset} in {args.out}: rows {rows}")

@@ -34,10 +34,22 @@ Non-clicked eval impressions are counted in the manifest and dropped.
 **Determinism.** The world draws from ``default_rng([seed, 1])`` and chunk ``c`` from
 ``default_rng([seed, 0, c])``: the same seed and chunk size give byte-identical shards.
 
+**Feature breadth** (``features``, :mod:`~data_pipeline.datasets.synthetic_features`): item text,
+search queries, context, point-in-time item counters and topic affinities, generated with the
+chunks from their own random streams (the columns above do not change when they are on).
+
+**Time span.** Session s has timestamp ``start_timestamp + s × session_interval_s``; the default
+world (1M events, 10 slots, 10 s) spans 100k sessions ≈ 11.6 days, so hours and weekdays vary and
+the default counter windows (1h, 1d, 7d) all differ. ``manifest.extra["time_span_s"]`` gives the
+first and last session timestamps.
+
 **Truth.** ``truth/user_factors.npy`` [N, d], ``truth/item_factors.npy`` [M, d],
 ``truth/item_bias.npy`` [M] and ``truth/item_popularity.npy`` [M] (candidate-sampling
-probability), and ``truth/item_promotion.npy`` [M] when promotion is on; paths and sha256 in
-``manifest.extra["truth"]``.
+probability), and ``truth/item_promotion.npy`` [M] when promotion is on; with topics (text, search
+or affinity groups) ``truth/topic_directions.npy`` [T, d], ``truth/item_topics.npy`` [M, T] and
+``truth/user_topics.npy`` [N, T]; paths and sha256 in ``manifest.extra["truth"]``. Raw item titles
+(``raw/items_text.parquet``: item_id, text) and the search log (``raw/search_queries.parquet``:
+user_id, timestamp, query) are listed in ``manifest.extra["raw"]``.
 """
 
 from __future__ import annotations
@@ -52,6 +64,8 @@ import pyarrow as pa
 
 from data_pipeline.datasets.history import jagged_offsets
 from data_pipeline.datasets.output import clear_output, save_array, write_side_table
+from data_pipeline.datasets.synthetic_feature_stream import ChunkFeatures, FeatureStream
+from data_pipeline.datasets.synthetic_features import SyntheticFeatures
 from data_pipeline.datasets.synthetic_feed import (
     HISTORY_ACTIONS,
     LABELS,
@@ -132,6 +146,7 @@ def prepare_synthetic(
     dim: int = 16,
     *,
     world: WorldConfig | None = None,
+    features: SyntheticFeatures | None = None,
     valid_fraction: float = 0.05,
     test_fraction: float = 0.05,
     chunk_events: int = DEFAULT_CHUNK_EVENTS,
@@ -147,11 +162,16 @@ def prepare_synthetic(
         out: dataset directory to (re)write.
         history_length: H; dim: d of the latent factors.
         world: simulation knobs (``WorldConfig()`` by default).
+        features: extra feature groups (text, search, context, counters, topic affinity) and their
+            knobs; ``SyntheticFeatures()`` turns on all of them. By default none (ids, history and
+            categorical features only, the shards written before feature breadth existed),
+            until every reader of the data handles counter and weighted features.
         valid_fraction, test_fraction: shares of sessions (by time) held out.
         chunk_events: impressions simulated and written per step (bounds memory).
         row_group_rows, rows_per_file: Parquet layout; valid/test use ``row_group_rows // 8``.
     """
     config = world if world is not None else WorldConfig()
+    breadth = features if features is not None else SyntheticFeatures.none()
     if min(users, items, events, chunk_events) <= 0 or not 0 <= valid_fraction + test_fraction < 1:
         raise ValueError(
             "prepare_synthetic: need users, items, events, chunk_events > 0 and "
@@ -170,9 +190,10 @@ def prepare_synthetic(
     )
     eval_group_rows = max(1, row_group_rows // EVAL_ROW_GROUP_DIVISOR)
     out = Path(out)
-    clear_output(out, extra_dirs=("truth",))
+    clear_output(out, extra_dirs=("truth", "raw"))
     truth = build_world(users, items, dim, seed, config)
-    schema = synthetic_schema()
+    schema = synthetic_schema(breadth)
+    stream = FeatureStream(truth, config, breadth, seed, out, run.valid_start)
     # valid/test hold ~1% of the rows (clicks of 10% of the time): smaller groups keep them
     # splittable across ranks and workers.
     group_rows = {"train": row_group_rows} | dict.fromkeys(("valid", "test"), eval_group_rows)
@@ -180,10 +201,16 @@ def prepare_synthetic(
         name: ShardWriter(out, name, schema.event_arrow_schema(), rows_per_file, group_rows[name])
         for name in EVENT_SPLITS
     }
-    counts = generate_events(truth, config, run, writers)
+    counts = generate_events(truth, config, run, writers, stream)
     splits: dict[str, SplitInfo] = {name: writer.close() for name, writer in writers.items()}
-    user_columns = dict(truth.user_features, user_id=np.arange(users))
-    item_columns = dict(truth.item_features, item_id=np.arange(items))
+    item_counters, raw_files = stream.finish()
+    user_columns = {**truth.user_features, **stream.user_columns(), "user_id": np.arange(users)}
+    item_columns = {
+        **truth.item_features,
+        **stream.item_columns(),
+        **item_counters,
+        "item_id": np.arange(items),
+    }
     splits["users"] = write_side_table(out, schema, Side.USER, user_columns, row_group_rows)
     splits["items"] = write_side_table(out, schema, Side.ITEM, item_columns, row_group_rows)
     generator: dict[str, float | int] = {"users": users, "items": items, "dim": dim}
@@ -192,12 +219,18 @@ def prepare_synthetic(
     manifest = Manifest(
         dataset="synthetic",
         schema=schema,
-        tables=dict(truth.table_sizes),
+        tables={**truth.table_sizes, **breadth.tables()},
         splits=splits,
         history_length=history_length,
         source={"kind": "synthetic", "seed": seed},
         extra={
-            "generator": {"events": events, "seed": seed, **generator, **config.to_json()},
+            "generator": {
+                "events": events,
+                "seed": seed,
+                **generator,
+                **config.to_json(),
+                "features": breadth.to_json(),
+            },
             "split_rule": (
                 f"by session time: train = first {1 - valid_fraction - test_fraction:g} of "
                 f"sessions, every impression; valid = next {valid_fraction:g}, test = last "
@@ -205,9 +238,15 @@ def prepare_synthetic(
             ),
             "split_start_session": {"valid": run.valid_start, "test": run.test_start},
             "counts": {**counts, **{f"{n}_rows": i.rows for n, i in splits.items()}},
-            "truth": save_truth(out, truth),
-            "relevance": "u · v + item_bias (truth/user_factors, item_factors, item_bias)",
+            "truth": save_truth(out, truth, stream),
+            "raw": raw_files,
+            "time_span_s": [
+                config.start_timestamp,
+                config.start_timestamp + (sessions - 1) * config.session_interval_s,
+            ],
+            "relevance": _relevance_rule(breadth),
         },
+        counters=stream.statistics.to_manifest(),
     )
     manifest.save(out)
     logger.info("wrote %s: %s", out, {name: info.rows for name, info in splits.items()})
@@ -219,23 +258,28 @@ def generate_events(
     config: WorldConfig,
     run: SyntheticRun,
     writers: dict[str, ShardWriter],
+    stream: FeatureStream,
 ) -> dict[str, int]:
-    """Simulate the feed chunk by chunk, writing each chunk's rows before the next is drawn."""
+    """Simulate the feed chunk by chunk, writing each chunk's rows before the next is drawn
+    (extra features of the chunk come from ``stream``, before eval rows are dropped)."""
     state = HistoryState.empty(int(world.user_factors.shape[0]), run.history_length)
     counts = {"impressions": 0, "clicks": 0, "eval_impressions_dropped": 0}
     for chunk_index, first in enumerate(range(0, run.sessions, run.sessions_per_chunk)):
         sessions = min(run.sessions_per_chunk, run.sessions - first)
         rng = np.random.default_rng([run.seed, FEED_STREAM, chunk_index])
-        feed = simulate_feed(world, config, first, sessions, rng)
+        feed = simulate_feed(
+            world, config, first, sessions, rng, stream.relevance_shift(chunk_index)
+        )
         feed = truncate_feed(feed, run.events - counts["impressions"])
         clicks = sort_clicks(feed, first, sessions)
         histories = session_histories(feed, clicks, state, first, config, run.history_length)
         update_state(state, clicks, np.unique(feed.user[feed.labels["click"] == 1]))
+        extra = stream.chunk(feed, chunk_index)
         masks = run.split_masks(feed)
         for name, mask in masks.items():
             if mask.any():
                 rows = np.flatnonzero(mask)
-                writers[name].write(impression_table(world, config, feed, histories, rows))
+                writers[name].write(impression_table(world, config, feed, histories, rows, extra))
         counts["impressions"] += int(feed.user.shape[0])
         counts["clicks"] += int(feed.labels["click"].sum())
         counts["eval_impressions_dropped"] += int(
@@ -246,12 +290,24 @@ def generate_events(
     return counts
 
 
-def synthetic_schema() -> EventSchema:
+def _relevance_rule(features: SyntheticFeatures) -> str:
+    rule = "u · v + item_bias (truth/user_factors, item_factors, item_bias)"
+    if features.device_effect:
+        rule += (
+            f" + {features.device_effect:g} × device_topics[ctx_device] · item_topics[item] "
+            "(truth/device_topics, item_topics)"
+        )
+    return rule
+
+
+def synthetic_schema(features: SyntheticFeatures | None = None) -> EventSchema:
+    breadth = features if features is not None else SyntheticFeatures.none()
     user = [FeatureSpec(n, Side.USER, FeatureKind.ID, n) for n in USER_FEATURES]
     history = FeatureSpec(HISTORY_ITEMS, Side.USER, FeatureKind.IDS, ITEM_ID)
     item = [FeatureSpec(n, Side.ITEM, FeatureKind.ID, n) for n in ITEM_FEATURES]
+    extra_user, extra_item = breadth.specs()
     return EventSchema(
-        features=(*user, history, *item),
+        features=(*user, *extra_user, history, *item, *extra_item),
         labels=LABELS,
         history_actions=HISTORY_ACTIONS,
         has_position=True,
@@ -261,7 +317,9 @@ def synthetic_schema() -> EventSchema:
     )
 
 
-def save_truth(out: Path, world: SyntheticWorld) -> dict[str, dict[str, str]]:
+def save_truth(
+    out: Path, world: SyntheticWorld, stream: FeatureStream
+) -> dict[str, dict[str, str]]:
     arrays = {
         "user_factors": world.user_factors,
         "item_factors": world.item_factors,
@@ -270,6 +328,12 @@ def save_truth(out: Path, world: SyntheticWorld) -> dict[str, dict[str, str]]:
     }
     if world.item_promotion.any():
         arrays["item_promotion"] = world.item_promotion
+    if stream.topics is not None:
+        arrays["topic_directions"] = stream.topics.directions
+        arrays["item_topics"] = stream.topics.item_topics
+        arrays["user_topics"] = stream.topics.user_topics
+    if stream.device_topics is not None:
+        arrays["device_topics"] = stream.device_topics.astype(np.float32)
     return {name: save_array(out, f"truth/{name}.npy", array) for name, array in arrays.items()}
 
 
@@ -279,8 +343,10 @@ def impression_table(
     feed: FeedChunk,
     histories: dict[str, pa.ListArray],
     rows: np.ndarray,
+    extra: ChunkFeatures,
 ) -> pa.Table:
-    """Impressions ``rows`` ([R] int64 indices into the chunk) with labels, features, history."""
+    """Impressions ``rows`` ([R] int64 indices into the chunk) with labels, features, history
+    and the extra feature groups of ``extra``."""
     user, item = feed.user[rows], feed.item[rows]
     # Every impression of a session repeats the session's history.
     local_session = pa.array(rows // config.positions)
@@ -300,7 +366,16 @@ def impression_table(
         columns[name] = values[user]
     for name, values in world.item_features.items():
         columns[name] = values[item]
+    for name, values in extra.per_session.items():
+        columns[name] = _take(values, rows // config.positions)
+    for name, values in extra.per_row.items():
+        columns[name] = _take(values, rows)
     return pa.table(columns)
+
+
+def _take(values: np.ndarray | pa.Array, index: np.ndarray) -> np.ndarray | pa.Array:
+    """``values[index]`` of a numpy array or an Arrow array (``index``: [Q] int64)."""
+    return values.take(pa.array(index)) if isinstance(values, pa.Array) else values[index]
 
 
 def session_impression_negatives(feed: FeedChunk, positions: int, rows: np.ndarray) -> pa.ListArray:

@@ -7,6 +7,7 @@ All functions are vectorized over a chunk; the only state carried between chunks
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,8 +95,12 @@ def simulate_feed(
     first_session: int,
     sessions: int,
     rng: np.random.Generator,
+    relevance_shift: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> FeedChunk:
     """Serve ``sessions`` sessions (global indices from ``first_session``) and log the feed.
+
+    ``relevance_shift(user [S], candidates [S, K]) -> [S, K]``, when given, is added to the true
+    relevance (a context effect, e.g. the session's device favouring some topics).
 
     The ranker orders candidates by ``ranker_score + item_promotion`` (promotion is 0 when off)
     and, in a ``shuffled_fraction`` of sessions, shows its top P in random order; the logged
@@ -106,6 +111,8 @@ def simulate_feed(
     candidates = np.sort(sample_from_cdf(world.item_popularity_cdf, (sessions, k), rng), axis=1)
     affinity = np.einsum("sd,skd->sk", world.user_factors[user], world.item_factors[candidates])
     relevance = affinity + world.item_bias[candidates]
+    if relevance_shift is not None:
+        relevance = relevance + relevance_shift(user, candidates)
     score = (relevance + config.ranker_noise_std * rng.standard_normal((sessions, k))).astype(
         np.float32
     )
