@@ -173,7 +173,7 @@ def _add_slurm_parser(launchers: argparse._SubParsersAction) -> None:
 def _add_feature_breadth_options(synthetic: argparse.ArgumentParser) -> None:
     synthetic.add_argument(
         "--feature-groups",
-        default="none",
+        default="all",
         help="extra feature groups: 'all', 'none' or a comma list of text, search, context, "
         "counter, affinity",
     )

@@ -163,15 +163,14 @@ def prepare_synthetic(
         history_length: H; dim: d of the latent factors.
         world: simulation knobs (``WorldConfig()`` by default).
         features: extra feature groups (text, search, context, counters, topic affinity) and their
-            knobs; ``SyntheticFeatures()`` turns on all of them. By default none (ids, history and
-            categorical features only, the shards written before feature breadth existed),
-            until every reader of the data handles counter and weighted features.
+            knobs; by default ``SyntheticFeatures()``, all of them; ``SyntheticFeatures.none()``
+            writes ids, history and categorical features only.
         valid_fraction, test_fraction: shares of sessions (by time) held out.
         chunk_events: impressions simulated and written per step (bounds memory).
         row_group_rows, rows_per_file: Parquet layout; valid/test use ``row_group_rows // 8``.
     """
     config = world if world is not None else WorldConfig()
-    breadth = features if features is not None else SyntheticFeatures.none()
+    breadth = features if features is not None else SyntheticFeatures()
     if min(users, items, events, chunk_events) <= 0 or not 0 <= valid_fraction + test_fraction < 1:
         raise ValueError(
             "prepare_synthetic: need users, items, events, chunk_events > 0 and "

@@ -17,6 +17,7 @@ from torchrec import KeyedJaggedTensor
 from data_pipeline.batch import BatchBuilder
 from data_pipeline.datasets.synthetic import prepare_synthetic
 from data_pipeline.item_store import ItemFeatureStore, gather_jagged
+from data_pipeline.feature_encoding import FeatureEncoding
 from data_pipeline.manifest import Manifest
 from data_pipeline.schema import SchemaError, Side
 from data_pipeline.shard_writer import ShardWriter
@@ -28,7 +29,9 @@ def _builder_kjt(root: Path, manifest: Manifest, ids: list[int]) -> KeyedJaggedT
     table = pa.concat_tables(pq.read_table(p) for p in manifest.split_paths(root, "items"))
     row_of = {item: row for row, item in enumerate(table["item_id"].to_pylist())}
     rows = table.take(pa.array([row_of[i] for i in ids], pa.int64()))
-    return BatchBuilder(manifest.schema)(rows).item_features
+    schema = manifest.schema
+    encoding = FeatureEncoding.from_manifest(manifest.counters, manifest.tables, schema.features)
+    return BatchBuilder(schema, encoding=encoding)(rows).item_features
 
 
 def _assert_same(got: KeyedJaggedTensor, expected: KeyedJaggedTensor) -> None:
@@ -36,6 +39,9 @@ def _assert_same(got: KeyedJaggedTensor, expected: KeyedJaggedTensor) -> None:
     assert got.stride() == expected.stride()
     assert torch.equal(got.values(), expected.values())
     assert torch.equal(got.lengths(), expected.lengths())
+    assert (got.weights_or_none() is None) == (expected.weights_or_none() is None)
+    if got.weights_or_none() is not None:
+        assert torch.equal(got.weights(), expected.weights())
 
 
 def test_tiny_lookup_matches_batch_builder(tmp_path: Path) -> None:
@@ -57,7 +63,11 @@ def test_synthetic_lookup_matches_batch_builder(tmp_path: Path) -> None:
     )
     store = ItemFeatureStore.load(tmp_path, manifest)
     ids = np.random.default_rng(0).integers(0, 100, 64).tolist()
-    _assert_same(store.lookup(torch.tensor(ids)), _builder_kjt(tmp_path, manifest, ids))
+    got = store.lookup(torch.tensor(ids))
+    # Every issue-8 kind rides along: weighted text, counters (bucket + dense weight), affinity.
+    assert got.weights_or_none() is not None
+    assert "item_text_tokens" in got.keys() and "item_view_count_1h" in got.keys()
+    _assert_same(got, _builder_kjt(tmp_path, manifest, ids))
     assert torch.equal(store.corpus_ids(), torch.arange(100))
 
 
