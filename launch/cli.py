@@ -54,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
         help="per-item promotion boost the logging ranker adds to its ordering (0: off)",
     )
     synthetic.add_argument(
+        "--new-item-fraction",
+        type=float,
+        default=0.0,
+        help="share of items launched during the last 30%% of the feed (cold-start items; 0: off)",
+    )
+    synthetic.add_argument(
         "--shuffled-fraction",
         type=float,
         default=0.0,
@@ -245,6 +251,7 @@ def _prepare(args: argparse.Namespace) -> int:
             promotion_std=args.promotion_std,
             shuffled_fraction=args.shuffled_fraction,
             session_interval_s=args.session_interval_s,
+            new_item_fraction=args.new_item_fraction,
         )
         manifest = prepare_synthetic(
             users=args.users,

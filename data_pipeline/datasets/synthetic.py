@@ -45,7 +45,8 @@ first and last session timestamps.
 
 **Truth.** ``truth/user_factors.npy`` [N, d], ``truth/item_factors.npy`` [M, d],
 ``truth/item_bias.npy`` [M] and ``truth/item_popularity.npy`` [M] (candidate-sampling
-probability), and ``truth/item_promotion.npy`` [M] when promotion is on; with topics (text, search
+probability), ``truth/item_promotion.npy`` [M] when promotion is on, ``truth/item_launch.npy``
+[M] (launch point as a fraction of the feed; ``WorldConfig.new_item_fraction``) with new items; with topics (text, search
 or affinity groups) ``truth/topic_directions.npy`` [T, d], ``truth/item_topics.npy`` [M, T] and
 ``truth/user_topics.npy`` [N, T]; paths and sha256 in ``manifest.extra["truth"]``. Raw item titles
 (``raw/items_text.parquet``: item_id, text) and the search log (``raw/search_queries.parquet``:
@@ -267,7 +268,7 @@ def generate_events(
         sessions = min(run.sessions_per_chunk, run.sessions - first)
         rng = np.random.default_rng([run.seed, FEED_STREAM, chunk_index])
         feed = simulate_feed(
-            world, config, first, sessions, rng, stream.relevance_shift(chunk_index)
+            world, config, first, sessions, rng, stream.relevance_shift(chunk_index), run.sessions
         )
         feed = truncate_feed(feed, run.events - counts["impressions"])
         clicks = sort_clicks(feed, first, sessions)
@@ -327,6 +328,8 @@ def save_truth(
     }
     if world.item_promotion.any():
         arrays["item_promotion"] = world.item_promotion
+    if world.item_launch.any():
+        arrays["item_launch"] = world.item_launch
     if stream.topics is not None:
         arrays["topic_directions"] = stream.topics.directions
         arrays["item_topics"] = stream.topics.item_topics

@@ -96,8 +96,12 @@ def simulate_feed(
     sessions: int,
     rng: np.random.Generator,
     relevance_shift: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    total_sessions: int | None = None,
 ) -> FeedChunk:
     """Serve ``sessions`` sessions (global indices from ``first_session``) and log the feed.
+
+    With item launches (``world.item_launch``; ``total_sessions`` gives the feed's length), a
+    candidate not launched at its session's time is redrawn from the popularity distribution.
 
     ``relevance_shift(user [S], candidates [S, K]) -> [S, K]``, when given, is added to the true
     relevance (a context effect, e.g. the session's device favouring some topics).
@@ -108,7 +112,10 @@ def simulate_feed(
     """
     k, p = config.candidates_per_session, config.positions
     user = sample_from_cdf(world.user_activity_cdf, (sessions,), rng)
-    candidates = np.sort(sample_from_cdf(world.item_popularity_cdf, (sessions, k), rng), axis=1)
+    candidates = sample_from_cdf(world.item_popularity_cdf, (sessions, k), rng)
+    if total_sessions is not None and world.item_launch.any():
+        candidates = launched_candidates(world, candidates, first_session, total_sessions, rng)
+    candidates = np.sort(candidates, axis=1)
     affinity = np.einsum("sd,skd->sk", world.user_factors[user], world.item_factors[candidates])
     relevance = affinity + world.item_bias[candidates]
     if relevance_shift is not None:
@@ -146,6 +153,32 @@ def simulate_feed(
         },
         ranker_score=np.take_along_axis(score, top, axis=1).reshape(-1),
     )
+
+
+LAUNCH_REDRAWS = 16
+
+
+def launched_candidates(
+    world: SyntheticWorld,
+    candidates: np.ndarray,
+    first_session: int,
+    total_sessions: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """[S, K] candidates with every item not yet launched at its session redrawn (up to
+    :data:`LAUNCH_REDRAWS` times, then replaced by the most popular item launched at 0)."""
+    sessions = candidates.shape[0]
+    now = (first_session + np.arange(sessions, dtype=np.float64)) / total_sessions
+    out = candidates.copy()
+    for _ in range(LAUNCH_REDRAWS):
+        pending = world.item_launch[out] > now[:, None]
+        if not pending.any():
+            return out
+        out[pending] = sample_from_cdf(world.item_popularity_cdf, (int(pending.sum()),), rng)
+    pending = world.item_launch[out] > now[:, None]
+    fallback = int(np.argmax(np.where(world.item_launch == 0, world.item_popularity, -1.0)))
+    out[pending] = fallback
+    return out
 
 
 def shuffle_sessions(top: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:

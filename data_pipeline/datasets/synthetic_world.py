@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 WORLD_STREAM = 1
+LAUNCH_STREAM = 3
 PROMOTION_STREAM = 2
 
 
@@ -56,6 +57,10 @@ class WorldConfig:
             so long views reward true affinity, not clickable popular items.
         session_interval_s: seconds between consecutive sessions (timestamps are exact).
         start_timestamp: timestamp of the first session.
+        new_item_fraction: share of items that launch during the feed instead of before it
+            (cold-start items); 0 = the whole catalog exists from the start.
+        new_item_window: new items launch uniformly over the last ``new_item_window`` of the
+            feed's sessions; before its launch an item is never a candidate.
     """
 
     categories: int = 20
@@ -77,6 +82,8 @@ class WorldConfig:
     long_view_offset: float = -1.0
     session_interval_s: int = 10
     start_timestamp: int = 1_600_000_000
+    new_item_fraction: float = 0.0
+    new_item_window: float = 0.3
 
     def __post_init__(self) -> None:
         if self.candidates_per_session < self.positions:
@@ -89,14 +96,21 @@ class WorldConfig:
                 f"promotion_std={self.promotion_std} must be >= 0 and "
                 f"shuffled_fraction={self.shuffled_fraction} in [0, 1]"
             )
+        if not 0 <= self.new_item_fraction < 1 or not 0 < self.new_item_window <= 1:
+            raise ValueError(
+                f"new_item_fraction={self.new_item_fraction} must be in [0, 1) and "
+                f"new_item_window={self.new_item_window} in (0, 1]"
+            )
 
     def to_json(self) -> dict[str, float | int]:
         """The knobs, for the manifest; logging-policy knobs left off are omitted, so manifests
         of worlds without them stay byte-identical to those written before the knobs existed."""
         knobs = asdict(self)
-        for name in ("promotion_std", "shuffled_fraction"):
+        for name in ("promotion_std", "shuffled_fraction", "new_item_fraction"):
             if knobs[name] == 0:
                 del knobs[name]
+        if "new_item_fraction" not in knobs:
+            del knobs["new_item_window"]
         return knobs
 
 
@@ -109,6 +123,8 @@ class SyntheticWorld:
     item_promotion: [M] float32 boost added to the logging ranker's ordering key (zeros when off).
     item_popularity: [M] float64 candidate-sampling probability (sums to 1).
     item_popularity_cdf: [M] float64 cumulative of ``item_popularity``.
+    item_launch: [M] float64 launch point of each item as a fraction of the feed's sessions in
+        ``[0, 1)`` (0: in the catalog from the start).
     user_activity_cdf: [N] float64 cumulative session-start probability.
     user_features: name -> [N] int64 ids (segment, region, age_bucket).
     item_features: name -> [M] int64 ids (category, brand).
@@ -122,6 +138,7 @@ class SyntheticWorld:
     item_popularity: np.ndarray
     item_popularity_cdf: np.ndarray
     user_activity_cdf: np.ndarray
+    item_launch: np.ndarray
     user_features: dict[str, np.ndarray]
     item_features: dict[str, np.ndarray]
     table_sizes: dict[str, int]
@@ -166,6 +183,7 @@ def build_world(users: int, items: int, dim: int, seed: int, config: WorldConfig
     promotion_rng = np.random.default_rng([seed, PROMOTION_STREAM])
     item_promotion = config.promotion_std * promotion_rng.standard_normal(items)
     return SyntheticWorld(
+        item_launch=_item_launch(items, seed, config),
         user_factors=user_factors.astype(np.float32),
         item_factors=item_factors.astype(np.float32),
         item_bias=item_bias.astype(np.float32),
@@ -185,6 +203,18 @@ def build_world(users: int, items: int, dim: int, seed: int, config: WorldConfig
             "brand": config.categories * config.brands_per_category,
         },
     )
+
+
+def _item_launch(items: int, seed: int, config: WorldConfig) -> np.ndarray:
+    """[M] launch fractions: ``new_item_fraction`` of the items (at random) launch uniformly in
+    ``[1 - new_item_window, 1)``; the rest at 0. Own stream, so other draws do not move."""
+    launch = np.zeros(items, dtype=np.float64)
+    if config.new_item_fraction <= 0:
+        return launch
+    rng = np.random.default_rng([seed, LAUNCH_STREAM])
+    new = rng.random(items) < config.new_item_fraction
+    launch[new] = 1.0 - config.new_item_window * rng.random(int(new.sum()))
+    return launch
 
 
 def _item_features(

@@ -362,3 +362,24 @@ def test_batch_builder_missing_impression_column_is_named() -> None:
         BatchBuilder(ITEM_ONLY, impression_negatives=2)(table)
     with pytest.raises(ValueError, match="impression_negatives"):
         BatchBuilder(ITEM_ONLY, impression_negatives=-1)
+
+
+def test_new_items_are_never_shown_before_their_launch(tmp_path: Path) -> None:
+    """Cold-start worlds: an item launched at fraction f of the feed has no impression in an
+    earlier session, and items launched after the train window have no train row."""
+    world = WorldConfig(new_item_fraction=0.2, new_item_window=0.3)
+    manifest = prepare_synthetic(
+        users=200, items=300, events=20_000, seed=3, out=tmp_path, world=world
+    )
+    launch = np.load(tmp_path / manifest.extra["truth"]["item_launch"]["path"])
+    assert 0.1 < (launch > 0).mean() < 0.3 and launch.max() < 1.0 and launch.min() == 0.0
+    train = pa.concat_tables(pq.read_table(p) for p in manifest.split_paths(tmp_path, "train"))
+    times = train.column("timestamp").to_numpy()
+    items = train.column("item_id").to_numpy()
+    sessions = manifest.extra["counts"]["impressions"] / world.positions
+    session = (times - world.start_timestamp) // world.session_interval_s
+    assert (launch[items] <= session / sessions + 1e-9).all()
+    late = launch > session.max() / sessions
+    assert late.any() and not np.isin(np.flatnonzero(late), items).any()
+    launched_rows = np.isin(items, np.flatnonzero(launch > 0))
+    assert launched_rows.any()  # new items do get traffic once launched
