@@ -36,6 +36,8 @@ class LoaderSpec:
     schema: the stored features to read (``trainer.features``); None: the manifest's.
     encoding: counter statistics and weight normalization of the batches.
     id_policies: per-column id policy overriding ``id_policy``.
+    tables: table name -> rows that ids are checked against (the manifest's plus features'
+        own tables, ``trainer.features``); None: the manifest's.
     """
 
     root: str
@@ -52,6 +54,7 @@ class LoaderSpec:
     schema: EventSchema | None = None
     encoding: FeatureEncoding | None = None
     id_policies: Mapping[str, str] = field(default_factory=dict)
+    tables: Mapping[str, int] | None = None
 
 
 def build_event_loader(
@@ -95,7 +98,9 @@ def build_event_loader(
             recency_buckets=spec.recency_buckets,
             encoding=encoding,
         ),
-        validator=IdValidator(schema, manifest.tables, spec.id_policy, spec.id_policies),
+        validator=IdValidator(
+            schema, dict(spec.tables or manifest.tables), spec.id_policy, spec.id_policies
+        ),
         batch_size=spec.batch_size,
         columns=schema.event_arrow_schema().names,
         rank=rank,

@@ -212,23 +212,27 @@ class TwoTowerModel(nn.Module):
             for k in self.pooled_features + self.weighted_features + self.sequence_features
             if k not in user_keys
         ]
-        item_keys += [k for k in self.dense_features if k not in user_keys]
         no_items = empty_like_rows(list(dict.fromkeys(item_keys)), user_features)
         features = KeyedJaggedTensor.concat([user_features, no_items])
-        return self.user_tower(self._lookup(features, rows))
+        # Item counters' dense values are not user tower inputs, and a KJT without weights
+        # (no user feature needs any) has none to read.
+        user_dense = [k for k in self.dense_features if k in user_keys]
+        return self.user_tower(self._lookup(features, rows, user_dense))
 
-    def _lookup(self, features: KeyedJaggedTensor, rows: int) -> dict[str, torch.Tensor]:
+    def _lookup(
+        self, features: KeyedJaggedTensor, rows: int, dense: list[str] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Tower input -> [stride, d]: pooled embeddings per feature, ``<counter>_value``
-        [stride, 1] dense counters; with the history encoder also ``item_id`` [stride, d] (one
-        id per row) and the history encoding [rows, d_h] of the first ``rows`` rows (the ones
-        with user features)."""
+        [stride, 1] dense counters (of ``dense``, default all); with the history encoder also
+        ``item_id`` [stride, d] (one id per row) and the history encoding [rows, d_h] of the
+        first ``rows`` rows (the ones with user features)."""
         embeddings = self.sparse_arch(
             without_weights(select_keys(features, self.pooled_features))
         ).to_dict()
         if self.weighted_arch is not None:
             weighted = with_weights(select_keys(features, self.weighted_features))
             embeddings.update(self.weighted_arch(weighted).to_dict())
-        for name in self.dense_features:
+        for name in self.dense_features if dense is None else dense:
             embeddings[dense_key(name)] = row_weight_sums(features, name).unsqueeze(1)
         if self.sequence_arch is None or self.history is None:
             return embeddings

@@ -131,4 +131,5 @@ def loader_spec(
         schema=resolved.schema if resolved else None,
         encoding=resolved.encoding if resolved else FeatureEncoding(),
         id_policies=resolved.id_policies if resolved else {},
+        tables=resolved.tables if resolved else None,
     )

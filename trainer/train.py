@@ -40,6 +40,7 @@ from trainer.distributed import (
 from trainer.entry import run_job
 from trainer.evaluate import first_row_batch
 from trainer.faults import fire_if_due, planned_fault
+from trainer.features import report, resolve_features
 from trainer.negative_sampling import NegativeSampling
 from trainer.run_logger import RunLogger
 from trainer.signals import StopSignals
@@ -114,7 +115,9 @@ def train(config: ExperimentConfig) -> TrainResult:
     manifest = Manifest.load(config.data.path)
     if config.data.verify_checksums and env.is_main:
         manifest.verify_checksums(config.data.path, config.data.train_split)
+    features = resolve_features(manifest, config)  # every rank: a ConfigError stops them all
     if env.is_main:
+        report(features)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(config))
     dist.barrier()
