@@ -60,7 +60,8 @@ class FeatureConfig:
         table: embedding table; null: the data's table. Naming another feature's table
             shares it; a new name gives the feature its own table, sized like the data's.
         dim: embedding dimension of the table (null: ``model.table_dims`` / ``embedding_dim``).
-        pooling: sum or mean over the bag (features of one table must agree).
+        pooling: sum or mean over the bag (features of one table must agree); null: mean
+            unless another feature of the table sets it.
         weighted: use the column's per-id weights (idf, affinity) when it has them.
         id_policy: ``error`` / ``hash`` for out-of-range ids, or ``default`` (``data.id_policy``).
         dense: counters only: feed the normalized ``log1p`` count to the tower MLP.
@@ -71,7 +72,7 @@ class FeatureConfig:
     enabled: bool = True
     table: str | None = None
     dim: int | None = None
-    pooling: Pooling = Pooling.MEAN
+    pooling: Pooling | None = None
     weighted: bool = True
     id_policy: FeatureIdPolicy = FeatureIdPolicy.DEFAULT
     dense: bool = True

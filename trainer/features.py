@@ -123,24 +123,32 @@ def _select(
     return used, left_out, notes
 
 
-def _merge_table(
-    layouts: dict[str, TableLayout], owners: dict[str, str], table: str, name: str, new: TableLayout
-) -> None:
-    """Record ``name``'s wishes for ``table``; features sharing a table must agree."""
-    if table not in layouts:
-        layouts[table], owners[table] = new, name
-        return
-    old = layouts[table]
-    for attribute in ("pooling", "dim"):
-        mine, theirs = getattr(new, attribute), getattr(old, attribute)
-        if mine is not None and theirs is not None and mine != theirs:
+@dataclass
+class _TableWishes:
+    """What the features reading one table ask of it: (value, feature that set it)."""
+
+    pooling: tuple[Pooling, str] | None = None
+    dim: tuple[int, str] | None = None
+    weighted: bool = False
+
+    def ask(self, attribute: str, value: object, name: str, table: str) -> None:
+        """Record ``name``'s explicit ``attribute`` (None: no wish); features must agree."""
+        if value is None:
+            return
+        current = getattr(self, attribute)
+        if current is None:
+            setattr(self, attribute, (value, name))
+        elif current[0] != value:
+            shown = getattr(value, "value", value)
+            theirs = getattr(current[0], "value", current[0])
             raise ConfigError(
                 f"config key 'features.columns.{name}.{attribute}': table '{table}' is shared "
-                f"with '{owners[table]}', which sets {attribute}={theirs}, not {mine}"
+                f"with '{current[1]}', which sets {attribute}={theirs}, not {shown}"
             )
-    layouts[table] = TableLayout(
-        old.pooling, old.weighted or new.weighted, old.dim if old.dim is not None else new.dim
-    )
+
+    def layout(self) -> TableLayout:
+        pooling = self.pooling[0] if self.pooling else Pooling.MEAN
+        return TableLayout(pooling, self.weighted, self.dim[0] if self.dim else None)
 
 
 def resolve_features(manifest: Manifest, config: ExperimentConfig) -> ResolvedFeatures:
@@ -151,8 +159,7 @@ def resolve_features(manifest: Manifest, config: ExperimentConfig) -> ResolvedFe
     root = Path(config.data.path)
     used, left_out, notes = _select(manifest, config, root)
     tables = dict(manifest.tables)
-    layouts: dict[str, TableLayout] = {}
-    owners: dict[str, str] = {}
+    wishes: dict[str, _TableWishes] = {}
     features: list[FeatureSpec] = []
     id_policies: dict[str, str] = {}
     dense: list[str] = []
@@ -179,10 +186,14 @@ def resolve_features(manifest: Manifest, config: ExperimentConfig) -> ResolvedFe
             if not column.bucketized:
                 not_embedded.add(feature.name)
                 continue
-        dim = column.dim if column.dim is not None else config.model.table_dims.get(table)
-        _merge_table(
-            layouts, owners, table, feature.name, TableLayout(column.pooling, weighted, dim)
-        )
+        wish = wishes.setdefault(table, _TableWishes())
+        wish.ask("pooling", column.pooling, feature.name, table)
+        wish.ask("dim", column.dim, feature.name, table)
+        wish.weighted = wish.weighted or weighted
+    for table, wish in wishes.items():
+        if wish.dim is None and table in config.model.table_dims:
+            wish.dim = (config.model.table_dims[table], "model.table_dims")
+    layouts = {table: wish.layout() for table, wish in wishes.items()}
     for table, counter in counter_tables.items():
         if layouts.get(table, TableLayout()).weighted:
             raise ConfigError(

@@ -26,7 +26,7 @@ from trainer.train import train
 
 TEXT = "item_title_tokens"
 COUNTERS = [f"item_{k}_count_{w}" for k in ("rating", "like") for w in ("1d", "7d", "30d")]
-NOT_DECLARED = "present in the data but not in features.columns"
+NOT_DECLARED = "present in the data but not in features.columns (features.undeclared=skip)"
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +39,12 @@ def _config(root: Path, *overrides: str) -> ExperimentConfig:
     return load_config(None, [f"data.path={root}", *TINY_MODEL, "data.num_workers=0", *overrides])
 
 
-def _declare(*columns: str) -> list[str]:
-    """Overrides declaring ``columns`` in ``features.columns`` with their defaults."""
-    return [f"features.columns.{name}.enabled=true" for name in columns]
+def _declare(*columns: str, undeclared: str = "skip") -> list[str]:
+    """Overrides declaring ``columns`` in ``features.columns`` with their defaults (the other
+    data features: ``features.undeclared``, skipped unless told otherwise)."""
+    return [f"features.columns.{name}.enabled=true" for name in columns] + [
+        f"features.undeclared={undeclared}"
+    ]
 
 
 def _resolve(root: Path, manifest: Manifest, *overrides: str) -> ResolvedFeatures:
@@ -98,6 +101,21 @@ def test_declared_subset_reports_the_undeclared(movielens, caplog) -> None:  # t
     assert f"left out 'item_like_count_30d': {NOT_DECLARED}" in caplog.text
 
 
+def test_undeclared_columns_are_used_by_default_or_refused(movielens) -> None:  # type: ignore[no-untyped-def]
+    root, manifest = movielens
+    every = [f.name for f in manifest.schema.features]
+    used = _resolve(root, manifest, *_declare("user_id", TEXT, undeclared="use"))
+    assert _names(used) == every and used.left_out == ()
+    notes = dict(used.undeclared)
+    assert set(notes) == set(every) - {"user_id", TEXT}
+    assert (
+        "features: 'ctx_hour' present in the data but not in features.columns: used with "
+        "the defaults" in report(used)
+    )
+    with pytest.raises(ConfigError, match=r"features\.columns.*'gender'.*undeclared=error"):
+        _resolve(root, manifest, *_declare("user_id", "item_id", undeclared="error"))
+
+
 def test_disabled_column_is_left_out(movielens) -> None:  # type: ignore[no-untyped-def]
     root, manifest = movielens
     resolved = _resolve(
@@ -134,7 +152,10 @@ def test_declared_kind_mismatch_names_the_key(movielens) -> None:  # type: ignor
 @pytest.mark.parametrize(
     ("settings", "key"),
     [
-        (["features.columns.hist_item_ids.pooling=sum"], "pooling"),
+        (
+            ["features.columns.hist_item_ids.pooling=sum", "features.columns.item_id.pooling=mean"],
+            "pooling",
+        ),
         (["features.columns.hist_item_ids.dim=8", "features.columns.item_id.dim=12"], "dim"),
     ],
 )
@@ -144,6 +165,14 @@ def test_shared_table_conflicts_raise(movielens, settings: list[str], key: str) 
         ConfigError, match=rf"features\.columns\.item_id\.{key}.*'item_id'.*'hist_item_ids'"
     ):
         _resolve(root, manifest, *_declare("user_id", "item_id"), *settings)
+
+
+def test_shared_table_takes_the_one_declared_pooling(movielens) -> None:  # type: ignore[no-untyped-def]
+    root, manifest = movielens
+    overrides = [*_declare("user_id", "item_id"), "features.columns.hist_item_ids.pooling=sum"]
+    assert _resolve(root, manifest, *overrides).layout.table("item_id").pooling is Pooling.SUM
+    model = build_unsharded_model(manifest, _config(root, *overrides))
+    assert model.sparse_arch.embedding_bags["item_id"].mode == "sum"
 
 
 def test_shared_table_takes_the_one_declared_dim(movielens) -> None:  # type: ignore[no-untyped-def]
