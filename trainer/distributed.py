@@ -10,6 +10,7 @@ import os
 import random
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ class DistributedEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+TIMEOUT_ENV = "TWOTOWER_DIST_TIMEOUT_S"
 
 
 def free_port() -> int:
@@ -56,9 +60,33 @@ def init_distributed() -> DistributedEnv:
     # A bare process gets a private rendezvous instead of inheriting (or setting) env variables.
     init_method = "env://" if launched else f"tcp://127.0.0.1:{free_port()}"
     dist.init_process_group(
-        backend=backend, init_method=init_method, rank=rank, world_size=world_size
+        backend=backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=collective_timeout(),
     )
     return DistributedEnv(rank, world_size, local_rank, device, backend)
+
+
+def collective_timeout() -> timedelta | None:
+    """``TWOTOWER_DIST_TIMEOUT_S``: bound on joining the group and on every collective (None:
+    torch's default, 30 min for gloo). A rank stuck connecting to a peer of an earlier elastic
+    attempt then fails and the agent restarts the group instead of waiting that long.
+
+    Raises:
+        ValueError: naming the variable when it is not a positive number.
+    """
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError as error:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: not a number of seconds") from error
+    if seconds <= 0:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: must be > 0")
+    return timedelta(seconds=seconds)
 
 
 def seed_everything(seed: int) -> None:

@@ -204,7 +204,9 @@ def _torchrun(
     # Loader workers in-process: a killed rank's worker processes (children of a forkserver, not
     # of the rank) outlive it for a while, which stalls the restart on this 2-core box.
     overrides.append("data.num_workers=0")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra_env}
+    # A restarted rank can hang joining gloo (seen on this 2-core box): with a bound, it fails and
+    # the elastic agent tries again instead of waiting torch's 30 minutes.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TWOTOWER_DIST_TIMEOUT_S": "90", **extra_env}
     log = run_dir.parent / f"{run_dir.name}-{len(list(run_dir.parent.glob('*.log')))}.log"
     with open(log, "w") as output:
         process = subprocess.Popen(
