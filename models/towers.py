@@ -14,6 +14,10 @@ from torch import nn
 from torchrec import EmbeddingBagConfig, PoolingType
 
 from data_pipeline.schema import FeatureSpec
+from models.feature_layout import FeatureLayout
+from trainer.feature_config import Pooling
+
+_POOLING = {Pooling.SUM: PoolingType.SUM, Pooling.MEAN: PoolingType.MEAN}
 
 
 def table_configs(
@@ -54,6 +58,35 @@ def table_configs(
             )
         )
     return configs
+
+
+def bag_table_configs(
+    features: Sequence[FeatureSpec],
+    tables: dict[str, int],
+    default_dim: int,
+    table_dims: dict[str, int],
+    layout: FeatureLayout,
+) -> tuple[list[EmbeddingBagConfig], list[EmbeddingBagConfig]]:
+    """Tables of pooled ``features`` split into plain ones and weighted ones (a table read with
+    per-id weights; it sums, and mean-pooled features arrive with row-normalized weights).
+
+    Dimensions: the layout's, else ``table_dims``, else ``default_dim``; pooling: the layout's.
+    """
+    dims = {**table_dims, **{t: x.dim for t, x in layout.tables.items() if x.dim is not None}}
+    weighted = [f for f in features if layout.table(f.table).weighted]
+    plain = [f for f in features if not layout.table(f.table).weighted]
+    pooling = {t: _POOLING[x.pooling] for t, x in layout.tables.items()}
+    return (
+        table_configs(plain, tables, default_dim, dims, pooling, check_dims=False),
+        table_configs(
+            weighted,
+            tables,
+            default_dim,
+            dims,
+            {f.table: PoolingType.SUM for f in weighted},
+            check_dims=False,
+        ),
+    )
 
 
 def mlp(input_dim: int, hidden: Sequence[int], output_dim: int) -> nn.Sequential:

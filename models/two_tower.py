@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingCollection, KeyedJaggedTensor, PoolingType
+from torchrec import EmbeddingBagCollection, EmbeddingCollection, KeyedJaggedTensor
 
 from data_pipeline.derived import history_feature_tables
 from data_pipeline.schema import ITEM_ID, EventSchema
@@ -26,9 +26,8 @@ from models.kjt_ops import (
 from models.light_ranker import LightRankingHead
 from models.sequence_arch import HistoryArch, sequence_feature_names, sequence_table_configs
 from models.temperature import Temperature
-from models.towers import Tower, table_configs
+from models.towers import Tower, bag_table_configs
 from trainer.config import ModelConfig
-from trainer.feature_config import Pooling
 
 __all__ = ["TwoTowerModel", "TowerOutputs", "select_keys", "stack_rows", "dense_key"]
 
@@ -108,27 +107,14 @@ class TwoTowerModel(nn.Module):
             for f in schema.features
             if f.name not in self.sequence_features and f.name not in layout.not_embedded
         ]
-        weighted = [f for f in pooled if layout.table(f.table).weighted]
-        plain = [f for f in pooled if not layout.table(f.table).weighted]
-        self.pooled_features = [f.name for f in plain]
-        self.weighted_features = [f.name for f in weighted]
-        table_dims = {**config.table_dims}
-        table_dims.update({t: x.dim for t, x in layout.tables.items() if x.dim is not None})
+        configs, weighted_configs = bag_table_configs(
+            pooled, tables, config.embedding_dim, config.table_dims, layout
+        )
+        self.pooled_features = [name for c in configs for name in c.feature_names]
+        self.weighted_features = [name for c in weighted_configs for name in c.feature_names]
         unknown = sorted(set(config.table_dims) - {f.table for f in schema.features})
         if unknown:
             raise ValueError(f"model.table_dims names tables {unknown} that no feature uses")
-        pooling = {t: _POOLING[x.pooling] for t, x in layout.tables.items()}
-        configs = table_configs(
-            plain, tables, config.embedding_dim, table_dims, pooling, check_dims=False
-        )
-        weighted_configs = table_configs(
-            weighted,
-            tables,
-            config.embedding_dim,
-            table_dims,
-            {f.table: PoolingType.SUM for f in weighted},
-            check_dims=False,
-        )
         dims.update(
             {name: c.embedding_dim for c in configs + weighted_configs for name in c.feature_names}
         )
@@ -242,9 +228,6 @@ class TwoTowerModel(nn.Module):
         embeddings[ITEM_ID] = sequences[ITEM_ID].values()  # one id per row: [B + E, D]
         embeddings[HISTORY_OUTPUT] = self.history(sequences, rows)
         return embeddings
-
-
-_POOLING = {Pooling.SUM: PoolingType.SUM, Pooling.MEAN: PoolingType.MEAN}
 
 
 def dense_key(feature: str) -> str:

@@ -50,6 +50,9 @@ VARIANTS = {
         "model.history.encoder=self_attention",
         "data.recent_history=0",
     ],
+    # Every issue-8 feature kind (weighted search tokens and affinities on the user side, so the
+    # exported program's weights input matters; text and a dense counter on the item side).
+    "all_kinds": ["data.recent_history=3"],
 }
 
 
@@ -83,7 +86,9 @@ def _export_rank(
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp(request.param)
-    root = write_tiny_dataset(tmp / "data", history_timestamps=True)
+    root = write_tiny_dataset(
+        tmp / "data", history_timestamps=True, all_kinds=request.param == "all_kinds"
+    )
     run_dir, out_dir = tmp / "run", tmp / "export"
     overrides = [*TINY, *VARIANTS[request.param], f"data.path={root}", f"run.dir={run_dir}"]
     steps = run_distributed(_train_rank, 2, overrides)[0]
