@@ -16,8 +16,8 @@ from torchrec import KeyedJaggedTensor
 
 from data_pipeline.batch import BatchBuilder
 from data_pipeline.datasets.synthetic import prepare_synthetic
-from data_pipeline.item_store import ItemFeatureStore, gather_jagged
 from data_pipeline.feature_encoding import FeatureEncoding
+from data_pipeline.item_store import ItemFeatureStore, gather_jagged
 from data_pipeline.manifest import Manifest
 from data_pipeline.schema import SchemaError, Side
 from data_pipeline.shard_writer import ShardWriter
