@@ -19,7 +19,14 @@ import pyarrow.parquet as pq
 
 from data_pipeline.feature_encoding import FeatureEncoding
 from data_pipeline.manifest import MANIFEST_NAME, Manifest
-from data_pipeline.schema import EventSchema, FeatureGroup, FeatureKind, FeatureSpec, SchemaError
+from data_pipeline.schema import (
+    HISTORY_ITEMS,
+    EventSchema,
+    FeatureGroup,
+    FeatureKind,
+    FeatureSpec,
+    SchemaError,
+)
 from models.feature_layout import FeatureLayout, TableLayout
 from trainer.config import ConfigError, ExperimentConfig
 from trainer.feature_config import FeatureConfig, FeatureIdPolicy, Pooling, Undeclared
@@ -120,6 +127,11 @@ def _select(
             raise ConfigError(
                 f"config key 'features': '{required}' is left out; both towers need their id"
             )
+    if config.model.history.enabled and HISTORY_ITEMS not in names:
+        raise ConfigError(
+            f"config key 'model.history.enabled': the history encoder reads '{HISTORY_ITEMS}', "
+            "which the features config leaves out (add group 'history')"
+        )
     return used, left_out, notes
 
 

@@ -320,3 +320,10 @@ def test_tiny_training_finishes_with_finite_loss(
         assert "left out" not in caplog.text
     else:
         assert f"left out 'ctx_hour': {NOT_DECLARED}" in caplog.text
+
+
+def test_history_encoder_needs_the_history_group(movielens) -> None:  # type: ignore[no-untyped-def]
+    root, manifest = movielens
+    overrides = ["features.groups=[id,categorical]", "model.history.enabled=true"]
+    with pytest.raises(ConfigError, match=r"model\.history\.enabled.*hist_item_ids"):
+        _resolve(root, manifest, *overrides)
