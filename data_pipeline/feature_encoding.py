@@ -36,11 +36,18 @@ class FeatureEncoding:
         counter_buckets: counter name -> rows of its bucket table.
         mean_weighted: features whose weights are divided by their row sum (mean pooling
             through a weighted, sum-pooled table).
+        dropout: feature -> p, the share of rows (training batches only) whose bag is emptied,
+            so the tower learns to embed an item (or user) from its other features, as it must
+            for a cold one. Which rows is a pure function of (user_id, item_id, timestamp,
+            feature, ``dropout_seed``), so runs and resumes agree.
+        dropout_seed: seed of the row choice.
     """
 
     counter_stats: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     counter_buckets: Mapping[str, int] = field(default_factory=dict)
     mean_weighted: frozenset[str] = frozenset()
+    dropout: Mapping[str, float] = field(default_factory=dict)
+    dropout_seed: int = 0
 
     @staticmethod
     def from_manifest(
@@ -104,10 +111,48 @@ class EncodedFeature:
     weights: np.ndarray
 
 
+_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD6E8FEB86659FD93)
+
+
+def _row_uniforms(table: pa.Table, feature: str, seed: int) -> np.ndarray:
+    """[B] uniforms in [0, 1) from each row's (user_id, item_id, timestamp) and ``feature``,
+    ``seed`` (splitmix64 finalizer): the same row always draws the same number."""
+    salt = int.from_bytes(feature.encode()[:8].ljust(8, b"\0"), "little")
+    start = (seed * _MIX[3] ^ salt) & 0xFFFFFFFFFFFFFFFF
+    mixed = np.full(table.num_rows, start, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for column, constant in zip(("user_id", "item_id", "timestamp"), _MIX[:3], strict=True):
+            if column in table.column_names:
+                values = table.column(column).to_numpy(zero_copy_only=False).astype(np.int64)
+                mixed ^= values.astype(np.uint64) * np.uint64(constant)
+                mixed = (mixed ^ (mixed >> np.uint64(30))) * np.uint64(_MIX[1])
+                mixed = (mixed ^ (mixed >> np.uint64(27))) * np.uint64(_MIX[2])
+                mixed ^= mixed >> np.uint64(31)
+    return (mixed >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def _drop_rows(encoded: EncodedFeature, dropped: np.ndarray) -> EncodedFeature:
+    """The same feature with the bags of ``dropped`` ([B] bool) rows emptied."""
+    keep = np.repeat(~dropped, encoded.lengths)
+    return EncodedFeature(
+        encoded.values[keep], np.where(dropped, 0, encoded.lengths), encoded.weights[keep]
+    )
+
+
 def encode_feature(
     table: pa.Table, feature: FeatureSpec, encoding: FeatureEncoding
 ) -> EncodedFeature:
-    """One feature column of ``table`` (absent: empty bags) as jagged values and weights."""
+    """One feature column of ``table`` (absent: empty bags) as jagged values and weights, with
+    the feature's training dropout applied."""
+    encoded = _encode(table, feature, encoding)
+    rate = encoding.dropout.get(feature.name, 0.0)
+    if rate <= 0 or feature.name not in table.column_names:
+        return encoded
+    return _drop_rows(encoded, _row_uniforms(table, feature.name, encoding.dropout_seed) < rate)
+
+
+def _encode(table: pa.Table, feature: FeatureSpec, encoding: FeatureEncoding) -> EncodedFeature:
+    """The feature's values, lengths and weights, before dropout."""
     rows = table.num_rows
     if feature.name not in table.column_names:
         empty = np.zeros(0, dtype=np.int64)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 from torchrec.distributed import DistributedModelParallel
@@ -116,6 +118,9 @@ def loader_spec(
     """The loader of ``split``; with ``manifest``, it reads only the configured features."""
     data = config.data
     resolved = resolve_features(manifest, config) if manifest is not None else None
+    encoding = resolved.encoding if resolved else FeatureEncoding()
+    if resolved and train and resolved.dropout:
+        encoding = replace(encoding, dropout=resolved.dropout, dropout_seed=config.seed)
     return LoaderSpec(
         root=data.path,
         split=split,
@@ -129,7 +134,7 @@ def loader_spec(
         impression_negatives=config.negatives.impressions.per_row if train else 0,
         recency_buckets=history_recency(config),
         schema=resolved.schema if resolved else None,
-        encoding=resolved.encoding if resolved else FeatureEncoding(),
+        encoding=encoding,
         id_policies=resolved.id_policies if resolved else {},
         tables=resolved.tables if resolved else None,
     )

@@ -66,6 +66,8 @@ class FeatureConfig:
         id_policy: ``error`` / ``hash`` for out-of-range ids, or ``default`` (``data.id_policy``).
         dense: counters only: feed the normalized ``log1p`` count to the tower MLP.
         bucketized: counters only: embed the log2 bucket of the count.
+        dropout: share of training rows whose bag of this feature is emptied (e.g. ``item_id``:
+            the item tower learns to embed items from their content, as cold items need).
     """
 
     kind: FeatureGroup | None = None
@@ -77,6 +79,7 @@ class FeatureConfig:
     id_policy: FeatureIdPolicy = FeatureIdPolicy.DEFAULT
     dense: bool = True
     bucketized: bool = True
+    dropout: float = 0.0
 
 
 @dataclass
@@ -105,3 +108,5 @@ def validate_features(features: FeaturesConfig, fail: Callable[[str, str], None]
             fail(f"{key}.table", "must be a table name or null")
         if column.kind is FeatureGroup.COUNTER and not (column.dense or column.bucketized):
             fail(key, "a counter needs dense or bucketized (or enabled: false)")
+        if not 0.0 <= column.dropout < 1.0:
+            fail(f"{key}.dropout", "must be in [0, 1)")

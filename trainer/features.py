@@ -12,7 +12,7 @@ is a :class:`~trainer.config.ConfigError` naming the column, the manifest and a 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -21,6 +21,7 @@ from data_pipeline.feature_encoding import FeatureEncoding
 from data_pipeline.manifest import MANIFEST_NAME, Manifest
 from data_pipeline.schema import (
     HISTORY_ITEMS,
+    ITEM_ID,
     EventSchema,
     FeatureGroup,
     FeatureKind,
@@ -46,6 +47,7 @@ class ResolvedFeatures:
     left_out: (feature, reason) of every data feature not used.
     undeclared: (feature, note) of data features ``features.columns`` does not name, used with
         the defaults.
+    dropout: feature -> share of training rows whose bag is emptied (training loader only).
     """
 
     schema: EventSchema
@@ -55,6 +57,7 @@ class ResolvedFeatures:
     id_policies: dict[str, str]
     left_out: tuple[tuple[str, str], ...]
     undeclared: tuple[tuple[str, str], ...] = ()
+    dropout: dict[str, float] = field(default_factory=dict)
 
 
 def _first_data_file(manifest: Manifest, root: Path) -> Path | None:
@@ -163,6 +166,17 @@ class _TableWishes:
         return TableLayout(pooling, self.weighted, self.dim[0] if self.dim else None)
 
 
+def _check_dropout(feature: FeatureSpec, config: ExperimentConfig) -> None:
+    key = f"config key 'features.columns.{feature.name}.dropout'"
+    if feature.kind is FeatureKind.COUNTER:
+        raise ConfigError(f"{key}: counters cannot be dropped (use dense/bucketized)")
+    if config.model.history.enabled and feature.name in (ITEM_ID, HISTORY_ITEMS):
+        raise ConfigError(
+            f"{key}: with model.history.enabled the item id and history are sequences of one "
+            "id per event, which dropout would break"
+        )
+
+
 def resolve_features(manifest: Manifest, config: ExperimentConfig) -> ResolvedFeatures:
     """Raises:
     ConfigError: naming the ``features`` key (absent column, kind mismatch, conflicting shared
@@ -175,6 +189,7 @@ def resolve_features(manifest: Manifest, config: ExperimentConfig) -> ResolvedFe
     features: list[FeatureSpec] = []
     id_policies: dict[str, str] = {}
     dense: list[str] = []
+    dropout: dict[str, float] = {}
     not_embedded: set[str] = set()
     counter_tables: dict[str, str] = {}
     for feature, column in used:
@@ -191,6 +206,9 @@ def resolve_features(manifest: Manifest, config: ExperimentConfig) -> ResolvedFe
         features.append(replace(feature, table=table, weighted=weighted))
         if column.id_policy is not FeatureIdPolicy.DEFAULT:
             id_policies[feature.name] = column.id_policy.value
+        if column.dropout > 0:
+            _check_dropout(feature, config)
+            dropout[feature.name] = column.dropout
         if feature.kind is FeatureKind.COUNTER:
             counter_tables[table] = feature.name
             if column.dense:
@@ -232,6 +250,7 @@ def resolve_features(manifest: Manifest, config: ExperimentConfig) -> ResolvedFe
         id_policies=id_policies,
         left_out=tuple(left_out),
         undeclared=tuple(notes),
+        dropout=dropout,
     )
 
 

@@ -177,3 +177,43 @@ def test_item_store_lookup_equals_batches_with_weights(movielens) -> None:  # ty
     nonempty = text.lengths() > 0
     assert nonempty.any()
     assert torch.allclose(sums[nonempty], torch.ones(int(nonempty.sum())))
+
+
+def _events(rows: int) -> pa.Table:
+    rng = np.random.default_rng(7)
+    return pa.table(
+        {
+            "user_id": rng.integers(0, 50, rows),
+            "item_id": rng.integers(0, 80, rows),
+            "timestamp": np.arange(rows, dtype=np.int64) * 13,
+            "tags": pa.array([[1, 2, 3][: i % 4] for i in range(rows)], pa.list_(pa.int64())),
+        }
+    )
+
+
+def test_dropout_empties_a_deterministic_share_of_bags() -> None:
+    table = _events(4000)
+    item = FeatureSpec("item_id", Side.ITEM, FeatureKind.ID, "item_id")
+    tags = FeatureSpec("tags", Side.ITEM, FeatureKind.IDS, "tags")
+    plain = encode_feature(table, item, FeatureEncoding())
+    dropped = encode_feature(table, item, FeatureEncoding(dropout={"item_id": 0.25}))
+    share = 1 - dropped.lengths.mean()
+    assert 0.22 < share < 0.28 and set(np.unique(dropped.lengths)) == {0, 1}
+    kept = dropped.lengths == 1
+    assert np.array_equal(dropped.values, plain.values[kept])  # survivors keep their ids
+    again = encode_feature(table, item, FeatureEncoding(dropout={"item_id": 0.25}))
+    assert np.array_equal(again.lengths, dropped.lengths)  # a pure function of the row
+    # Another seed or another feature drops other rows; a row's choice does not depend on the
+    # rows around it (a shuffled batch drops the same rows).
+    other_seed = encode_feature(
+        table, item, FeatureEncoding({}, {}, frozenset(), {"item_id": 0.25}, 1)
+    )
+    assert not np.array_equal(other_seed.lengths, dropped.lengths)
+    order = np.random.default_rng(0).permutation(table.num_rows)
+    shuffled = encode_feature(table.take(order), item, FeatureEncoding(dropout={"item_id": 0.25}))
+    assert np.array_equal(shuffled.lengths, dropped.lengths[order])
+    bags = encode_feature(table, tags, FeatureEncoding(dropout={"tags": 0.5}))
+    full = encode_feature(table, tags, FeatureEncoding())
+    emptied = (bags.lengths == 0) & (full.lengths > 0)
+    assert emptied.any() and np.array_equal(bags.lengths[~emptied], full.lengths[~emptied])
+    assert len(bags.values) == len(bags.weights) == bags.lengths.sum()

@@ -327,3 +327,33 @@ def test_history_encoder_needs_the_history_group(movielens) -> None:  # type: ig
     overrides = ["features.groups=[id,categorical]", "model.history.enabled=true"]
     with pytest.raises(ConfigError, match=r"model\.history\.enabled.*hist_item_ids"):
         _resolve(root, manifest, *overrides)
+
+
+def test_dropout_reaches_only_the_training_loader(movielens) -> None:  # type: ignore[no-untyped-def]
+    root, manifest = movielens
+    config = _config(root, "features.columns.item_id.dropout=0.5", "seed=3")
+    train = loader_spec(config, "train", True, manifest)
+    assert train.encoding is not None and dict(train.encoding.dropout) == {"item_id": 0.5}
+    assert train.encoding.dropout_seed == 3
+    evaluation = loader_spec(config, "test", False, manifest)
+    assert evaluation.encoding is not None and not evaluation.encoding.dropout
+    batch = next(iter(build_event_loader(train, manifest, 0, 1)))
+    lengths = batch.item_features["item_id"].lengths()
+    assert 0 < int((lengths == 0).sum()) < len(lengths)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["features.columns.item_id.dropout=1.0"], r"item_id\.dropout.*\[0, 1\)"),
+        (["features.columns.item_rating_count_7d.dropout=0.1"], r"counters cannot be dropped"),
+        (
+            ["features.columns.item_id.dropout=0.1", "model.history.enabled=true"],
+            r"item_id\.dropout.*model\.history\.enabled",
+        ),
+    ],
+)
+def test_bad_dropout_is_a_config_error(movielens, overrides: list[str], match: str) -> None:  # type: ignore[no-untyped-def]
+    root, manifest = movielens
+    with pytest.raises(ConfigError, match=match):
+        _resolve(root, manifest, *overrides)
