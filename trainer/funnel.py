@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.batch import BatchBuilder
+from data_pipeline.feature_encoding import FeatureEncoding
 from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.manifest import Manifest
 from trainer.config import ExperimentConfig
@@ -76,9 +77,9 @@ def _ranker_gains(
     from trainer.ranker_build import ranker_schema
 
     corpus_ids = store.corpus_ids()
-    builder = BatchBuilder(
-        ranker_schema(manifest, ranker_config), ranker_config.data.recent_history
-    )
+    schema = ranker_schema(manifest, ranker_config)
+    encoding = FeatureEncoding.from_manifest(manifest.counters, manifest.tables, schema.features)
+    builder = BatchBuilder(schema, ranker_config.data.recent_history, encoding=encoding)
     users = builder(rows).user_features
     logits = ranker.score_items(users, store.lookup(corpus_ids))
     gains = (torch.sigmoid(logits) * ranker.label_weights).sum(dim=-1)

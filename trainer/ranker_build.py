@@ -21,6 +21,7 @@ from torchrec.distributed import DistributedModelParallel
 
 from data_pipeline.batch import Batch, BatchBuilder
 from data_pipeline.derived import with_derived_features
+from data_pipeline.feature_encoding import FeatureEncoding
 from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.loader import LoaderSpec
 from data_pipeline.manifest import Manifest
@@ -52,7 +53,9 @@ def ranker_first_row_batch(manifest: Manifest, config: ExperimentConfig, split: 
     no rows of it (``trainer.synchronized``)."""
     paths = manifest.split_paths(config.data.path, split)
     table = read_unit(list_work_units(paths)[0], None).slice(0, 1)
-    return BatchBuilder(ranker_schema(manifest, config), config.data.recent_history)(table)
+    schema = ranker_schema(manifest, config)
+    encoding = FeatureEncoding.from_manifest(manifest.counters, manifest.tables, schema.features)
+    return BatchBuilder(schema, config.data.recent_history, encoding=encoding)(table)
 
 
 def build_unsharded_ranker(
