@@ -151,13 +151,16 @@ def _reference_step(root: str, initial: dict, extra: list[str]) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-# Feature settings of the all-kinds case: search tokens summed with raw idf weights, affinity
-# table 8 wide, the counter's bucket table its own 4-wide one.
+# Feature settings of the all-kinds cases: affinity table 8 wide, the counter's bucket table 4
+# wide; text and search tokens (one shared table) summed with raw idf weights ("sum") or as an
+# idf-weighted mean ("mean", weights normalized per row before the summing table).
 ALL_KINDS_CONFIG = [
-    "features.columns.search_query_tokens.pooling=sum",
-    "features.columns.item_text_tokens.pooling=sum",
     "features.columns.user_topic_affinity.dim=8",
     "features.columns.item_view_count_1h.dim=4",
+]
+SUM_POOLED_TEXT = [
+    "features.columns.search_query_tokens.pooling=sum",
+    "features.columns.item_text_tokens.pooling=sum",
 ]
 
 # The history encoder: item_id moves to an EmbeddingCollection shared with the history.
@@ -180,17 +183,19 @@ HISTORY = [
         # Every issue-8 feature kind: weighted text (idf, mean-pooled through a weighted table)
         # shared with weighted search tokens, a counter (bucket embedding + dense input),
         # context, weighted affinities; one table declared with its own settings.
-        (ShardingType.TABLE_WISE, False, True),
-        (ShardingType.COLUMN_WISE, True, True),
+        (ShardingType.TABLE_WISE, False, "sum"),
+        (ShardingType.COLUMN_WISE, True, "mean"),
     ],
 )
 def test_sharded_matches_unsharded(
-    tmp_path: Path, sharding_type: ShardingType, history: bool, all_kinds: bool
+    tmp_path: Path, sharding_type: ShardingType, history: bool, all_kinds: str | bool
 ) -> None:
-    root = write_tiny_dataset(tmp_path / "data", history_timestamps=history, all_kinds=all_kinds)
+    root = write_tiny_dataset(
+        tmp_path / "data", history_timestamps=history, all_kinds=bool(all_kinds)
+    )
     extra = HISTORY if history else []
     if all_kinds:
-        extra = [*extra, *ALL_KINDS_CONFIG]
+        extra = [*extra, *ALL_KINDS_CONFIG, *(SUM_POOLED_TEXT if all_kinds == "sum" else [])]
     results = run_distributed(_compare_rank, 2, str(root), sharding_type.value, extra)
     assert all(r["forward_close"] for r in results)
     assert all(r["plan_types"] == [sharding_type.value] for r in results)
