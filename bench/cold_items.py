@@ -25,6 +25,7 @@ from trainer.build import batch_builder
 from trainer.distributed import init_distributed
 from trainer.evaluate import embed_corpus, read_split_columns
 from trainer.export import load_run_model
+from trainer.features import resolve_features
 from trainer.metrics import cold_items
 
 KS = (10, 50, 100)
@@ -47,7 +48,7 @@ def cold_report(run_dir: Path, max_events: int) -> dict[str, object]:
         minlength=manifest.tables[ITEM_ID],
     )
     cold = cold_items(counts, max_events)
-    names = list(batch_builder(manifest, config).schema.event_arrow_schema().names)
+    names = list(resolve_features(manifest, config).schema.event_arrow_schema().names)
     rows = read_split_columns(config.data.path, manifest, config.eval.split, names)
     targets = rows.column(ITEM_ID).to_numpy()
     rows = rows.filter(pa.array(cold[targets]))
