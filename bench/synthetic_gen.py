@@ -18,12 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_pipeline.datasets.synthetic import DEFAULT_CHUNK_EVENTS, prepare_synthetic
+from data_pipeline.datasets.synthetic_features import SyntheticFeatures
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class GenerationTiming:
+    features: str
     events: int
     chunks: int
     seconds: float
@@ -37,11 +39,25 @@ class GenerationTiming:
 
 
 def time_generation(
-    users: int, items: int, events: int, seed: int, chunk_events: int, out: Path
+    users: int,
+    items: int,
+    events: int,
+    seed: int,
+    chunk_events: int,
+    out: Path,
+    features: SyntheticFeatures | None = None,
 ) -> GenerationTiming:
+    """``features``: the extra feature groups (default: all of them)."""
+    features = features if features is not None else SyntheticFeatures()
     start, cpu_start = time.perf_counter(), time.process_time()
     manifest = prepare_synthetic(
-        users=users, items=items, events=events, seed=seed, out=out, chunk_events=chunk_events
+        users=users,
+        items=items,
+        events=events,
+        seed=seed,
+        out=out,
+        chunk_events=chunk_events,
+        features=features,
     )
     seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() - cpu_start
@@ -49,6 +65,7 @@ def time_generation(
     sessions_per_chunk = max(1, chunk_events // positions)
     chunks = math.ceil(math.ceil(events / positions) / sessions_per_chunk)
     return GenerationTiming(
+        features=",".join(g.value for g in features.groups) or "none",
         events=int(manifest.extra["counts"]["impressions"]),
         chunks=chunks,
         seconds=seconds,
@@ -60,16 +77,22 @@ def time_generation(
 
 
 def format_table(rows: list[GenerationTiming]) -> str:
+    """One line per run; ``s per 10^6`` and the ratio to the first run of the same size (the
+    run without extra feature groups when both are measured)."""
     header = (
-        f"{'events':>12} {'chunks':>7} {'seconds':>9} {'cpu s':>7} {'events/s':>12} {'MiB out':>9} "
+        f"{'extra feature groups':>38} {'events':>12} {'chunks':>7} {'seconds':>9} "
+        f"{'cpu s':>7} {'events/s':>12} {'s per 10^6':>10} {'ratio':>6} {'MiB out':>9} "
         f"{'peak RSS MiB':>13}"
     )
     lines = [header, "-" * len(header)]
+    first: dict[int, float] = {}
     for row in rows:
+        first.setdefault(row.events, row.seconds)
         lines.append(
-            f"{row.events:>12,} {row.chunks:>7} {row.seconds:>9.1f} {row.cpu_seconds:>7.1f} "
-            f"{row.events_per_second:>12,.0f} {row.bytes_written / 2**20:>9.1f} "
-            f"{row.peak_rss_mib:>13.0f}"
+            f"{row.features:>38} {row.events:>12,} {row.chunks:>7} {row.seconds:>9.1f} "
+            f"{row.cpu_seconds:>7.1f} {row.events_per_second:>12,.0f} "
+            f"{row.seconds / row.events * 1e6:>10.2f} {row.seconds / first[row.events]:>6.2f} "
+            f"{row.bytes_written / 2**20:>9.1f} {row.peak_rss_mib:>13.0f}"
         )
     return "\n".join(lines)
 
@@ -82,17 +105,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk-events", type=int, default=DEFAULT_CHUNK_EVENTS)
     parser.add_argument("--out", type=Path, default=None, help="keep the output here")
+    parser.add_argument(
+        "--compare-features",
+        action="store_true",
+        help="also generate each size without the extra feature groups, first (the baseline)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     rows = []
+    variants = [SyntheticFeatures.none(), SyntheticFeatures()]
     for events in args.events:
-        with tempfile.TemporaryDirectory(prefix="synthetic-bench-") as tmp:
-            out = args.out / f"events-{events}" if args.out else Path(tmp)
-            logger.info("generating %d events (%d users, %d items)", events, args.users, args.items)
-            rows.append(
-                time_generation(args.users, args.items, events, args.seed, args.chunk_events, out)
-            )
-    print(f"synthetic generation: {args.users:,} users, {args.items:,} items, 1 process")
+        for features in variants if args.compare_features else variants[1:]:
+            with tempfile.TemporaryDirectory(prefix="synthetic-bench-") as tmp:
+                out = args.out / f"events-{events}" if args.out else Path(tmp)
+                logger.info(
+                    "generating %d events (%d users, %d items)", events, args.users, args.items
+                )
+                rows.append(
+                    time_generation(
+                        args.users, args.items, events, args.seed, args.chunk_events, out, features
+                    )
+                )
+    print(
+        f"synthetic generation: {args.users:,} users, {args.items:,} items, 1 process "
+        "(peak RSS: of the process so far)"
+    )
     print(format_table(rows))
 
 
