@@ -162,6 +162,11 @@ def _encode(table: pa.Table, feature: FeatureSpec, encoding: FeatureEncoding) ->
         counts = column.combine_chunks().to_numpy(zero_copy_only=False).astype(np.int64)
         if len(counts) and counts.min() < 0:
             raise SchemaError(f"counter column '{feature.name}' has negative counts")
+        if feature.name not in encoding.counter_stats:
+            raise SchemaError(
+                f"counter '{feature.name}': no normalization statistics given (build the "
+                "encoding with FeatureEncoding.from_manifest)"
+            )
         mean, std = encoding.counter_stats[feature.name]
         dense = ((np.log1p(counts.astype(np.float64)) - mean) / std).astype(np.float32)
         bucket = counter_bucket(counts, encoding.counter_buckets[feature.name])

@@ -12,7 +12,6 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from data_pipeline.batch import BatchBuilder
 from data_pipeline.derived import history_feature_tables, with_derived_features
-from data_pipeline.feature_encoding import FeatureEncoding
 from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.loader import LoaderSpec
 from data_pipeline.manifest import Manifest
@@ -118,8 +117,9 @@ def loader_spec(
     """The loader of ``split``; with ``manifest``, it reads only the configured features."""
     data = config.data
     resolved = resolve_features(manifest, config) if manifest is not None else None
-    encoding = resolved.encoding if resolved else FeatureEncoding()
-    if resolved and train and resolved.dropout:
+    # Without the manifest the loader fits the encoding to the manifest's own features.
+    encoding = resolved.encoding if resolved else None
+    if resolved and encoding and train and resolved.dropout:
         encoding = replace(encoding, dropout=resolved.dropout, dropout_seed=config.seed)
     return LoaderSpec(
         root=data.path,
