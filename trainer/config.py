@@ -19,18 +19,11 @@ from omegaconf.errors import OmegaConfBaseException
 from models.alignment import AlignmentMethod
 from models.debias import DebiasMode
 from models.history import Combiner, Encoder, Positions, Summary
-from trainer.feature_config import FeaturesConfig, validate_features
+from trainer.feature_config import FeaturesConfig, IdPolicy, validate_features
 
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
-
-
-class IdPolicy(enum.Enum):
-    """What to do with an id outside its table: ``error`` stops, ``hash`` folds it in range."""
-
-    ERROR = "error"
-    HASH = "hash"
 
 
 class ShardingType(enum.Enum):

@@ -41,10 +41,10 @@ class Undeclared(enum.Enum):
     ERROR = "error"
 
 
-class FeatureIdPolicy(enum.Enum):
-    """Per-feature override of ``data.id_policy``."""
+class IdPolicy(enum.Enum):
+    """What to do with an id outside its table: ``error`` stops, ``hash`` folds it in range
+    (``data.id_policy``, and per feature ``features.columns.<name>.id_policy``)."""
 
-    DEFAULT = "default"
     ERROR = "error"
     HASH = "hash"
 
@@ -63,7 +63,7 @@ class FeatureConfig:
         pooling: sum or mean over the bag (features of one table must agree); null: mean
             unless another feature of the table sets it.
         weighted: use the column's per-id weights (idf, affinity) when it has them.
-        id_policy: ``error`` / ``hash`` for out-of-range ids, or ``default`` (``data.id_policy``).
+        id_policy: ``error`` / ``hash`` for out-of-range ids; null: ``data.id_policy``.
         dense: counters only: feed the normalized ``log1p`` count to the tower MLP.
         bucketized: counters only: embed the log2 bucket of the count.
         dropout: share of training rows whose bag of this feature is emptied (e.g. ``item_id``:
@@ -76,7 +76,7 @@ class FeatureConfig:
     dim: int | None = None
     pooling: Pooling | None = None
     weighted: bool = True
-    id_policy: FeatureIdPolicy = FeatureIdPolicy.DEFAULT
+    id_policy: IdPolicy | None = None
     dense: bool = True
     bucketized: bool = True
     dropout: float = 0.0

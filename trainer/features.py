@@ -30,7 +30,7 @@ from data_pipeline.schema import (
 )
 from models.feature_layout import FeatureLayout, TableLayout
 from trainer.config import ConfigError, ExperimentConfig
-from trainer.feature_config import FeatureConfig, FeatureIdPolicy, Pooling, Undeclared
+from trainer.feature_config import FeatureConfig, Pooling, Undeclared
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def resolve_features(manifest: Manifest, config: ExperimentConfig) -> ResolvedFe
             )
         weighted = feature.weighted and column.weighted
         features.append(replace(feature, table=table, weighted=weighted))
-        if column.id_policy is not FeatureIdPolicy.DEFAULT:
+        if column.id_policy is not None:
             id_policies[feature.name] = column.id_policy.value
         if column.dropout > 0:
             _check_dropout(feature, config)
