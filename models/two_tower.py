@@ -124,6 +124,14 @@ class TwoTowerModel(nn.Module):
             self.weighted_arch = EmbeddingBagCollection(
                 tables=weighted_configs, is_weighted=True, device=device
             )
+        # Plain ids only (no weighted table, dense counter or sequence): the batch's KJT is
+        # exactly the pooled features, so a lookup needs no key selection.
+        self._ids_only = (
+            self.weighted_arch is None
+            and not self.dense_features
+            and self.sequence_arch is None
+            and set(self.pooled_features) == {f.name for f in schema.features}
+        )
         user_features = [
             key for f in user_features for key in _tower_keys(f, layout, self.dense_features)
         ]
@@ -212,6 +220,9 @@ class TwoTowerModel(nn.Module):
         [stride, 1] dense counters (of ``dense``, default all); with the history encoder also
         ``item_id`` [stride, d] (one id per row) and the history encoding [rows, d_h] of the
         first ``rows`` rows (the ones with user features)."""
+        if self._ids_only:
+            # Every key is a plain pooled feature: no selection or weight stripping per step.
+            return self.sparse_arch(features).to_dict()
         embeddings = self.sparse_arch(
             without_weights(select_keys(features, self.pooled_features))
         ).to_dict()
