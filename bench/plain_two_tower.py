@@ -33,7 +33,7 @@ from torchrec import KeyedJaggedTensor, PoolingType
 
 from data_pipeline.loader import build_event_loader
 from data_pipeline.manifest import Manifest
-from data_pipeline.schema import EventSchema
+from data_pipeline.schema import EventSchema, FeatureKind
 from models.temperature import Temperature
 from models.towers import Tower, table_configs
 from models.two_tower import TowerOutputs
@@ -70,6 +70,12 @@ class PlainEmbeddingBags(nn.Module):
         sparse_gradients: bool = True,
     ) -> None:
         super().__init__()
+        richer = [f.name for f in schema.features if f.weighted or f.kind is FeatureKind.COUNTER]
+        if richer:
+            raise ValueError(
+                f"the plain baseline embeds plain ids only, not {richer}: run with "
+                "features.groups=[id,history,categorical]"
+            )
         configs = table_configs(schema.features, tables, config.embedding_dim, config.table_dims)
         self.embedding_bags = nn.ModuleDict()
         self.feature_tables: dict[str, str] = {}

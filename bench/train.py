@@ -49,6 +49,9 @@ def run_overrides(data: str, run_dir: str, steps: int, extra: list[str]) -> list
         "logging.wandb=false",
         "train.progress_bar=false",
         "train.epochs=100",
+        # The plain PyTorch baseline mirrors plain id features only (no weighted tables or
+        # dense counters), so both implementations read the same features.
+        "features.groups=[id,history,categorical]",
         *extra,
     ]
 
