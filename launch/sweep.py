@@ -54,6 +54,7 @@ import itertools
 import json
 import logging
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -68,6 +69,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from launch.local import torchrun_command
+from trainer.checkpoint import checkpoints_root
 from trainer.config import ConfigError, load_config
 
 logger = logging.getLogger(__name__)
@@ -488,9 +490,11 @@ def train_command(run: PlannedRun, nproc: int) -> list[str]:
 def execute(run: PlannedRun, nproc: int) -> RunOutcome:
     """Train one run in a subprocess (output to its train.log) and read what it wrote."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    # A result left by an earlier sweep must not pass for this run's.
+    # A result left by an earlier sweep must not pass for this run's, and its checkpoints must
+    # not be resumed: the variant's config (or the data) may have changed since.
     for stale in (run.metrics_file, run.summary_file):
         (run.run_dir / stale).unlink(missing_ok=True)
+    shutil.rmtree(checkpoints_root(run.run_dir), ignore_errors=True)
     command = train_command(run, nproc)
     start = time.perf_counter()
     with run.log_path.open("w") as log:

@@ -150,8 +150,13 @@ def _load(state: dict[str, Any], path: Path) -> None:
     dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
 
 
+def checkpoints_root(run_dir: Path | str) -> Path:
+    """The folder holding a run's ``step-N`` checkpoints."""
+    return Path(run_dir) / "checkpoints"
+
+
 def checkpoint_dir(run_dir: Path | str, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step-{step}"
+    return checkpoints_root(run_dir) / f"step-{step}"
 
 
 def _step_of(path: Path) -> int:
@@ -160,7 +165,7 @@ def _step_of(path: Path) -> int:
 
 def complete_checkpoints(run_dir: Path | str) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
-    root = Path(run_dir) / "checkpoints"
+    root = checkpoints_root(run_dir)
     if not root.exists():
         return []
     found = [p for p in root.glob("step-*") if (p / COMPLETE).exists()]
@@ -320,7 +325,7 @@ class Checkpointer:
         complete = complete_checkpoints(self.run_dir)
         for old in complete[: -self.config.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-        for partial in (self.run_dir / "checkpoints").glob("step-*"):
+        for partial in checkpoints_root(self.run_dir).glob("step-*"):
             if not (partial / COMPLETE).exists() and _step_of(partial) < keep_from:
                 shutil.rmtree(partial, ignore_errors=True)
 

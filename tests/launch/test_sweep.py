@@ -17,6 +17,7 @@ from launch.sweep import (
     RunOutcome,
     RunStatus,
     Source,
+    execute,
     failure_line,
     load_sweep,
     plan_sweep,
@@ -347,3 +348,18 @@ def test_funnel_columns_and_reranked_rows_appear_when_measured(tmp_path: Path) -
     assert table[2].startswith("| head |") and table[2].endswith("| 0.7000 | 0.6000 |")
     assert table[3].startswith("| head (reranked by the light head) |") and "0.3000" in table[3]
     assert table[4].startswith(f"| {BASELINE_ROW} |") and len(table) == 5
+
+
+def test_a_run_never_resumes_an_earlier_sweeps_checkpoints(tmp_path: Path) -> None:
+    """An earlier sweep's checkpoint in the run directory would be resumed as if it were this
+    run's (the config or data may have changed): ``execute`` removes it before training."""
+    _tiny_config(tmp_path, tmp_path / "missing")
+    (run,) = plan_sweep(load_sweep(_experiment(tmp_path, "variants:\n  - {name: base}\n")))
+    stale = run.run_dir / "checkpoints" / "step-7"
+    stale.mkdir(parents=True)
+    (stale / ".complete").write_text("")
+    (run.run_dir / run.metrics_file).write_text("{}")
+    outcome = execute(run, 1)
+    assert outcome.status is RunStatus.FAILED  # no data: the run stops at start
+    assert not (run.run_dir / "checkpoints").exists()
+    assert not (run.run_dir / run.metrics_file).exists()
