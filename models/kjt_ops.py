@@ -42,21 +42,21 @@ def with_weights(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
     )
 
 
-def row_weight_sums(features: KeyedJaggedTensor, key: str) -> torch.Tensor:
-    """[stride] per-row sum of ``key``'s weights (a counter row holds one weight, its dense
-    value; an empty row gives 0).
+def row_weight_sums(features: KeyedJaggedTensor, keys: list[str]) -> torch.Tensor:
+    """[stride, len(keys)] per-row sums of each key's weights, in one segment sum (a counter row
+    holds one weight, its dense value; an empty row gives 0).
 
     Raises:
         ValueError: the KJT carries no weights.
     """
-    jagged = features[key]
-    weights = jagged.weights_or_none()
+    selected = select_keys(features, keys)
+    weights = selected.weights_or_none()
     if weights is None:
-        raise ValueError(f"feature '{key}' is read as a dense value but the input has no weights")
-    lengths = jagged.lengths()
+        raise ValueError(f"features {keys} are read as dense values but the input has no weights")
+    lengths = selected.lengths()
     rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
     out = torch.zeros(lengths.numel(), dtype=weights.dtype, device=weights.device)
-    return out.index_add(0, rows, weights)
+    return out.index_add(0, rows, weights).view(len(keys), -1).T
 
 
 def stack_rows(batch: KeyedJaggedTensor, extra: KeyedJaggedTensor) -> KeyedJaggedTensor:

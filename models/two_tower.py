@@ -229,8 +229,10 @@ class TwoTowerModel(nn.Module):
         if self.weighted_arch is not None:
             weighted = with_weights(select_keys(features, self.weighted_features))
             embeddings.update(self.weighted_arch(weighted).to_dict())
-        for name in self.dense_features if dense is None else dense:
-            embeddings[dense_key(name)] = row_weight_sums(features, name).unsqueeze(1)
+        dense = self.dense_features if dense is None else dense
+        if dense:
+            values = row_weight_sums(features, dense)  # [stride, len(dense)]
+            embeddings.update({dense_key(n): values[:, i : i + 1] for i, n in enumerate(dense)})
         if self.sequence_arch is None or self.history is None:
             return embeddings
         sequences = self.sequence_arch(

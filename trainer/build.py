@@ -19,7 +19,7 @@ from data_pipeline.schema import EventSchema
 from models.two_tower import TwoTowerModel
 from trainer.config import ConfigError, ExperimentConfig
 from trainer.distributed import DistributedEnv
-from trainer.features import resolve_features
+from trainer.features import ResolvedFeatures, resolve_features
 from trainer.sharding import attach_sparse_optimizer, shard_model
 
 
@@ -29,14 +29,16 @@ def history_recency(config: ExperimentConfig) -> int:
     return history.recency_buckets if history.enabled else -1
 
 
+def _derived_schema(resolved: ResolvedFeatures, config: ExperimentConfig) -> EventSchema:
+    return with_derived_features(
+        resolved.schema, config.data.recent_history, history_recency(config)
+    )
+
+
 def model_schema(manifest: Manifest, config: ExperimentConfig) -> EventSchema:
     """The model-facing schema: the stored features the config selects (``features``) plus the
     derived ones it switches on."""
-    return with_derived_features(
-        resolve_features(manifest, config).schema,
-        config.data.recent_history,
-        history_recency(config),
-    )
+    return _derived_schema(resolve_features(manifest, config), config)
 
 
 def model_tables(manifest: Manifest, config: ExperimentConfig) -> dict[str, int]:
@@ -50,11 +52,12 @@ def model_tables(manifest: Manifest, config: ExperimentConfig) -> dict[str, int]
 
 def batch_builder(manifest: Manifest, config: ExperimentConfig) -> BatchBuilder:
     """Arrow -> Batch for the model's features (stored plus derived)."""
+    resolved = resolve_features(manifest, config)
     return BatchBuilder(
-        model_schema(manifest, config),
+        _derived_schema(resolved, config),
         config.data.recent_history,
         recency_buckets=max(history_recency(config), 0),
-        encoding=resolve_features(manifest, config).encoding,
+        encoding=resolved.encoding,
     )
 
 
@@ -62,18 +65,21 @@ def item_store(manifest: Manifest, config: ExperimentConfig) -> ItemFeatureStore
     """The item corpus by id, encoded like the training batches' item side."""
     resolved = resolve_features(manifest, config)
     return ItemFeatureStore.load(
-        config.data.path, manifest, model_schema(manifest, config), resolved.encoding
+        config.data.path, manifest, _derived_schema(resolved, config), resolved.encoding
     )
 
 
 def build_unsharded_model(
     manifest: Manifest, config: ExperimentConfig, device: torch.device | None = None
 ) -> TwoTowerModel:
-    layout = resolve_features(manifest, config).layout
+    resolved = resolve_features(manifest, config)
     try:
-        schema = model_schema(manifest, config)
         return TwoTowerModel(
-            schema, model_tables(manifest, config), config.model, device=device, layout=layout
+            _derived_schema(resolved, config),
+            model_tables(manifest, config),
+            config.model,
+            device=device,
+            layout=resolved.layout,
         )
     except ValueError as error:
         raise ConfigError(f"model: {error}") from error

@@ -57,16 +57,45 @@ def init_distributed() -> DistributedEnv:
         torch.cuda.set_device(device)
     else:
         device, backend = torch.device("cpu"), "gloo"
+    timeout = collective_timeout()
+    store = elastic_attempt_store(rank, world_size, timeout) if launched else None
     # A bare process gets a private rendezvous instead of inheriting (or setting) env variables.
-    init_method = "env://" if launched else f"tcp://127.0.0.1:{free_port()}"
+    init_method = None if store else "env://" if launched else f"tcp://127.0.0.1:{free_port()}"
     dist.init_process_group(
         backend=backend,
         init_method=init_method,
+        store=store,
         rank=rank,
         world_size=world_size,
-        timeout=collective_timeout(),
+        timeout=timeout,
     )
     return DistributedEnv(rank, world_size, local_rank, device, backend)
+
+
+def elastic_attempt_store(
+    rank: int, world_size: int, timeout: timedelta | None
+) -> dist.Store | None:
+    """Under torchelastic (``TORCHELASTIC_RESTART_COUNT`` set): the rendezvous store with keys
+    prefixed by the restart attempt, else None (plain ``env://``).
+
+    The agent's store outlives a restart, and gloo's keys (each rank's address) do not change
+    between attempts: a restarted rank could read the address of a peer killed in the previous
+    attempt and fail with "connection refused" on every restart (seen in the elastic test).
+    Same server as ``env://`` (the agent's, or rank 0's), fresh keys per attempt.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(
+        host_name=os.environ["MASTER_ADDR"],
+        port=int(os.environ["MASTER_PORT"]),
+        world_size=world_size,
+        is_master=not agent_store and rank == 0,
+        timeout=timeout or timedelta(minutes=30),
+        multi_tenant=not agent_store,
+    )
+    return dist.PrefixStore(f"twotower/attempt_{attempt}", store)
 
 
 def collective_timeout() -> timedelta | None:
