@@ -53,6 +53,7 @@ import enum
 import itertools
 import json
 import logging
+import math
 import re
 import shutil
 import statistics
@@ -579,10 +580,12 @@ def run_sweep(
 
 
 def results_table(outcomes: Sequence[RunOutcome]) -> str:
-    """Markdown table: one row per variant (mean ± standard deviation over its seeds when it ran
-    with several; a light head's reranked list as its own row), then the most-popular baseline
-    (taken from the first successful run; every variant of a dataset evaluates the same
-    queries). Runs outside the table (a dataset's ranker) are skipped."""
+    """Markdown table: one row per variant (a single run's value with its 95% bootstrap
+    interval, or mean ± standard deviation over its seeds when it ran with several; a light
+    head's reranked list as its own row), then the most-popular baseline (taken from the first
+    successful run; every variant of a dataset evaluates the same queries). A variant below
+    the most-popular baseline or below a random ranking on Recall@100 is flagged as a
+    collapsed run, not a result. Runs outside the table (a dataset's ranker) are skipped."""
     outcomes = [o for o in outcomes if o.run.in_table]
     columns = [c for c in COLUMNS if c.source is not Source.FUNNEL or _measured(outcomes, c)]
     header = ["variant", *(column.title for column in columns)]
@@ -596,7 +599,8 @@ def results_table(outcomes: Sequence[RunOutcome]) -> str:
             failure = f"**failed** ({failed[0].error}): `{failed[0].run.log_path}`"
             lines.append(_row([variant, failure, *[""] * (len(columns) - 1)]))
             continue
-        lines.append(_row([variant, *(_cell(group, c, "model") for c in columns)]))
+        name = variant + collapse_flag(group[0].metrics)
+        lines.append(_row([name, *(_cell(group, c, "model") for c in columns)]))
         if all("reranked" in o.metrics for o in group):
             cells = [_cell(group, c, "reranked") for c in columns]
             lines.append(_row([f"{variant} (reranked by the light head)", *cells]))
@@ -606,12 +610,47 @@ def results_table(outcomes: Sequence[RunOutcome]) -> str:
     return "\n".join(lines)
 
 
+# The cutoff a collapsed run is recognised at: below most-popular, or below random, there.
+COLLAPSE_METRIC, COLLAPSE_K = "recall@100", 100
+
+
+def collapse_flag(metrics: dict[str, Any]) -> str:
+    """`` **collapsed: ...**`` when the run's Recall@100 is below the most-popular baseline's
+    or below a random ranking's (K / corpus size); empty otherwise or when not measured."""
+    ours = metrics.get("model", {}).get(COLLAPSE_METRIC)
+    if ours is None:
+        return ""
+    reasons = []
+    popular = metrics.get("popularity", {}).get(COLLAPSE_METRIC)
+    if popular is not None and ours < popular:
+        reasons.append(f"{COLLAPSE_METRIC} below most-popular ({popular:.4f})")
+    if metrics.get("num_items") and ours < COLLAPSE_K / metrics["num_items"]:
+        reasons.append(f"{COLLAPSE_METRIC} below random ({COLLAPSE_K / metrics['num_items']:.4f})")
+    return f" **collapsed: {'; '.join(reasons)}**" if reasons else ""
+
+
+def protocol_note(outcomes: Sequence[RunOutcome]) -> str:
+    """The evaluation protocol of the table's runs (the first successful run's), as a line."""
+    for outcome in outcomes:
+        protocol = outcome.metrics.get("protocol") if outcome.status is RunStatus.OK else None
+        if protocol:
+            cutoffs = ", ".join(str(k) for k in protocol["cutoffs"])
+            return (
+                f"Protocol: split `{protocol['split']}`, exclusion `{protocol['exclude']}`, "
+                f"{protocol['corpus_items']:,} corpus items, {protocol['queries']:,} queries, "
+                f"K = {cutoffs}; cells show the {protocol['interval']} interval in brackets; the "
+                "reported checkpoint is the best on validation where the run validated.\n\n"
+            )
+    return ""
+
+
 def _measured(outcomes: Sequence[RunOutcome], column: Column) -> bool:
     return any(column.key in o.metrics.get("funnel", {}) for o in outcomes)
 
 
 def _cell(group: Sequence[RunOutcome], column: Column, ranking: str) -> str:
-    """One value, or ``mean ± std`` (sample standard deviation) over a variant's seeds."""
+    """One value with its interval (when the run has one), or ``mean ± std`` (sample standard
+    deviation) over a variant's seeds."""
     values = []
     for outcome in group:
         if column.source is Source.TRAIN:
@@ -626,6 +665,10 @@ def _cell(group: Sequence[RunOutcome], column: Column, ranking: str) -> str:
             return MISSING_CELL
         values.append(float(value))
     if len(values) == 1:
+        interval = group[0].metrics.get("intervals", {}).get(ranking, {}).get(column.key)
+        if column.source is Source.EVAL and interval and not any(map(math.isnan, interval)):
+            low, high = (format(x, column.format) for x in interval)
+            return f"{format(values[0], column.format)} [{low}, {high}]"
         return format(values[0], column.format)
     mean, spread = statistics.mean(values), statistics.stdev(values)
     return f"{format(mean, column.format)} ± {format(spread, column.format)}"
@@ -644,6 +687,7 @@ def write_results(dataset_dir: Path, title: str, outcomes: Sequence[RunOutcome])
         f"Base config `{first.config}`, seeds {sorted({o.run.seed for o in outcomes})}; each "
         "run's overrides and log are in "
         "results.json.\n\n"
+        f"{protocol_note(outcomes)}"
     )
     (dataset_dir / "results.md").write_text(heading + results_table(outcomes) + "\n")
     done = [o for o in outcomes if o.status is RunStatus.OK and o.run.in_table]

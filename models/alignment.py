@@ -20,8 +20,13 @@ one gives the same expectation without the sampling noise.
 
 DPO-style preferences. Pairs (i, j) of S_u that the ranker orders (``r_i > r_j + margin``) are
 preferences i > j; the loss is ``-log sigmoid(beta * ((log pi_i - log ref_i) - (log pi_j -
-log ref_j)))``, averaged over pairs. ``beta`` plays the KL coefficient's part: DPO's optimum is
-the KL-regularized one, with no separate KL term.
+log ref_j)))``, averaged over pairs, plus ``kl_coefficient * KL(pi || pi_ref)`` as for REINFORCE.
+DPO's ``beta`` is a KL coefficient only when preferences are Bradley-Terry draws (each order of
+a pair appears in proportion to ``sigmoid(r_i - r_j)``): then the loss is minimal at
+``beta (h_i - h_j) = r_i - r_j``, the KL-regularized optimum. The ranker's preferences here are
+deterministic (i always beats j), so each pair's loss only falls as ``h_i - h_j -> inf``: whatever
+``beta``, the loss decreases toward the greedy policy (all of pi on the set's best item), the
+largest drift the set allows. The explicit KL term gives an optimum strictly inside.
 """
 
 from __future__ import annotations
@@ -131,7 +136,8 @@ def dpo_loss(
         reference_log_probs: [U, K] the reference's.
         rewards: [U, K] ranker rewards.
         mask: [U, K] bool.
-        beta: > 0, the strength of the implicit KL regularization.
+        beta: > 0, scale of the log-ratio margins (a KL coefficient only for preferences drawn
+            Bradley-Terry style; see the module docstring).
         margin: a pair counts when ``r_i > r_j + margin``.
 
     Returns:
@@ -156,16 +162,19 @@ def alignment_loss(
     mask: torch.Tensor,
     method: AlignmentMethod,
     kl_coefficient: float,
+    beta: float = 1.0,
 ) -> AlignmentLoss:
-    """The alignment objective of one batch of users.
+    """The alignment objective of one batch of users: the method's term plus
+    ``kl_coefficient`` * KL(policy || reference), both averaged over users.
 
     Args:
         scores: [U, K] policy logits of each user's sampled items (inner product / temperature).
         reference_scores: [U, K] the frozen reference's logits of the same pairs.
         rewards: [U, K] reward-model values (ranker NUV) of the same pairs.
         mask: [U, K] bool: False for padding users (whole row) and duplicate samples.
-        method: REINFORCE (+ ``kl_coefficient`` * KL) or DPO (``beta = kl_coefficient``).
-        kl_coefficient: >= 0 for REINFORCE, > 0 for DPO.
+        method: REINFORCE or DPO (module docstring).
+        kl_coefficient: >= 0, weight of the KL penalty (either method).
+        beta: > 0, DPO's beta (unused by REINFORCE).
 
     Returns:
         ``AlignmentLoss``; the loss averages over users whose row has at least one valid item.
@@ -176,16 +185,13 @@ def alignment_loss(
     kl = kl_to_reference(log_probs, reference, mask)
     if method is AlignmentMethod.REINFORCE:
         per_user, expected = reinforce_loss(log_probs, rewards, mask)
-        policy_term = _user_mean(per_user, users)
-        loss = policy_term + kl_coefficient * _user_mean(kl, users)
     else:
-        per_user, _ = dpo_loss(log_probs, reference, rewards, mask, kl_coefficient)
-        policy_term = _user_mean(per_user, users)
-        loss = policy_term
+        per_user, _ = dpo_loss(log_probs, reference, rewards, mask, beta)
         probs = log_probs.detach().exp()
         expected = (probs * rewards.detach().masked_fill(~mask, 0.0)).sum(dim=1)
+    policy_term = _user_mean(per_user, users)
     return AlignmentLoss(
-        loss=loss,
+        loss=policy_term + kl_coefficient * _user_mean(kl, users),
         policy_term=policy_term.detach(),
         kl=_user_mean(kl.detach(), users),
         expected_reward=_user_mean(expected, users),

@@ -11,7 +11,9 @@ policy (no gradient) for its exact top-``top_n`` (``trainer.mips.distributed_top
 the K items with policy, reference and ranker, and takes one optimizer step on the alignment loss.
 Checkpoints use the training layout (``<run.dir>/checkpoints/step-N``), so ``twotower eval --run``
 evaluates an aligned run like any other. The expected ranker reward of the policy's top
-``alignment.eval_k`` on ``eval.split`` is measured before and after (``align_summary.json``).
+``alignment.eval_k`` on ``eval.split`` is measured before and after (``align_summary.json``), and,
+on a synthetic world, the same top-K's true expected reward and recall of the truly best items
+(``trainer/ground_truth.py``): the judge the policy does not optimise.
 
 Run as ``twotower align CONFIG [k=v ...]`` (``--nproc N`` for torchrun) or
 ``torchrun --nproc_per_node 2 -m trainer.align CONFIG [k=v ...]``.
@@ -24,7 +26,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ from trainer.build import (
     build_sharded_model,
     build_unsharded_model,
     item_store,
+    label_weights,
     loader_spec,
     model_schema,
 )
@@ -65,6 +68,14 @@ from trainer.distributed import (
 )
 from trainer.entry import run_job
 from trainer.evaluate import first_row_batch
+from trainer.ground_truth import (
+    TopKRows,
+    TopKTruth,
+    TruthScorer,
+    compare_top_k,
+    load_truth_scorer,
+    top_k_truth,
+)
 from trainer.mips import distributed_topk, shard_range
 from trainer.negative_sampling import step_generator
 from trainer.run_logger import RunLogger
@@ -118,6 +129,11 @@ class AlignResult:
         windows of this process's part of the run.
     reward_before, reward_after: mean ranker NUV of the policy's top ``alignment.eval_k`` on
         ``eval.split`` (one query per event) before the first and after the last step.
+    reward_gain_stderr: standard error of ``reward_after - reward_before`` (paired over rows).
+    truth_reward_before, truth_reward_after, truth_recall_before, truth_recall_after,
+        truth_oracle_reward, truth_reward_gain_stderr: the same top-K judged by a synthetic
+        world's ground truth (``trainer/ground_truth.py``); None (left out of the summary)
+        on datasets without one.
     metrics: retrieval metrics after alignment (``eval.at_end``), as ``twotower eval``.
     """
 
@@ -129,7 +145,23 @@ class AlignResult:
     final: dict[str, float] = field(default_factory=dict)
     reward_before: float = float("nan")
     reward_after: float = float("nan")
+    reward_gain_stderr: float = float("nan")
+    truth_reward_before: float | None = None
+    truth_reward_after: float | None = None
+    truth_recall_before: float | None = None
+    truth_recall_after: float | None = None
+    truth_oracle_reward: float | None = None
+    truth_reward_gain_stderr: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """The fields that were measured (None ones left out), for JSON."""
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+    def measures(self) -> dict[str, float]:
+        """The before/after measures that were taken, for the run log."""
+        names = [f.name for f in fields(self) if f.name.startswith(("reward_", "truth_"))]
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
 @dataclass
@@ -149,6 +181,7 @@ class _AlignRun:
     loader: Any
     checkpointer: Checkpointer
     run_log: RunLogger
+    truth: TruthScorer | None  # a synthetic world's ground truth, None without one
     progress: Progress = field(default_factory=Progress)
 
 
@@ -182,6 +215,36 @@ def load_reward_model(
         return RankerReward(load_ranker(path, manifest), store)
     except FileNotFoundError as error:
         raise ConfigError(f"config key 'alignment.reward_checkpoint': {error}") from error
+
+
+def value_weights(
+    reward: RewardFn, manifest: Manifest, config: ExperimentConfig
+) -> dict[str, float]:
+    """Label weights of the value the reward estimates: the ranker run's for a
+    ``RankerReward``, else ``loss.label_weights``; ground truth is judged under the same."""
+    if isinstance(reward, RankerReward):
+        weights = reward.ranker.label_weights.tolist()
+        return dict(zip(reward.ranker.labels, weights, strict=True))
+    return dict(zip(manifest.schema.labels, label_weights(manifest, config).tolist(), strict=True))
+
+
+def load_truth(
+    config: ExperimentConfig,
+    manifest: Manifest,
+    store: ItemFeatureStore,
+    reward: RewardFn,
+    env: DistributedEnv,
+) -> TruthScorer | None:
+    """The ground-truth scorer of ``data.path`` (None, logged, without truth)."""
+    weights = value_weights(reward, manifest, config)
+    try:
+        return load_truth_scorer(
+            config.data.path, manifest, store.corpus_ids(), weights, env.device
+        )
+    except ValueError as error:
+        raise ConfigError(
+            f"config key 'loss.label_weights' (or the ranker run's): {error}"
+        ) from error
 
 
 def load_reference(
@@ -299,6 +362,7 @@ def _build(
         reference, store, corpus, calls, user_keys(manifest, config)
     )
     run_dir = Path(config.run.dir)
+    reward = reward if reward is not None else load_reward_model(config, manifest, store)
     return _AlignRun(
         config=config,
         manifest=manifest,
@@ -307,7 +371,7 @@ def _build(
         dense_optimizer=build_dense_optimizer(policy, trained),
         reference=reference,
         reference_items=reference_items,
-        reward=reward if reward is not None else load_reward_model(config, manifest, store),
+        reward=reward,
         store=store,
         explorer=_explorer(config, manifest, store),
         loader=build_event_loader(
@@ -325,6 +389,7 @@ def _build(
             config.run.name,
             to_dict(config),
         ),
+        truth=load_truth(config, manifest, store, reward, env),
     )
 
 
@@ -386,7 +451,13 @@ def _step(run: _AlignRun, batch: Batch) -> AlignmentLoss | None:
     items = out.extra_items.view(batch.size, alignment.k, -1)
     scores = torch.einsum("ud,ukd->uk", out.user, items) / out.temperature
     result = alignment_loss(
-        scores, reference_scores, rewards, mask, alignment.method, alignment.kl_coefficient
+        scores,
+        reference_scores,
+        rewards,
+        mask,
+        alignment.method,
+        alignment.kl_coefficient,
+        alignment.dpo_beta,
     )
     # The fused table optimizer updates inside backward: decide before it, on every rank.
     if any_rank_has(not bool(torch.isfinite(result.loss.detach())), env.device):
@@ -397,16 +468,17 @@ def _step(run: _AlignRun, batch: Batch) -> AlignmentLoss | None:
 
 
 @torch.no_grad()
-def top_k_reward(
+def top_k_rows(
     model: torch.nn.Module,
     reward: RewardFn,
+    truth: TruthScorer | None,
     store: ItemFeatureStore,
     manifest: Manifest,
     config: ExperimentConfig,
     env: DistributedEnv,
-) -> float:
-    """Mean ranker reward of the model's top ``alignment.eval_k`` items (exact MIPS over the
-    corpus, nothing excluded) over every event of ``eval.split``; collective."""
+) -> TopKRows:
+    """Ranker reward (and ground truth) of the model's top ``alignment.eval_k`` items (exact
+    MIPS over the corpus, nothing excluded) for every event of ``eval.split``; collective."""
     was_training = model.training
     model.eval()
     corpus_ids, corpus = local_corpus(model, store, manifest, config, env)
@@ -414,16 +486,20 @@ def top_k_reward(
     loader = build_event_loader(
         loader_spec(config, split, False, manifest), manifest, env.rank, env.world_size
     )
-    total = torch.zeros(2, dtype=torch.float64, device=env.device)
+    rewards: list[torch.Tensor] = []
+    truths: list[TopKTruth] = []
     for batch in synchronized(loader, env, lambda: first_row_batch(manifest, config, split)):
         users = model(batch.user_features, batch.item_features).user.float()
         _, ids = distributed_topk(users, corpus, corpus_ids, config.alignment.eval_k)
         live = batch.weight > 0
-        rewards = reward(batch.user_features, ids).double().mean(dim=1)
-        total += torch.stack([rewards[live].sum(), live.sum().double()])
-    dist.all_reduce(total)
+        rewards.append(reward(batch.user_features, ids).double().mean(dim=1)[live])
+        if truth is not None:
+            truths.append(top_k_truth(truth, batch.user_ids[live], ids[live]))
     model.train(was_training)
-    return float(total[0] / total[1].clamp(min=1.0))
+    empty = torch.zeros(0, dtype=torch.float64, device=env.device)
+    columns = range(len(TopKTruth._fields))
+    joined = TopKTruth(*(torch.cat([empty, *(t[c] for t in truths)]) for c in columns))
+    return TopKRows(torch.cat([empty, *rewards]), joined if truth is not None else None)
 
 
 def _window(run: _AlignRun, sums: dict[str, float], steps: int) -> dict[str, float]:
@@ -496,7 +572,7 @@ def align(config: ExperimentConfig, reward: RewardFn | None = None) -> AlignResu
     _restore_or_start(run, start)
     sources = {"start": str(start), "reference": str(reference_path)}
     sources["reward"] = str(config.alignment.reward_checkpoint)
-    before = top_k_reward(run.policy, run.reward, run.store, manifest, config, env)
+    before = top_k_rows(run.policy, run.reward, run.truth, run.store, manifest, config, env)
     run.run_log.start(run.progress.step or None)
     windows = _loop(run, sources)
     run.checkpointer.finish()
@@ -504,6 +580,7 @@ def align(config: ExperimentConfig, reward: RewardFn | None = None) -> AlignResu
     done = latest is not None and latest.name == f"step-{run.progress.step}"
     checkpoint = latest if done and latest is not None else _save(run, sources)
     run.checkpointer.finish()
+    after = top_k_rows(run.policy, run.reward, run.truth, run.store, manifest, config, env)
     result = AlignResult(
         steps=run.progress.step,
         start_checkpoint=str(start),
@@ -511,27 +588,24 @@ def align(config: ExperimentConfig, reward: RewardFn | None = None) -> AlignResu
         checkpoint=str(checkpoint),
         first=windows[0] if windows else {},
         final=windows[-1] if windows else {},
-        reward_before=before,
-        reward_after=top_k_reward(run.policy, run.reward, run.store, manifest, config, env),
+        **compare_top_k(before, after, env)._asdict(),
     )
     if config.eval.at_end:
         from trainer.evaluate import evaluate_model
 
         result.metrics = evaluate_model(run.policy, manifest, config, env, run_dir)["model"]
-    run.run_log.log(
-        {"step": result.steps, "reward_before": before, "reward_after": result.reward_after}
-    )
+    run.run_log.log({"step": result.steps, **result.measures()})
     if env.is_main:
-        (run_dir / SUMMARY_FILE).write_text(json.dumps(asdict(result), indent=2, default=float))
-        logger.info(
-            "expected ranker reward of the top %d on %s: %.4f -> %.4f",
-            config.alignment.eval_k,
-            config.eval.split,
-            before,
-            result.reward_after,
-        )
+        (run_dir / SUMMARY_FILE).write_text(json.dumps(result.summary(), indent=2, default=float))
+        _log_measures(config, result)
     run.run_log.close()
     return result
+
+
+def _log_measures(config: ExperimentConfig, result: AlignResult) -> None:
+    """One line: ranker reward (and ground truth) of the top-K before -> after."""
+    measures = " ".join(f"{name} {value:.4f}" for name, value in result.measures().items())
+    logger.info("top %d on %s: %s", config.alignment.eval_k, config.eval.split, measures)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -194,6 +194,29 @@ def resolve_checkpoint(path: Path | str) -> Path:
     return latest
 
 
+BEST = "best"
+
+
+def best_checkpoint(run_dir: Path | str) -> Path | None:
+    """The run's best-validation checkpoint (``checkpoints/best``), if one is complete."""
+    path = checkpoints_root(run_dir) / BEST
+    return path if (path / COMPLETE).exists() else None
+
+
+def model_checkpoint(path: Path | str) -> Path:
+    """The checkpoint whose model a job that starts from a run uses (evaluation, export,
+    alignment, teachers): a complete checkpoint folder as given, or a run directory's best
+    validation checkpoint, else its latest.
+
+    Raises:
+        FileNotFoundError: neither (names the path).
+    """
+    path = Path(path)
+    if (path / COMPLETE).exists():
+        return path
+    return best_checkpoint(path) or resolve_checkpoint(path)
+
+
 def load_model(path: Path, model: nn.Module) -> dict[str, Any]:
     """Load model weights in place (any world size: DCP reshards). Returns meta.json."""
     state = {"model": model.state_dict()}
@@ -277,16 +300,7 @@ class Checkpointer:
             shutil.rmtree(path)  # an interrupted save of the same step
         dist.barrier()
         state = _without_empty({**parts, f"rank{self.rank}": {**rank_parts, "rng": rng_state()}})
-        meta = {
-            **extra_meta,
-            "step": progress.step,
-            "epoch": progress.epoch,
-            "rows": progress.rows,
-            "skipped_steps": progress.skipped_steps,
-            "row_digest": progress.row_digest,
-            "world_size": self.world_size,
-            "loader": _gather_json(loader_state, self.world_size),
-        }
+        meta = {**extra_meta, **self._meta(progress, loader_state)}
         if self.config.async_save:
             # Writes from a copy in a background thread, over a process group of its own so its
             # collectives never interleave with training's.
@@ -302,6 +316,46 @@ class Checkpointer:
             dcp.save(state, checkpoint_id=str(path))
             self._mark_complete(path, meta)
         return path
+
+    def save_best(
+        self,
+        parts: dict[str, Any],
+        rank_parts: dict[str, Any],
+        progress: Progress,
+        loader_state: dict[str, Any],
+        extra_meta: dict[str, Any],
+    ) -> Path:
+        """Writes the best-validation checkpoint, synchronously (collective; same arguments as
+        :meth:`save`). The previous best is replaced only once the new one is complete."""
+        self.finish()
+        best = checkpoints_root(self.run_dir) / BEST
+        staging = best.with_name(f"{BEST}.partial")
+        if self.rank == 0 and staging.exists():
+            shutil.rmtree(staging)
+        dist.barrier()
+        state = _without_empty({**parts, f"rank{self.rank}": {**rank_parts, "rng": rng_state()}})
+        dcp.save(state, checkpoint_id=str(staging))
+        meta = {**extra_meta, **self._meta(progress, loader_state)}
+        dist.barrier()
+        if self.rank == 0:
+            (staging / META).write_text(json.dumps(meta, indent=2))
+            (staging / COMPLETE).touch()
+            if best.exists():
+                shutil.rmtree(best)
+            staging.rename(best)
+        dist.barrier()
+        return best
+
+    def _meta(self, progress: Progress, loader_state: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "step": progress.step,
+            "epoch": progress.epoch,
+            "rows": progress.rows,
+            "skipped_steps": progress.skipped_steps,
+            "row_digest": progress.row_digest,
+            "world_size": self.world_size,
+            "loader": _gather_json(loader_state, self.world_size),
+        }
 
     def finish(self) -> None:
         """Completes a pending asynchronous save (collective)."""

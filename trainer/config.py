@@ -63,6 +63,15 @@ class CorpusDistribution(enum.Enum):
     UNIGRAM = "unigram"
 
 
+class ExcludeRule(enum.Enum):
+    """Items an evaluation query may not be recommended (``trainer.exclusion``); never
+    depends on the query's target."""
+
+    ENGAGED = "engaged"  # earlier events with positive net user value
+    ALL_SHOWN = "all_shown"  # every earlier event, impressions included
+    NONE = "none"  # nothing: repeat consumption is allowed
+
+
 class NonFinitePolicy(enum.Enum):
     """What a step with a NaN or infinite loss does (decided collectively, before backward)."""
 
@@ -321,10 +330,32 @@ class FunnelConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """Which validation metric picks the best checkpoint, and when training stops for want of
+    progress: after ``patience`` validations in a row without a gain above ``min_delta``
+    (null: never early; the best checkpoint is kept all the same)."""
+
+    metric: str = "ndcg@10"
+    patience: int | None = None
+    min_delta: float = 0.0
+
+
+@dataclass
 class EvalConfig:
     split: str = "test"
     ks: list[int] = field(default_factory=lambda: [10, 50, 100])
-    exclude_seen: bool = True
+    # The user's earlier items excluded from every query's ranking, whatever its target.
+    exclude: ExcludeRule = ExcludeRule.ENGAGED
+    # Percentile bootstrap over queries (Poisson weights) behind each metric's interval.
+    bootstrap_replicates: int = 1000
+    interval_level: float = 0.95
+    # Validation during training on ``valid_split`` every N steps and/or at each epoch's end
+    # (off while both are unset); the best is kept as checkpoints/best and is what the final
+    # evaluation, ``twotower eval`` and ``twotower export`` use.
+    every_n_steps: int | None = None
+    every_epoch: bool = False
+    valid_split: str = "valid"
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     at_end: bool = True
     query_chunk: int = 1024
     corpus_chunk: int = 8192
@@ -377,8 +408,10 @@ class AlignmentConfig:
     top_n: int = 16
     exploration: CorpusDistribution = CorpusDistribution.UNIFORM
     exploration_alpha: float = 0.75
-    # REINFORCE: weight of KL(policy || reference); DPO: beta.
+    # Weight of the KL(policy || reference) penalty over the sampled sets (both methods).
     kl_coefficient: float = 0.1
+    # DPO's beta (method dpo): scale of the log-ratio margins in its logistic loss.
+    dpo_beta: float = 1.0
     steps: int = 200
     method: AlignmentMethod = AlignmentMethod.REINFORCE
     # Dense (AdamW) and table (fused ``train.sparse_optimizer``) learning rates of the policy.
@@ -510,6 +543,17 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
         fail(
             "eval.cold_item_max_events", "must be >= 1 (items with fewer training events are cold)"
         )
+    if config.eval.bootstrap_replicates < 0:
+        fail("eval.bootstrap_replicates", "must be >= 0 (0: no intervals)")
+    if not 0 < config.eval.interval_level < 1:
+        fail("eval.interval_level", "must be in (0, 1)")
+    if config.eval.every_n_steps is not None and config.eval.every_n_steps < 1:
+        fail("eval.every_n_steps", "must be >= 1 or null")
+    stopping = config.eval.early_stopping
+    if stopping.patience is not None and stopping.patience < 1:
+        fail("eval.early_stopping.patience", "must be >= 1 or null")
+    if stopping.min_delta < 0:
+        fail("eval.early_stopping.min_delta", "must be >= 0")
     funnel = config.eval.funnel
     if not funnel.ks or min(funnel.ks) < 1 or max(funnel.ks) > funnel.retrieve_n:
         fail(
@@ -548,8 +592,8 @@ def _validate_alignment(alignment: AlignmentConfig, fail: Callable[[str, str], N
         fail("alignment.exploration_alpha", "must be >= 0")
     if alignment.kl_coefficient < 0:
         fail("alignment.kl_coefficient", "must be >= 0")
-    if alignment.method is AlignmentMethod.DPO and alignment.kl_coefficient <= 0:
-        fail("alignment.kl_coefficient", "alignment.method=dpo uses it as beta: must be > 0")
+    if alignment.dpo_beta <= 0:
+        fail("alignment.dpo_beta", "must be > 0 (DPO's beta)")
     if alignment.steps < 1:
         fail("alignment.steps", "must be >= 1")
     if alignment.lr <= 0 or alignment.sparse_lr < 0:

@@ -1,4 +1,6 @@
-"""``twotower eval --run RUN_DIR``: rebuild the run's model, load its latest checkpoint, evaluate."""
+"""``twotower eval --run RUN_DIR``: rebuild the run's model, load its best validation checkpoint
+(else its latest), evaluate; the results go to ``eval_<split>_<checkpoint>.json`` in the run
+directory (the run's own ``metrics.json`` is left as training wrote it)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from typing import Any
 
 from data_pipeline.manifest import Manifest
 from trainer.build import build_sharded_model
-from trainer.checkpoint import latest_checkpoint, load_model
+from trainer.checkpoint import best_checkpoint, latest_checkpoint, load_model
 from trainer.config import ConfigError, load_config
 from trainer.distributed import init_distributed, seed_everything
 from trainer.evaluate import evaluate_model
@@ -27,11 +29,26 @@ def evaluate_run(
     config = load_config(config_path, overrides or [])
     env = init_distributed()
     seed_everything(config.seed)
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint = best_checkpoint(run_dir) or latest_checkpoint(run_dir)
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir}/checkpoints: no complete checkpoint to evaluate")
     manifest = Manifest.load(config.data.path)
     model = build_sharded_model(manifest, config, env)
     meta = load_model(checkpoint, model)
-    logger.info("evaluating %s (step %s)", checkpoint, meta.get("step"))
-    return evaluate_model(model, manifest, config, env, run_dir, split)
+    logger.info("evaluating %s (trained for %s steps)", checkpoint, meta.get("step"))
+    split = split or config.eval.split
+    return evaluate_model(
+        model,
+        manifest,
+        config,
+        env,
+        run_dir,
+        split,
+        output_name=eval_file_name(split, checkpoint.name),
+        checkpoint=checkpoint.name,
+    )
+
+
+def eval_file_name(split: str, checkpoint: str) -> str:
+    """Where ``twotower eval`` writes: named for the split and the checkpoint evaluated."""
+    return f"eval_{split}_{checkpoint}.json"

@@ -2,8 +2,10 @@
 baseline computed the same way (same queries, same exclusions, same metrics).
 
 Protocol: one query per row of the eval split (user features and history as of that event); the
-target is the row's item. Items the user interacted with in earlier splits (train, and valid when
-evaluating test) are excluded from the ranking, except the target itself.
+target is the row's item. ``eval.exclude`` (``trainer.exclusion``) names the user's earlier items
+removed from every ranking, the target included when the rule says so (it then counts as a miss).
+Every metric is a mean over queries with a percentile-bootstrap interval (``trainer.intervals``);
+``metrics.json`` holds the means, the intervals, the query count and the protocol.
 
 Tail recall (``tail_recall@K`` for every K in ``eval.ks``, plus the ``tail_queries`` fraction) is
 recall over the queries whose target is a long-tail item: outside the ``HEAD_FRACTION`` (20%)
@@ -19,6 +21,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +38,23 @@ from data_pipeline.reader import list_work_units, read_unit
 from data_pipeline.schema import ITEM_ID, USER_ID, SchemaError, Side
 from models.light_ranker import head_module
 from trainer.build import batch_builder, label_weights, loader_spec
-from trainer.config import ExperimentConfig
+from trainer.config import ExcludeRule, ExperimentConfig
 from trainer.distributed import DistributedEnv
+from trainer.exclusion import (
+    columns_for,
+    earlier_splits,
+    engaged_counts,
+    excluded_pairs,
+    user_item_lists,
+)
+from trainer.intervals import BootstrapConfig, reduce_query_means
 from trainer.light_rerank import pad_columns, reranked_topk
 from trainer.metrics import (
     HEAD_FRACTION,
     MetricCutoffs,
     cold_items,
-    retrieval_metrics,
+    per_query_metrics,
+    row_count,
     tail_items,
 )
 from trainer.mips import ItemLists, distributed_topk, shard_range
@@ -50,8 +62,8 @@ from trainer.synchronized import synchronized
 
 logger = logging.getLogger(__name__)
 
-# Splits besides train whose events come before a split's events (test follows valid).
-EARLIER_SPLITS = {"test": ("valid",)}
+METRICS_FILE = "metrics.json"
+SUBSETS = ("tail", "cold")
 
 
 def read_split_columns(
@@ -182,71 +194,10 @@ def first_row_batch(manifest: Manifest, config: ExperimentConfig, split: str) ->
     return batch_builder(manifest, config)(table)
 
 
-def earlier_pairs(
-    config: ExperimentConfig, manifest: Manifest, split: str, train_pairs: pa.Table
-) -> pa.Table:
-    """(user_id, item_id) of every event before ``split``: train, plus valid for test."""
-    if split == config.data.train_split:
-        return train_pairs.slice(0, 0)
-    extra = [
-        read_split_columns(config.data.path, manifest, s, [USER_ID, ITEM_ID])
-        for s in EARLIER_SPLITS.get(split, ())
-    ]
-    return pa.concat_tables([train_pairs, *extra])
-
-
-def seen_items(
-    pairs: pa.Table, user_ids: np.ndarray, targets: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per query, the items its user has in ``pairs`` (user_id, item_id), minus the query's own
-    target. Returns CSR (offsets [q+1] int64, ids [nnz] int64)."""
-    users = pairs.column(USER_ID).to_numpy()
-    items = pairs.column(ITEM_ID).to_numpy()
-    order = np.lexsort((items, users))
-    users, items = users[order], items[order]
-    starts = np.searchsorted(users, user_ids, side="left")
-    stops = np.searchsorted(users, user_ids, side="right")
-    chunks = [
-        np.unique(items[a:b][items[a:b] != t])
-        for a, b, t in zip(starts, stops, targets, strict=True)
-    ]
-    offsets = np.zeros(len(chunks) + 1, np.int64)
-    offsets[1:] = np.cumsum([len(c) for c in chunks])
-    ids = np.concatenate(chunks).astype(np.int64) if chunks else np.zeros(0, np.int64)
-    return offsets, ids
-
-
 def popularity_scores(train_pairs: pa.Table, num_items: int) -> np.ndarray:
     """[N] training interaction counts: the most-popular baseline's item scores."""
     items = train_pairs.column(ITEM_ID).to_numpy()
     return np.bincount(items, minlength=num_items).astype(np.float32)
-
-
-def _reduce_metrics(local: dict[str, float], count: int, device: torch.device) -> dict[str, float]:
-    """Means over every rank's queries, not means of rank means: each rank's mean is weighted by
-    the queries it averaged over, ``count`` or, for ``<subset>_recall@k``, its
-    ``<subset>_rows`` (so subset recall is all ranks' hits over all ranks' rows). The
-    ``<subset>_rows`` are summed. NaN where no rank had any such query. Coverage is not a mean
-    and is reduced elsewhere."""
-    rows = {key: int(value) for key, value in local.items() if key.endswith("_rows")}
-    keys = [k for k in local if not k.startswith("coverage") and k not in rows]
-    weights = [_weight(key, count, rows) for key in keys]
-    # A rank without such queries holds NaN (or a placeholder) there: it must add 0, not NaN * 0.
-    sums = [local[k] * w if w else 0.0 for k, w in zip(keys, weights, strict=True)]
-    values = torch.tensor(sums + weights + list(rows.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(values)
-    sums = values[: len(keys)].tolist()
-    totals = values[len(keys) : 2 * len(keys)].tolist()
-    result = {k: s / t if t > 0 else math.nan for k, s, t in zip(keys, sums, totals, strict=True)}
-    row_totals = values[2 * len(keys) :].tolist()
-    result |= {key: int(total) for key, total in zip(rows, row_totals, strict=True)}
-    return result
-
-
-def _weight(key: str, count: int, rows: dict[str, int]) -> int:
-    """The number of queries behind a rank's ``key`` mean: its subset's rows for subset recall."""
-    subset, separator, _ = key.partition("_recall@")
-    return rows[f"{subset}_rows"] if separator else count
 
 
 def _coverage(top10: torch.Tensor, num_items: int, device: torch.device) -> float:
@@ -276,28 +227,82 @@ def _score_ranking(
     num_items: int,
     tail: torch.Tensor,
     cold: torch.Tensor,
-    device: torch.device,
-) -> dict[str, float]:
-    """Metrics over all ranks' queries (means weighted by each rank's query count).
+    env: DistributedEnv,
+    bootstrap: BootstrapConfig,
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Metrics over all ranks' queries and their intervals. Collective.
 
     Args:
         topk_ids: [q_r, K] this rank's ranked ids; targets: [q_r] int64.
         tail: [num_items] bool long-tail mask, the same on every rank.
         cold: [num_items] bool cold-item mask, the same on every rank.
+    Returns:
+        ({metric: mean over every rank's queries, ``<subset>_rows``: their counts,
+        ``coverage@10``}, {metric: [low, high]} for the per-query metrics).
     """
-    cutoffs = cutoffs_for(ks)
-    tail, cold = tail.cpu(), cold.cpu()
-    if len(targets):
-        local = retrieval_metrics(topk_ids.cpu(), targets.cpu(), num_items, cutoffs, tail, cold)
-    else:
-        placeholder = torch.zeros(1, max(ks), dtype=torch.int64)
-        one_target = torch.zeros(1, dtype=torch.int64)
-        local = dict.fromkeys(
-            retrieval_metrics(placeholder, one_target, num_items, cutoffs, tail, cold), 0.0
-        )
-    result = _reduce_metrics(local, len(targets), device)
-    result["coverage@10"] = _coverage(topk_ids[:, :10], num_items, device)
-    return result
+    per_query = per_query_metrics(
+        topk_ids.cpu(), targets.cpu(), cutoffs_for(ks), tail.cpu(), cold.cpu()
+    )
+    means, intervals = reduce_query_means(per_query, bootstrap, env.rank, env.device)
+    rows = torch.tensor([row_count(per_query, s) for s in SUBSETS], device=env.device)
+    dist.all_reduce(rows)
+    means |= {f"{s}_rows": int(n) for s, n in zip(SUBSETS, rows.tolist(), strict=True)}
+    means["coverage@10"] = _coverage(topk_ids[:, :10], num_items, env.device)
+    return means, intervals
+
+
+@dataclass(frozen=True)
+class _Exclusion:
+    """The evaluation's exclusion lists and popularity counts for this rank's queries."""
+
+    lists: ItemLists
+    engaged_counts: np.ndarray  # [N] the most-popular baseline's scores
+    event_counts: np.ndarray  # [N] training events per item (tail and cold masks)
+
+
+def _exclusion(
+    config: ExperimentConfig, manifest: Manifest, split: str, users: torch.Tensor
+) -> _Exclusion:
+    rule, weights = config.eval.exclude, config.loss.label_weights
+    columns = columns_for(ExcludeRule.ENGAGED, manifest.schema.labels)
+    train = read_split_columns(config.data.path, manifest, config.data.train_split, columns)
+    num_items = manifest.tables["item_id"]
+    earlier = [
+        train
+        if name == config.data.train_split
+        else read_split_columns(config.data.path, manifest, name, columns)
+        for name in earlier_splits(split, config.data.train_split)
+    ]
+    events = pa.concat_tables(earlier) if earlier else train.slice(0, 0)
+    pairs = excluded_pairs(events, rule, weights)
+    return _Exclusion(
+        lists=user_item_lists(pairs, users.cpu().numpy()),
+        engaged_counts=engaged_counts(train, num_items, weights),
+        event_counts=popularity_scores(train.select([USER_ID, ITEM_ID]), num_items),
+    )
+
+
+def protocol(config: ExperimentConfig, split: str, num_items: int, queries: int) -> dict[str, Any]:
+    """What an evaluation measured, beside its numbers (``metrics.json`` ``protocol``)."""
+    return {
+        "split": split,
+        "exclude": config.eval.exclude.value,
+        "corpus_items": num_items,
+        "queries": queries,
+        "cutoffs": list(config.eval.ks),
+        "interval": f"{config.eval.interval_level:g} percentile bootstrap over queries, "
+        f"{config.eval.bootstrap_replicates} replicates",
+    }
+
+
+def protocol_line(info: dict[str, Any]) -> str:
+    """One line: split, exclusion rule, corpus size, queries, cutoffs, interval."""
+    cutoffs = ",".join(str(k) for k in info["cutoffs"])
+    return (
+        f"protocol: split={info['split']} exclude={info['exclude']} "
+        f"corpus={info['corpus_items']} items queries={info['queries']} K={cutoffs} "
+        f"interval={info['interval']}"
+    )
 
 
 def evaluate_model(
@@ -305,29 +310,32 @@ def evaluate_model(
     manifest: Manifest,
     config: ExperimentConfig,
     env: DistributedEnv,
-    run_dir: Path,
+    run_dir: Path | None,
     split: str | None = None,
+    *,
+    output_name: str = METRICS_FILE,
+    bootstrap: BootstrapConfig | None = None,
+    checkpoint: str | None = None,
 ) -> dict[str, Any]:
-    """Collective. Writes ``metrics.json`` (rank 0) and returns {model, popularity, ...}; with
-    the light ranking head also ``reranked``: the metrics of ``model.light_head.num_items``
-    items reranked by the head out of ``num_knn_items`` retrieved (cutoffs beyond num_items
-    count only those items)."""
+    """Collective. Writes ``run_dir / output_name`` (rank 0; nothing when ``run_dir`` is None)
+    and returns {model, popularity, intervals, protocol, num_queries, ...}; with the light
+    ranking head also ``reranked``: the metrics of ``model.light_head.num_items`` items
+    reranked by the head out of ``num_knn_items`` retrieved (cutoffs beyond num_items count
+    only those items). ``checkpoint`` names the evaluated weights' folder (``step-N``, ``best``).
+    ``bootstrap`` defaults to ``eval.bootstrap_replicates`` at
+    ``eval.interval_level``, seeded by ``seed``."""
     split = split or config.eval.split
+    if bootstrap is None:
+        bootstrap = BootstrapConfig(
+            config.eval.bootstrap_replicates, config.eval.interval_level, config.seed
+        )
     model.eval()
     k = max(config.eval.ks)
     num_items = manifest.tables["item_id"]
     corpus_ids, corpus = embed_corpus(model, manifest, config, env)
     users, targets, queries, ranker_queries = embed_queries(model, manifest, config, env, split)
-    train_pairs = read_split_columns(
-        config.data.path, manifest, config.data.train_split, [USER_ID, ITEM_ID]
-    )
-    excluded_pairs = (
-        earlier_pairs(config, manifest, split, train_pairs)
-        if config.eval.exclude_seen
-        else train_pairs.slice(0, 0)
-    )
-    offsets, excluded = seen_items(excluded_pairs, users.cpu().numpy(), targets.cpu().numpy())
-    exclude = ItemLists(torch.from_numpy(offsets), torch.from_numpy(excluded))
+    exclusion = _exclusion(config, manifest, split, users)
+    exclude = exclusion.lists
     _, topk_ids = distributed_topk(
         queries,
         corpus,
@@ -337,28 +345,34 @@ def evaluate_model(
         query_chunk=config.eval.query_chunk,
         corpus_chunk=config.eval.corpus_chunk,
     )
-    counts = popularity_scores(train_pairs, num_items)
-    tail = torch.from_numpy(tail_items(counts, HEAD_FRACTION))
-    cold = torch.from_numpy(cold_items(counts, config.eval.cold_item_max_events))
-    ks = config.eval.ks
-    model_metrics = _score_ranking(topk_ids, targets, ks, num_items, tail, cold, env.device)
-    results = {
+    tail = torch.from_numpy(tail_items(exclusion.event_counts, HEAD_FRACTION))
+    cold = torch.from_numpy(cold_items(exclusion.event_counts, config.eval.cold_item_max_events))
+
+    def score(ids: torch.Tensor) -> tuple[dict[str, float], dict[str, list[float]]]:
+        return _score_ranking(ids, targets, config.eval.ks, num_items, tail, cold, env, bootstrap)
+
+    model_metrics, model_intervals = score(topk_ids)
+    count = torch.tensor([len(targets)], device=env.device)
+    dist.all_reduce(count)
+    results: dict[str, Any] = {
         "split": split,
         "num_items": num_items,
+        "num_queries": int(count.item()),
         "head_fraction": HEAD_FRACTION,
         "cold_item_max_events": config.eval.cold_item_max_events,
         "model": model_metrics,
+        "intervals": {"model": model_intervals},
+        "checkpoint": checkpoint,
     }
+    results["protocol"] = protocol(config, split, num_items, results["num_queries"])
     head = head_module(model)
     if head is not None and ranker_queries is not None:
         weights = label_weights(manifest, config)
         _, reranked = reranked_topk(
             head, queries, ranker_queries, corpus_ids, corpus, weights, config, exclude
         )
-        results["reranked"] = _score_ranking(
-            pad_columns(reranked, k), targets, ks, num_items, tail, cold, env.device
-        )
-    popularity = torch.from_numpy(counts)
+        results["reranked"], results["intervals"]["reranked"] = score(pad_columns(reranked, k))
+    popularity = torch.from_numpy(exclusion.engaged_counts)
     _, pop_ids = distributed_topk(
         torch.ones(len(targets), 1, device=env.device),
         popularity[corpus_ids.cpu()].unsqueeze(1).to(env.device),
@@ -366,10 +380,7 @@ def evaluate_model(
         k,
         exclude=exclude,
     )
-    results["popularity"] = _score_ranking(pop_ids, targets, ks, num_items, tail, cold, env.device)
-    count = torch.tensor([len(targets)], device=env.device)
-    dist.all_reduce(count)
-    results["num_queries"] = int(count.item())
+    results["popularity"], results["intervals"]["popularity"] = score(pop_ids)
     if config.eval.funnel.ranker is not None:
         from trainer.funnel import funnel_metrics
 
@@ -381,30 +392,49 @@ def evaluate_model(
                 split,
                 config.eval.cold_item_max_events,
             )
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-        logger.info("evaluation on %s:\n%s", split, format_table(results))
+        # Without a run directory (validation during training) the table goes to debug.
+        level = logging.INFO if run_dir is not None else logging.DEBUG
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / output_name).write_text(json.dumps(results, indent=2, sort_keys=True))
+        logger.log(level, "evaluation on %s:\n%s", split, format_table(results))
     model.train()
     return results
 
 
+# Rows that count queries rather than measure the ranking: shown below the table, not in it.
+COUNT_ROWS = ("tail_rows", "cold_rows", "tail_queries", "cold_queries")
+
+
 def format_table(results: dict[str, Any]) -> str:
-    """Metric rows, model vs. most-popular baseline (and the light head's reranked list)."""
-    names = list(results["model"])
-    reranked = results.get("reranked")
-    header = f"{'metric':<14}{'two-tower':>12}{'most-popular':>14}{'ratio':>9}"
-    lines = [header + (f"{'reranked':>11}" if reranked else "")]
-    for name in names:
-        ours, base = results["model"][name], results["popularity"].get(name, float("nan"))
-        ratio = ours / base if base else float("inf")
-        line = f"{name:<14}{ours:>12.4f}{base:>14.4f}{ratio:>9.2f}"
-        if reranked:
-            line += f"{reranked.get(name, float('nan')):>11.4f}"
-        lines.append(line)
+    """Metric rows with 95% intervals, model vs. most-popular baseline (and the light head's
+    reranked list), then the query counts and the protocol line."""
+    rankings = [r for r in ("model", "popularity", "reranked") if r in results]
+    titles = {"model": "two-tower", "popularity": "most-popular", "reranked": "reranked"}
+    intervals = results.get("intervals", {})
+    header = f"{'metric':<18}" + "".join(f"{titles[r]:>26}" for r in rankings) + f"{'ratio':>8}"
+    lines = [header]
+    for name in (n for n in results["model"] if n not in COUNT_ROWS):
+        cells = [_cell(results[r].get(name), intervals.get(r, {}).get(name)) for r in rankings]
+        ours, base = results["model"][name], results["popularity"].get(name)
+        ratio = f"{ours / base:.2f}" if base and math.isfinite(base) else "—"
+        lines.append(f"{name:<18}" + "".join(f"{c:>26}" for c in cells) + f"{ratio:>8}")
+    model = results["model"]
     lines.append(
-        f"({results['num_queries']} queries on '{results['split']}', {results['num_items']} items)"
+        "queries with a tail target: "
+        f"{model.get('tail_rows', 0)}, with a cold target: {model.get('cold_rows', 0)}"
     )
+    lines.append(protocol_line(results["protocol"]))
     if "funnel" in results:
         lines.append("funnel consistency against the ranker:")
         lines += [f"  {name:<22}{value:>10.4f}" for name, value in results["funnel"].items()]
     return "\n".join(lines)
+
+
+def _cell(value: float | None, interval: list[float] | None) -> str:
+    """``0.1234 [0.1100, 0.1380]``; the interval is omitted where there is none."""
+    if value is None:
+        return "—"
+    if not interval or any(math.isnan(x) for x in interval):
+        return f"{value:.4f}"
+    return f"{value:.4f} [{interval[0]:.4f}, {interval[1]:.4f}]"

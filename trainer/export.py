@@ -38,7 +38,7 @@ from data_pipeline.manifest import Manifest
 from data_pipeline.schema import ITEM_ID
 from models.two_tower import TwoTowerModel
 from trainer.build import batch_builder, build_unsharded_model
-from trainer.checkpoint import latest_checkpoint, load_model
+from trainer.checkpoint import best_checkpoint, latest_checkpoint, load_model
 from trainer.config import ConfigError, ExperimentConfig, load_config, to_yaml
 from trainer.distributed import init_distributed
 from trainer.evaluate import embed_corpus
@@ -157,14 +157,15 @@ def write_faiss_index(ids: torch.Tensor, embeddings: torch.Tensor, path: Path) -
 def run_checkpoint(
     run_dir: Path, overrides: list[str] | None = None
 ) -> tuple[ExperimentConfig, Path]:
-    """The run's config and latest complete checkpoint; errors name the missing path."""
+    """The run's config and its best validation checkpoint, else its latest complete one;
+    errors name the missing path."""
     config_path = run_dir / "config.yaml"
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
     if not config_path.exists():
         raise ConfigError(f"{config_path}: not a run directory (no config.yaml)")
     config = load_config(config_path, overrides or [])
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint = best_checkpoint(run_dir) or latest_checkpoint(run_dir)
     if checkpoint is None:
         raise FileNotFoundError(
             f"{run_dir / 'checkpoints'}: no complete checkpoint (step-N with .complete) to export"

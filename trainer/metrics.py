@@ -100,6 +100,61 @@ def cold_items(counts: np.ndarray, max_events: int) -> np.ndarray:
     return np.asarray(counts < max_events, dtype=bool)
 
 
+@dataclass(frozen=True)
+class QueryValues:
+    """One metric per query: ``values`` [Q] float64 and ``included`` [Q] bool, the queries its
+    mean is over (those with a relevant item; for subset recall, with a relevant subset item)."""
+
+    values: torch.Tensor
+    included: torch.Tensor
+
+    def mean(self) -> float:
+        return _mean(self.values[self.included])
+
+
+def per_query_metrics(
+    topk_ids: torch.Tensor,
+    targets: torch.Tensor | ItemLists,
+    cutoffs: MetricCutoffs = MetricCutoffs(),
+    tail: torch.Tensor | None = None,
+    cold: torch.Tensor | None = None,
+) -> dict[str, QueryValues]:
+    """Every per-query metric of :func:`retrieval_metrics` (all but coverage and the row counts),
+    before averaging: what a mean, a sum over ranks and a bootstrap over queries are taken of.
+
+    Args:
+        topk_ids: [Q, K] int64 ranked item ids per query, distinct within a row; -1 = no item.
+        targets: [Q] int64 one relevant item per query, or Q lists of relevant item ids.
+        cutoffs: the K's to report; K must be >= cutoffs.largest.
+        tail, cold: [num_items] bool item masks, or None for no such subset metrics.
+    Returns:
+        {"hr@10", "recall@K", "ndcg@K", "mrr@<K of topk_ids>", and with a mask
+        "<subset>_recall@K", "<subset>_queries"}: :class:`QueryValues` over Q queries.
+    """
+    if topk_ids.dim() != 2 or topk_ids.shape[1] < cutoffs.largest:
+        raise ValueError(
+            f"topk_ids must be [Q, K] with K >= {cutoffs.largest}, got {tuple(topk_ids.shape)}"
+        )
+    relevant, num_relevant = relevance_matrix(topk_ids, targets)
+    evaluated = num_relevant > 0
+    relevant, counts = relevant.double(), num_relevant.double().clamp_min(1.0)
+    metrics: dict[str, QueryValues] = {}
+    for k in cutoffs.hit_rate:
+        metrics[f"hr@{k}"] = QueryValues(relevant[:, :k].amax(dim=1), evaluated)
+    for k in cutoffs.recall:
+        metrics[f"recall@{k}"] = QueryValues(relevant[:, :k].sum(dim=1) / counts, evaluated)
+    for k in cutoffs.ndcg:
+        metrics[f"ndcg@{k}"] = QueryValues(ndcg_at_k(relevant, counts, k), evaluated)
+    metrics[f"mrr@{topk_ids.shape[1]}"] = QueryValues(reciprocal_rank(relevant), evaluated)
+    for subset, items, ks in (
+        ("tail", tail, cutoffs.tail_recall_cutoffs),
+        ("cold", cold, cutoffs.cold_recall_cutoffs),
+    ):
+        if items is not None:
+            metrics |= subset_recall(subset, topk_ids, only_in(targets, items), evaluated, ks)
+    return metrics
+
+
 def retrieval_metrics(
     topk_ids: torch.Tensor,
     targets: torch.Tensor | ItemLists,
@@ -108,7 +163,7 @@ def retrieval_metrics(
     tail: torch.Tensor | None = None,
     cold: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """HR@k, Recall@k, NDCG@k, MRR, catalog coverage@k and (given ``tail``, ``cold``) tail and
+    """HR@k, Recall@k, NDCG@k, MRR@K, catalog coverage@k and (given ``tail``, ``cold``) tail and
     cold Recall@k.
 
     Args:
@@ -119,40 +174,32 @@ def retrieval_metrics(
         tail: [num_items] bool long-tail mask (``tail_items``), or None for no tail metrics.
         cold: [num_items] bool cold-item mask (``cold_items``), or None for no cold metrics.
     Returns:
-        {"hr@10", "recall@10", "recall@50", "recall@100", "ndcg@10", "ndcg@50", "mrr",
-        "coverage@10"} for the default cutoffs, as Python floats; with ``tail`` also
-        "tail_recall@10", "tail_recall@50", "tail_recall@100" (means over the queries with a
-        tail relevant item, NaN if none), "tail_queries" (the fraction of evaluated queries
-        that have one) and "tail_rows" (their number); with ``cold`` the same as "cold_...".
+        {"hr@10", "recall@10", "recall@50", "recall@100", "ndcg@10", "ndcg@50", "mrr@100",
+        "coverage@10"} for the default cutoffs and K = 100, as Python floats (MRR is named for
+        the K of ``topk_ids``); with ``tail`` also "tail_recall@10", "tail_recall@50",
+        "tail_recall@100" (means over the queries with a tail relevant item, NaN if none),
+        "tail_queries" (the fraction of evaluated queries that have one) and "tail_rows" (their
+        number); with ``cold`` the same as "cold_...".
     """
-    if topk_ids.dim() != 2 or topk_ids.shape[1] < cutoffs.largest:
-        raise ValueError(
-            f"topk_ids must be [Q, K] with K >= {cutoffs.largest}, got {tuple(topk_ids.shape)}"
-        )
-    relevant, num_relevant = relevance_matrix(topk_ids, targets)
-    evaluated = num_relevant > 0
-    relevant, num_relevant = relevant[evaluated].double(), num_relevant[evaluated].double()
-    metrics: dict[str, float] = {}
-    for k in cutoffs.hit_rate:
-        metrics[f"hr@{k}"] = _mean(relevant[:, :k].amax(dim=1))
-    for k in cutoffs.recall:
-        metrics[f"recall@{k}"] = _mean(relevant[:, :k].sum(dim=1) / num_relevant)
-    for k in cutoffs.ndcg:
-        metrics[f"ndcg@{k}"] = _mean(ndcg_at_k(relevant, num_relevant, k))
-    metrics["mrr"] = _mean(reciprocal_rank(relevant))
+    for subset, items in (("tail", tail), ("cold", cold)):
+        if items is not None and tuple(items.shape) != (num_items,):
+            raise ValueError(
+                f"{subset} must be [{num_items}] (one flag per item), got {tuple(items.shape)}"
+            )
+    per_query = per_query_metrics(topk_ids, targets, cutoffs, tail, cold)
+    metrics: dict[str, float] = {name: values.mean() for name, values in per_query.items()}
     for k in cutoffs.coverage:
         metrics[f"coverage@{k}"] = catalog_coverage(topk_ids[:, :k], num_items)
-    for subset, items, ks in (
-        ("tail", tail, cutoffs.tail_recall_cutoffs),
-        ("cold", cold, cutoffs.cold_recall_cutoffs),
-    ):
-        if items is not None:
-            if tuple(items.shape) != (num_items,):
-                raise ValueError(
-                    f"{subset} must be [{num_items}] (one flag per item), got {tuple(items.shape)}"
-                )
-            metrics |= subset_recall(subset, topk_ids, only_in(targets, items), evaluated, ks)
+    for subset in ("tail", "cold"):
+        if f"{subset}_queries" in per_query:
+            metrics[f"{subset}_rows"] = row_count(per_query, subset)
     return metrics
+
+
+def row_count(per_query: dict[str, QueryValues], subset: str) -> int:
+    """How many queries have a relevant item of ``subset`` (the queries its recall is over)."""
+    queries = per_query[f"{subset}_queries"]
+    return int((queries.values * queries.included).sum())
 
 
 def subset_recall(
@@ -161,7 +208,7 @@ def subset_recall(
     subset_targets: torch.Tensor | ItemLists,
     evaluated: torch.Tensor,
     ks: tuple[int, ...],
-) -> dict[str, float]:
+) -> dict[str, QueryValues]:
     """Recall@k counting only the relevant items of an item subset (``only_in``).
 
     Args:
@@ -170,19 +217,18 @@ def subset_recall(
         subset_targets: [Q] or Q lists: the relevant items inside the subset.
         evaluated: [Q] bool, the queries with any relevant item.
     Returns:
-        "<subset>_recall@k" per k (NaN without a query that has a relevant subset item),
-        "<subset>_queries" (the fraction of evaluated queries that have one), "<subset>_rows"
-        (their number).
+        "<subset>_recall@k" per k (over the queries that have a relevant subset item; its mean
+        is NaN without one) and "<subset>_queries" (1.0 where the query has one, over the
+        evaluated queries: its mean is the fraction).
     """
     relevant, num_relevant = relevance_matrix(topk_ids, subset_targets)
     has_subset = num_relevant > 0
-    metrics: dict[str, float] = {
-        f"{subset}_queries": _mean(has_subset[evaluated].double()),
-        f"{subset}_rows": int(has_subset.sum()),
-    }
-    relevant, num_relevant = relevant[has_subset].double(), num_relevant[has_subset].double()
+    metrics = {f"{subset}_queries": QueryValues(has_subset.double(), evaluated)}
+    relevant, counts = relevant.double(), num_relevant.double().clamp_min(1.0)
     for k in ks:
-        metrics[f"{subset}_recall@{k}"] = _mean(relevant[:, :k].sum(dim=1) / num_relevant)
+        metrics[f"{subset}_recall@{k}"] = QueryValues(
+            relevant[:, :k].sum(dim=1) / counts, has_subset
+        )
     return metrics
 
 

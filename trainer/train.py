@@ -30,7 +30,13 @@ from trainer.build import (
     label_weights,
     loader_spec,
 )
-from trainer.checkpoint import Checkpointer, Progress, resolve_checkpoint
+from trainer.checkpoint import (
+    Checkpointer,
+    Progress,
+    best_checkpoint,
+    load_model,
+    resolve_checkpoint,
+)
 from trainer.config import ExperimentConfig, NonFinitePolicy, to_dict, to_yaml
 from trainer.distributed import (
     DistributedEnv,
@@ -38,7 +44,7 @@ from trainer.distributed import (
     seed_everything,
 )
 from trainer.entry import run_job
-from trainer.evaluate import first_row_batch
+from trainer.evaluate import evaluate_model, first_row_batch
 from trainer.faults import fire_if_due, planned_fault
 from trainer.features import report, resolve_features
 from trainer.negative_sampling import NegativeSampling
@@ -46,6 +52,8 @@ from trainer.run_logger import RunLogger
 from trainer.signals import StopSignals
 from trainer.step import StepContext, StepOutcome, train_step
 from trainer.synchronized import synchronized
+from trainer.validation import ValidationState, Validator, check_metric
+from trainer.validation import enabled as validation_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +76,8 @@ class TrainResult:
     skipped_steps: steps skipped for a non-finite loss.
     stopped_by_signal: the signal that stopped the run early, or None.
     resumed_from: the checkpoint this process started from, or None.
+    best_step: the step of the best validation (None without validation).
+    stopped_early: training stopped for want of validation progress.
     """
 
     steps: int
@@ -79,6 +89,8 @@ class TrainResult:
     skipped_steps: int = 0
     stopped_by_signal: int | None = None
     resumed_from: str | None = None
+    best_step: int | None = None
+    stopped_early: bool = False
 
 
 DIGEST_MODULUS = (1 << 61) - 1
@@ -105,6 +117,7 @@ class _Run:
     checkpointer: Checkpointer
     progress: Progress
     fallback: Any
+    validator: Validator | None = None
     window: tuple[float, int] = (0.0, 0)  # restored logging window: loss sum, steps
 
 
@@ -116,6 +129,8 @@ def train(config: ExperimentConfig) -> TrainResult:
     if config.data.verify_checksums and env.is_main:
         manifest.verify_checksums(config.data.path, config.data.train_split)
     features = resolve_features(manifest, config)  # every rank: a ConfigError stops them all
+    if validation_enabled(config):
+        check_metric(config, manifest)
     if env.is_main:
         report(features)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -133,9 +148,12 @@ def train(config: ExperimentConfig) -> TrainResult:
     if env.is_main:
         (run_dir / "train_summary.json").write_text(json.dumps(asdict(result), indent=2))
     if config.eval.at_end and result.stopped_by_signal is None:
-        from trainer.evaluate import evaluate_model
-
-        metrics = evaluate_model(run.model, manifest, config, env, run_dir)
+        best = best_checkpoint(run_dir) if run.validator is not None else None
+        if best is not None:
+            load_model(best, run.model)
+            logger.info("evaluating the best validation checkpoint (step %s)", result.best_step)
+        name = best.name if best else Path(result.checkpoint).name
+        metrics = evaluate_model(run.model, manifest, config, env, run_dir, checkpoint=name)
         run.run_log.log(
             {"step": result.steps, **{f"eval/{k}": v for k, v in metrics["model"].items()}}
         )
@@ -179,6 +197,9 @@ def _build(
     )
     checkpointer = Checkpointer(run_dir, config.checkpoint, env.rank, env.world_size)
     split = config.data.train_split
+    validator = None
+    if validation_enabled(config):
+        validator = Validator(config, manifest, env, run_log, ValidationState())
     return _Run(
         model,
         context,
@@ -188,6 +209,7 @@ def _build(
         checkpointer,
         Progress(),
         lambda: first_row_batch(manifest, config, split),
+        validator,
     )
 
 
@@ -201,6 +223,8 @@ def _state_parts(run: _Run) -> tuple[dict[str, Any], dict[str, Any]]:
         "dense_optimizer": run.context.dense_optimizer.state_dict()["state"],
         "samplers": run.context.negatives.state_dict(),
     }
+    if run.validator is not None:
+        parts["validation"] = run.validator.state.to_tensor()
     window = torch.tensor(run.window, dtype=torch.float64)
     return parts, {"samplers": run.context.negatives.rank_state_dict(), "window": window}
 
@@ -222,6 +246,8 @@ def _restore(run: _Run, config: ExperimentConfig) -> str | None:
     assert restored is not None
     run.model.load_state_dict(parts["model"])
     run.context.negatives.load_state_dict(parts["samplers"])
+    if run.validator is not None:
+        run.validator.state.load(parts["validation"])
     if restored.rank_state is not None:
         run.context.negatives.load_rank_state_dict(restored.rank_state["samplers"])
         loss_sum, steps = restored.rank_state["window"].tolist()
@@ -264,14 +290,27 @@ def _global_progress(run: _Run, base: Progress, tally: _Tally) -> Progress:
     )
 
 
-def _save(run: _Run, base: Progress, tally: _Tally) -> Path:
-    """Collective checkpoint at the current step. The open logging window is saved too, so a
-    resumed run logs the same records as an uninterrupted one."""
+def _save(run: _Run, base: Progress, tally: _Tally, best: bool = False) -> Path:
+    """Collective checkpoint at the current step (``best``: as the best validation checkpoint).
+    The open logging window is saved too, so a resumed run logs the same records as an
+    uninterrupted one."""
     run.window = (tally.window_loss, tally.window_steps)
     parts, rank_parts = _state_parts(run)
     progress = _global_progress(run, base, tally)
     meta = {"config": to_dict(run.context.config)}
-    return run.checkpointer.save(parts, rank_parts, progress, run.loader.state_dict(), meta)
+    save = run.checkpointer.save_best if best else run.checkpointer.save
+    return save(parts, rank_parts, progress, run.loader.state_dict(), meta)
+
+
+def _validate(
+    run: _Run, base: Progress, tally: _Tally, epoch_end: bool = False, final: bool = False
+) -> bool:
+    """Validates when due, or the ``final`` weights unless just validated (collective); True
+    when training should stop early."""
+    validator = run.validator
+    if validator is None or not validator.due(run.progress.step, epoch_end, final):
+        return False
+    return validator.validate(run.model, run.progress.step, lambda: _save(run, base, tally, True))
 
 
 def _flush_window(run: _Run, tally: _Tally, rate: float | None = None) -> None:
@@ -329,9 +368,10 @@ def _loop(run: _Run, rows_per_epoch: int) -> TrainResult:
     )
     start = window_start = time.perf_counter()
     stopped_by: int | None = None
+    early = False
     run.model.train()
     for epoch in range(run.progress.epoch, config.train.epochs):
-        if _finished(run, total_steps) or stopped_by is not None:
+        if _finished(run, total_steps) or stopped_by is not None or early:
             break
         run.progress.epoch = epoch
         run.loader.dataset.set_epoch(epoch)
@@ -351,9 +391,16 @@ def _loop(run: _Run, rows_per_epoch: int) -> TrainResult:
                 stopped_by = stopped_by or 15
             if stopped_by is not None or _finished(run, total_steps):
                 break
+            early = _validate(run, base, tally)
+            if early:
+                break
             if run.checkpointer.due(run.progress.step):
                 _save(run, base, tally)
             fire_if_due(fault, run.progress.step)
+        else:
+            early = _validate(run, base, tally, epoch_end=True)
+    if stopped_by is None and run.validator is not None:
+        _validate(run, base, tally, final=True)
     progress_bar.close()
     run.checkpointer.finish()
     latest = run.checkpointer.latest()
@@ -375,6 +422,8 @@ def _loop(run: _Run, rows_per_epoch: int) -> TrainResult:
         checkpoint=str(checkpoint),
         skipped_steps=final.skipped_steps,
         stopped_by_signal=stopped_by,
+        best_step=run.validator.state.best_step if run.validator is not None else None,
+        stopped_early=early,
     )
 
 

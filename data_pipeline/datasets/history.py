@@ -98,6 +98,31 @@ def build_timeline(user: np.ndarray, timestamp: np.ndarray, item: np.ndarray) ->
     )
 
 
+def strictly_earlier_rank(timeline: UserTimeline, timestamp: np.ndarray) -> np.ndarray:
+    """How many of each event's user's events have a strictly smaller timestamp.
+
+    ``timeline.rank`` also counts same-second events ordered before it (by item id); this count
+    drops them, for histories that must hold only events before the row's own second.
+
+    Args:
+        timeline: from :func:`build_timeline` over the log.
+        timestamp: [N] integer event times, input order.
+
+    Returns:
+        [N] int64, ``<= timeline.rank``, input order.
+    """
+    n = timeline.num_events
+    sorted_rank = timeline.rank[timeline.order]
+    sorted_time = np.asarray(timestamp)[timeline.order]
+    is_start = sorted_rank == 0  # a user's first event
+    is_start[1:] |= sorted_time[1:] != sorted_time[:-1]
+    positions = np.arange(n, dtype=np.int64)
+    # Sorted position of the first event of each (user, second) run.
+    run_start = np.maximum.accumulate(np.where(is_start, positions, 0))
+    strict_sorted = sorted_rank - (positions - run_start)
+    return strict_sorted[timeline.sorted_position].astype(np.int64)
+
+
 def jagged_offsets(lengths: np.ndarray) -> np.ndarray:
     """[R] lengths -> [R + 1] int32 offsets (Arrow ``list`` offsets)."""
     offsets = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
@@ -131,6 +156,7 @@ def history_for_rows(
     rows: np.ndarray,
     history_length: int,
     timestamp: np.ndarray | None = None,
+    earlier: np.ndarray | None = None,
 ) -> HistoryBatch:
     """Point-in-time histories of selected events.
 
@@ -141,13 +167,20 @@ def history_for_rows(
         timestamp: [N] int64 event times, input order (None: zeros in ``timestamps``).
         rows: [R] int64 input indices to build histories for, in output order.
         history_length: H, the most history events kept per row.
+        earlier: [N] int64, how many of the user's first timeline events form each event's
+            history, ``<= timeline.rank`` (None: ``timeline.rank``, every event ordered before it;
+            :func:`strictly_earlier_rank` for events of earlier seconds only).
 
     Returns:
-        R histories, each the previous ``min(rank, H)`` events of the user, newest first.
+        R histories, each the last ``min(earlier, H)`` of the user's first ``earlier`` events,
+        newest first.
     """
-    lengths = np.minimum(timeline.rank[rows], history_length)
-    # The user's previous events sit just before the row in the sorted order.
-    source = timeline.order[backward_gather_index(timeline.sorted_position[rows], lengths)]
+    earlier_rows = timeline.rank[rows] if earlier is None else earlier[rows]
+    lengths = np.minimum(earlier_rows, history_length)
+    # The user's previous events sit just before the row in the sorted order; the history ends
+    # ``rank - earlier`` events before it.
+    ends = timeline.sorted_position[rows] - timeline.rank[rows] + earlier_rows
+    source = timeline.order[backward_gather_index(ends, lengths)]
     return HistoryBatch(
         offsets=jagged_offsets(lengths),
         item_ids=item[source].astype(np.int64),

@@ -3,8 +3,14 @@
 Every rating is one event with ``label_click = 1`` and ``label_like = rating >= 4``; ``position``
 is all null and there is no ranker score. Each row carries its point-in-time history
 (:mod:`data_pipeline.datasets.history`) and its user and item features denormalized, so the
-trainer needs no join. The split is temporal leave-last-out per user
-(:mod:`data_pipeline.datasets.split`); eval rows carry the history up to the held-out event.
+trainer needs no join. The split (:mod:`data_pipeline.datasets.split`, ``split=``) is either
+
+* ``leave-last-out`` (default): per user, the last event is ``test`` and the one before it
+  ``valid``; eval rows carry the history up to the held-out event in timeline order; or
+* ``temporal``: global cut at event-time quantiles, train ``< T1 <=`` valid ``< T2 <=`` test;
+  every valid/test event is a query row (the literature's global temporal protocol) whose
+  history holds only its user's events of strictly earlier seconds, on every split's rows.
+  ``manifest.extra["split"]`` records the quantiles and ``T1``, ``T2``.
 
 Feature breadth beyond the side files:
 
@@ -12,9 +18,10 @@ Feature breadth beyond the side files:
   ``text_tokens`` (:mod:`data_pipeline.datasets.movielens_text`); in event rows and ``items/``.
 * ``item_{rating,like}_count_{1d,7d,30d}``: point-in-time item popularity
   (:mod:`data_pipeline.datasets.movielens_counters`). Event rows of every split count the same
-  item's events with ``t - w <= s < t`` over the whole log; ``items/`` holds a snapshot at
-  ``max(train timestamp) + 1`` over train-split events only, so the evaluation corpus sees no
-  held-out event; ``manifest.counters`` is fitted on train rows.
+  item's events with ``t - w <= s < t`` over the whole log; ``items/`` holds a snapshot over
+  train-split events only, at ``max(train timestamp) + 1`` (leave-last-out) or at ``T1``
+  (temporal: only events before ``T1``), so the evaluation corpus sees no held-out event;
+  ``manifest.counters`` is fitted on train rows. ``users/`` holds static features only.
 * ``ctx_hour``, ``ctx_weekday``: UTC hour and weekday of the event, per-event user-side context
   (event rows only, not ``users/``).
 
@@ -48,13 +55,29 @@ from data_pipeline.datasets.event_features import (
     time_context,
     time_context_specs,
 )
-from data_pipeline.datasets.history import UserTimeline, build_timeline, history_for_rows
+from data_pipeline.datasets.history import (
+    UserTimeline,
+    build_timeline,
+    history_for_rows,
+    strictly_earlier_rank,
+)
 from data_pipeline.datasets.movielens_counters import ItemCounters, item_counters
 from data_pipeline.datasets.movielens_formats import parse_items, parse_ratings, parse_users
 from data_pipeline.datasets.movielens_source import ResolvedSource, resolve_source
 from data_pipeline.datasets.movielens_text import TitleText, title_spec, title_text
 from data_pipeline.datasets.output import clear_output, write_side_file, write_side_table
-from data_pipeline.datasets.split import MIN_EVENTS_TO_HOLD_OUT, SPLIT_NAMES, TRAIN, leave_last_out
+from data_pipeline.datasets.split import (
+    MIN_EVENTS_TO_HOLD_OUT,
+    SPLIT_NAMES,
+    TRAIN,
+    SplitConfig,
+    SplitProtocol,
+    TemporalThresholds,
+    leave_last_out,
+    split_user_counts,
+    temporal_split,
+    temporal_thresholds,
+)
 from data_pipeline.manifest import Manifest, SplitInfo
 from data_pipeline.schema import (
     HISTORY_ITEMS,
@@ -124,6 +147,8 @@ class EventSources:
         title: ``[I]`` title ids and weights, denormalized per row.
         counters: ``[N]`` point-in-time counts per event.
         history_length: H.
+        history_rank: ``[N]`` int64 how many of the user's timeline events precede each event's
+            history end (:func:`~data_pipeline.datasets.history.history_for_rows` ``earlier``).
     """
 
     log: MovieLensLog
@@ -131,6 +156,37 @@ class EventSources:
     title: TitleText
     counters: ItemCounters
     history_length: int
+    history_rank: np.ndarray
+
+
+@dataclass(frozen=True)
+class SplitAssignment:
+    """Which split every event is in, and what its history may hold.
+
+    Args:
+        codes: ``[N]`` int8 split code per event (:data:`~data_pipeline.datasets.split.TRAIN` ..).
+        history_rank: ``[N]`` int64, the ``earlier`` of each event's history.
+        thresholds: T1 and T2 of the temporal split; None for leave-last-out.
+    """
+
+    codes: np.ndarray
+    history_rank: np.ndarray
+    thresholds: TemporalThresholds | None
+
+
+def assign_splits(
+    log: MovieLensLog, timeline: UserTimeline, config: SplitConfig
+) -> SplitAssignment:
+    """Leave-last-out (history: every earlier event in timeline order) or temporal (history:
+    events of strictly earlier seconds, so a same-second sibling never shows)."""
+    if config.protocol is SplitProtocol.LEAVE_LAST_OUT:
+        return SplitAssignment(leave_last_out(timeline), timeline.rank, None)
+    thresholds = temporal_thresholds(log.timestamp, config.valid_quantile, config.test_quantile)
+    return SplitAssignment(
+        codes=temporal_split(log.timestamp, thresholds),
+        history_rank=strictly_earlier_rank(timeline, log.timestamp),
+        thresholds=thresholds,
+    )
 
 
 def prepare_movielens(
@@ -145,6 +201,7 @@ def prepare_movielens(
     rows_per_file: int = 1_000_000,
     text_vocab_size: int = 1 << 15,
     text_max_tokens: int = 16,
+    split: SplitConfig | None = None,
 ) -> Manifest:
     """Convert one MovieLens variant into ``out`` and return its manifest.
 
@@ -163,6 +220,7 @@ def prepare_movielens(
         rows_per_file: rows per Parquet file.
         text_vocab_size: rows of the ``text_tokens`` table (title ids lie in ``[1, size)``).
         text_max_tokens: title words kept (unigrams; bigrams are on).
+        split: leave-last-out (default) or temporal, with its quantiles.
     """
     variant = variant.lower().removeprefix("ml-")
     out = Path(out)
@@ -183,25 +241,34 @@ def prepare_movielens(
     schema = movielens_schema(log)
     clear_output(out, extra_dirs=("raw_ids",))
     timeline = build_timeline(log.user, log.timestamp, log.item)
-    split = leave_last_out(timeline)
+    assignment = assign_splits(log, timeline, split if split is not None else SplitConfig())
+    thresholds = assignment.thresholds
     sources = EventSources(
         log=log,
         timeline=timeline,
         title=title_text(log.item_titles, text_config),
         counters=item_counters(
-            log.item, log.timestamp, log.like, split == TRAIN, int(log.item_map.shape[0])
+            log.item,
+            log.timestamp,
+            log.like,
+            assignment.codes == TRAIN,
+            int(log.item_map.shape[0]),
+            snapshot_time=thresholds.valid_start if thresholds is not None else None,
         ),
         history_length=history_length,
+        history_rank=assignment.history_rank,
     )
     output_order = np.lexsort((log.item, log.user, log.timestamp))
     splits: dict[str, SplitInfo] = {}
     for code, name in enumerate(SPLIT_NAMES):
-        rows = output_order[split[output_order] == code]
+        rows = output_order[assignment.codes[output_order] == code]
         splits[name] = _write_events(
             out, name, sources, rows, schema, row_group_rows, rows_per_file
         )
     splits.update(_write_side_tables(out, schema, sources, row_group_rows))
     extra = _extra(log, timeline, splits, write_raw_ids(out, log))
+    if thresholds is not None:
+        extra = _with_temporal_split(extra, log, splits, assignment.codes, thresholds)
     extra["text"] = sources.title.to_manifest()
     extra["counters"] = sources.counters.to_manifest()
     manifest = Manifest(
@@ -304,7 +371,13 @@ def event_table(sources: EventSources, rows: np.ndarray) -> pa.Table:
     log = sources.log
     actions = {"like": log.like, "dislike": log.dislike}
     history = history_for_rows(
-        sources.timeline, log.item, actions, rows, sources.history_length, log.timestamp
+        sources.timeline,
+        log.item,
+        actions,
+        rows,
+        sources.history_length,
+        log.timestamp,
+        earlier=sources.history_rank,
     )
     n = int(rows.shape[0])
     user, item, timestamp = log.user[rows], log.item[rows], log.timestamp[rows]
@@ -381,19 +454,12 @@ def _extra(
     raw_ids: dict[str, dict[str, str]],
 ) -> dict[str, object]:
     n_users, n_items = int(log.user_map.shape[0]), int(log.item_map.shape[0])
-    users_with_events = int(np.unique(log.user).size)
+    counts = _event_counts(log, splits)
     eligible = timeline.user_event_count >= MIN_EVENTS_TO_HOLD_OUT
     held_out_users = int(np.unique(log.user[eligible]).size)
+    counts["users_without_holdout"] = counts["users_with_events"] - held_out_users
     return {
-        "counts": {
-            "events": int(log.user.shape[0]),
-            "users": n_users,
-            "items": n_items,
-            "users_with_events": users_with_events,
-            "items_with_events": int(np.unique(log.item).size),
-            "users_without_holdout": users_with_events - held_out_users,
-            **{f"{name}_rows": info.rows for name, info in splits.items()},
-        },
+        "counts": counts,
         "id_ranges": {
             "user_id": [0, n_users - 1],
             "item_id": [0, n_items - 1],
@@ -411,4 +477,34 @@ def _extra(
         ),
         "vocabularies": {**log.users.vocabularies, **log.items.vocabularies},
         "raw_ids": raw_ids,
+    }
+
+
+def _event_counts(log: MovieLensLog, splits: dict[str, SplitInfo]) -> dict[str, int]:
+    return {
+        "events": int(log.user.shape[0]),
+        "users": int(log.user_map.shape[0]),
+        "items": int(log.item_map.shape[0]),
+        "users_with_events": int(np.unique(log.user).size),
+        "items_with_events": int(np.unique(log.item).size),
+        **{f"{name}_rows": info.rows for name, info in splits.items()},
+    }
+
+
+def _with_temporal_split(
+    extra: dict[str, object],
+    log: MovieLensLog,
+    splits: dict[str, SplitInfo],
+    codes: np.ndarray,
+    thresholds: TemporalThresholds,
+) -> dict[str, object]:
+    """``extra`` with the temporal split's ``split``, ``split_rule`` and per-split user counts
+    (leave-last-out's ``users_without_holdout`` has no meaning here)."""
+    split = thresholds.to_manifest("event timestamps")
+    split["history"] = "the user's events with timestamp < the row's timestamp, every split"
+    return {
+        **extra,
+        "counts": _event_counts(log, splits) | split_user_counts(log.user, codes),
+        "split": split,
+        "split_rule": thresholds.rule_text("event-time"),
     }

@@ -24,12 +24,17 @@ history the user had when the session was served, so a row never sees its own or
 Per-user rolling state (``[users, H]`` arrays) carries histories from chunk to chunk, so memory
 is bounded by users and the chunk size, not by the number of events.
 
-**Split** (by time, over session indices): the first ``1 - valid_fraction - test_fraction`` of
-sessions go to ``train`` with every impression (clicked or not: the trainer and the ranking-stage
-alignment need the negatives). The next ``valid_fraction`` go to ``valid`` and the last
+**Split** (by time, over session indices; ``twotower prepare synthetic --split temporal``, its
+only protocol, with ``--valid-quantile q1 --test-quantile q2`` meaning ``valid_fraction = q2 - q1``
+and ``test_fraction = 1 - q2``, :func:`~data_pipeline.datasets.split.session_fractions`): the
+first ``1 - valid_fraction - test_fraction`` of sessions go to ``train`` with every impression
+(clicked or not: the trainer and the ranking-stage alignment need the negatives). The next ``valid_fraction`` go to ``valid`` and the last
 ``test_fraction`` to ``test``, keeping **only clicked impressions**: eval rows are positives, so
 retrieval metrics (recall@K of the clicked item) can be computed on every eval row.
 Non-clicked eval impressions are counted in the manifest and dropped.
+``manifest.extra["split"]`` records it in MovieLens' temporal vocabulary: the session-time
+quantiles and ``T1``, ``T2`` (first valid and first test session's timestamp), so train rows are
+``< T1 <=`` valid rows ``< T2 <=`` test rows, and every clicked eval impression is a query.
 
 **Determinism.** The world draws from ``default_rng([seed, 1])`` and chunk ``c`` from
 ``default_rng([seed, 0, c])``: the same seed and chunk size give byte-identical shards.
@@ -65,6 +70,7 @@ import pyarrow as pa
 
 from data_pipeline.datasets.history import jagged_offsets
 from data_pipeline.datasets.output import clear_output, save_array, write_side_table
+from data_pipeline.datasets.split import TemporalThresholds, session_quantiles
 from data_pipeline.datasets.synthetic_feature_stream import ChunkFeatures, FeatureStream
 from data_pipeline.datasets.synthetic_features import SyntheticFeatures
 from data_pipeline.datasets.synthetic_feed import (
@@ -237,6 +243,7 @@ def prepare_synthetic(
                 f"{test_fraction:g}, clicked impressions only"
             ),
             "split_start_session": {"valid": run.valid_start, "test": run.test_start},
+            "split": _split_record(config, run, valid_fraction, test_fraction),
             "counts": {**counts, **{f"{n}_rows": i.rows for n, i in splits.items()}},
             "truth": save_truth(out, truth, stream),
             "raw": raw_files,
@@ -288,6 +295,22 @@ def generate_events(
         )
         logger.debug("chunk %d: %d impressions", chunk_index, feed.user.shape[0])
     return counts
+
+
+def _split_record(
+    config: WorldConfig, run: SyntheticRun, valid_fraction: float, test_fraction: float
+) -> dict[str, object]:
+    """``manifest.extra["split"]``: the session split as a temporal one (T1, T2, quantiles)."""
+    valid_quantile, test_quantile = session_quantiles(valid_fraction, test_fraction)
+    thresholds = TemporalThresholds(
+        valid_start=config.start_timestamp + run.valid_start * config.session_interval_s,
+        test_start=config.start_timestamp + run.test_start * config.session_interval_s,
+        valid_quantile=valid_quantile,
+        test_quantile=test_quantile,
+    )
+    record = thresholds.to_manifest("session indices")
+    record["queries"] = "every clicked valid/test impression is one query row"
+    return record
 
 
 def _relevance_rule(features: SyntheticFeatures) -> str:

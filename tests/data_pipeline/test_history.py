@@ -11,6 +11,7 @@ from data_pipeline.datasets.history import (
     build_timeline,
     history_for_rows,
     jagged_offsets,
+    strictly_earlier_rank,
 )
 from data_pipeline.datasets.split import TEST, TRAIN, VALID, leave_last_out
 
@@ -118,3 +119,39 @@ def test_leave_last_out(case) -> None:  # type: ignore[no-untyped-def]
         assert split[ordered[-1]] == TEST
         assert split[ordered[-2]] == VALID
         assert (split[ordered[:-2]] == TRAIN).all()
+
+
+def reference_strict_history(
+    user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, history_length: int
+) -> list[list[int]]:
+    """Input indices of each event's user's events of strictly earlier seconds, newest first in
+    the deterministic order, at most ``history_length``."""
+    key = [(int(timestamp[i]), int(item[i]), i) for i in range(len(user))]
+    result = []
+    for i in range(len(user)):
+        earlier = [j for j in range(len(user)) if user[j] == user[i] and key[j][0] < key[i][0]]
+        earlier.sort(key=lambda j: key[j], reverse=True)
+        result.append(earlier[:history_length])
+    return result
+
+
+@settings(max_examples=30, deadline=None)
+@given(logs_and_history_length())
+def test_strictly_earlier_history_drops_same_second_events(case) -> None:  # type: ignore[no-untyped-def]
+    (user, item, timestamp, like), history_length = case
+    timeline = build_timeline(user, timestamp, item)
+    earlier = strictly_earlier_rank(timeline, timestamp)
+    expected_rank = [
+        int(((user == user[i]) & (timestamp < timestamp[i])).sum()) for i in range(len(user))
+    ]
+    assert earlier.tolist() == expected_rank
+    rows = np.arange(len(user), dtype=np.int64)[::-1].copy()  # any order
+    batch = history_for_rows(
+        timeline, item, {"like": like}, rows, history_length, timestamp, earlier=earlier
+    )
+    expected = reference_strict_history(user, item, timestamp, history_length)
+    for r, row in enumerate(rows.tolist()):
+        values = slice(int(batch.offsets[r]), int(batch.offsets[r + 1]))
+        assert batch.item_ids[values].tolist() == [int(item[j]) for j in expected[row]]
+        assert batch.actions["like"][values].tolist() == [int(like[j]) for j in expected[row]]
+        assert (batch.timestamps[values] < timestamp[row]).all()

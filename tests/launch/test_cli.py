@@ -39,13 +39,18 @@ def test_launch_local_two_ranks_then_eval_and_plot(tmp_path: Path, capsys) -> No
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"
     trained = json.loads((run / "metrics.json").read_text())
-    (run / "metrics.json").unlink()
     assert main(["eval", "--run", str(run)]) == 0
     table = capsys.readouterr().out
-    assert "hr@10" in table and "most-popular" in table
-    again = json.loads((run / "metrics.json").read_text())
+    assert "hr@10" in table and "most-popular" in table and "protocol: split=test" in table
+    # Named for its split and checkpoint; the run's own metrics.json stays as training wrote it.
+    step = trained["checkpoint"]
+    again = json.loads((run / f"eval_test_{step}.json").read_text())
+    assert json.loads((run / "metrics.json").read_text()) == trained
     # A world-size-1 evaluation of the 2-rank checkpoint gives the same numbers (DCP reshards).
     assert again["model"] == trained["model"]
+    assert again["intervals"]["model"]["hr@10"][0] <= trained["model"]["hr@10"]
+    assert main(["eval", "--run", str(run), "--split", "valid"]) == 0
+    assert json.loads((run / f"eval_valid_{step}.json").read_text())["split"] == "valid"
     assert main(["plot", "--run", str(run)]) == 0
     assert (run / "curves.png").stat().st_size > 1000
 

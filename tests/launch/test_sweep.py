@@ -24,6 +24,7 @@ from launch.sweep import (
     results_table,
     slugify,
     train_command,
+    write_results,
 )
 from tests.tiny_dataset import write_tiny_dataset
 from trainer.config import ConfigError
@@ -363,3 +364,33 @@ def test_a_run_never_resumes_an_earlier_sweeps_checkpoints(tmp_path: Path) -> No
     assert outcome.status is RunStatus.FAILED  # no data: the run stops at start
     assert not (run.run_dir / "checkpoints").exists()
     assert not (run.run_dir / run.metrics_file).exists()
+
+
+def test_single_runs_show_intervals_and_collapsed_runs_are_flagged(tmp_path: Path) -> None:
+    def outcome(name: str, recall: float) -> RunOutcome:
+        run = PlannedRun("tiny", name, "c.yaml", (), tmp_path / slugify(name), 0)
+        metrics = {
+            "num_items": 1000,
+            "model": {"recall@100": recall, "hr@10": recall / 2},
+            "popularity": {"recall@100": 0.3, "hr@10": 0.1},
+            "intervals": {"model": {"recall@100": [recall - 0.01, recall + 0.02]}},
+            "protocol": {
+                "split": "test",
+                "exclude": "none",
+                "corpus_items": 1000,
+                "queries": 812,
+                "cutoffs": [10, 100],
+                "interval": "0.95 percentile bootstrap over queries, 1000 replicates",
+            },
+        }
+        return RunOutcome(run, RunStatus.OK, 0, 1.0, [], metrics=metrics)
+
+    good, below_popular, below_random = outcome("good", 0.5), outcome("m", 0.2), outcome("z", 0.05)
+    rows = results_table([good, below_popular, below_random]).splitlines()
+    assert rows[2].startswith("| good | —") and "| 0.5000 [0.4900, 0.5200] |" in rows[2]
+    assert "**collapsed" not in rows[2] and "| 0.2500 |" in rows[2]  # no interval: value only
+    assert rows[3].startswith("| m **collapsed: recall@100 below most-popular (0.3000)** |")
+    assert "below random (0.1000)" in rows[4] and "below most-popular" in rows[4]
+    write_results(tmp_path / "out", "t", [good])
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "exclusion `none`" in text and "812 queries" in text

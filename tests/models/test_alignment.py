@@ -1,5 +1,6 @@
-"""Reward-alignment losses against simple references, and on a tiny world where the answer is
-known: each user's reward is 1 on a known subset of items, 0 elsewhere."""
+"""Reward-alignment losses against simple references, DPO's drift with and without the KL term,
+and a tiny world where the answer is known: each user's reward is 1 on a known subset of items,
+0 elsewhere."""
 
 from __future__ import annotations
 
@@ -113,6 +114,56 @@ def test_kl_term_is_zero_at_the_reference_and_pulls_back_toward_it() -> None:
     assert float(at_reference.loss) == pytest.approx(float(at_reference.policy_term), abs=1e-6)
 
 
+def _optimize_dpo(kl_coefficient: float, checkpoints: tuple[int, ...]) -> list[tuple[float, float]]:
+    """Free policy logits over fixed sets (4 users x 6 items), started at the reference and
+    trained by Adam on the DPO objective. Returns, after each checkpoint's number of steps,
+    (KL to the reference, smallest probability of a user's best item), then (KL of the greedy
+    policy: the most the sets allow, 1.0)."""
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.randn(4, 6, generator=generator)
+    rewards = torch.rand(4, 6, generator=generator)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    best = (torch.arange(4), rewards.argmax(dim=1))
+    scores = reference.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([scores], lr=0.3)
+    out = []
+    for step in range(1, max(checkpoints) + 1):
+        result = alignment_loss(
+            scores, reference, rewards, mask, AlignmentMethod.DPO, kl_coefficient, 1.0
+        )
+        optimizer.zero_grad()
+        result.loss.backward()
+        optimizer.step()
+        if step in checkpoints:
+            kl = kl_to_reference(
+                masked_log_softmax(scores.detach(), mask), masked_log_softmax(reference, mask), mask
+            )
+            probs = masked_log_softmax(scores.detach(), mask).exp()
+            out.append((float(kl.mean()), float(probs[best].min())))
+    out.append((float(-masked_log_softmax(reference, mask)[best].mean()), 1.0))
+    return out
+
+
+def test_dpo_alone_drifts_to_the_greedy_policy_and_the_kl_term_holds_it() -> None:
+    # Deterministic preferences: DPO's loss keeps falling as the policy leaves the reference.
+    (short, _), (long, best_probability), (greedy, _) = _optimize_dpo(0.0, (60, 400))
+    assert long > short + 0.1 and best_probability > 0.95, (short, long, best_probability)
+    assert long == pytest.approx(greedy, rel=0.05)
+    # With the KL penalty the objective has an interior optimum: converged, far from greedy.
+    (held_short, _), (held_long, held_best), _ = _optimize_dpo(1.0, (60, 400))
+    assert held_long == pytest.approx(held_short, abs=0.01)
+    assert held_long < 0.25 * greedy and held_best < 0.5, (held_long, held_best, greedy)
+
+
+def test_the_kl_term_is_in_the_dpo_loss_and_reported() -> None:
+    scores, reference, rewards, mask = _case(5)
+    free = alignment_loss(scores, reference, rewards, mask, AlignmentMethod.DPO, 0.0, 0.7)
+    held = alignment_loss(scores, reference, rewards, mask, AlignmentMethod.DPO, 2.0, 0.7)
+    assert float(free.loss) == pytest.approx(float(free.policy_term), abs=1e-6)
+    assert float(held.kl) > 0 and float(held.policy_term) == pytest.approx(float(free.policy_term))
+    assert float(held.loss) == pytest.approx(float(held.policy_term + 2.0 * held.kl), abs=1e-6)
+
+
 # --- a tiny world where the answer is known ------------------------------------------------------
 
 USERS, ITEMS, DIM, GROUPS = 12, 40, 8, 4
@@ -134,7 +185,7 @@ def _corpus_stats(
 
 
 def _align_tiny_world(
-    method: AlignmentMethod, kl_coefficient: float, steps: int = 150
+    method: AlignmentMethod, kl_coefficient: float, steps: int = 150, beta: float = 1.0
 ) -> tuple[float, float, float]:
     """Policy: free user and item embeddings, initially near-indifferent (small random init).
     Each step: the policy's top-4 plus 8 uniform exploration draws per user, known rewards.
@@ -157,7 +208,13 @@ def _align_tiny_world(
         )
         scores = (user[:, None, :] * item[ids]).sum(-1)
         result = alignment_loss(
-            scores, reference[rows, ids], rewards[rows, ids], ~repeated, method, kl_coefficient
+            scores,
+            reference[rows, ids],
+            rewards[rows, ids],
+            ~repeated,
+            method,
+            kl_coefficient,
+            beta,
         )
         optimizer.zero_grad()
         result.loss.backward()
@@ -167,12 +224,13 @@ def _align_tiny_world(
 
 
 @pytest.mark.parametrize(
-    ("method", "kl"), [(AlignmentMethod.REINFORCE, 0.01), (AlignmentMethod.DPO, 0.5)]
+    ("method", "kl", "beta"),
+    [(AlignmentMethod.REINFORCE, 0.01, 1.0), (AlignmentMethod.DPO, 0.01, 0.5)],
 )
 def test_alignment_raises_the_expected_reward_on_a_known_world(
-    method: AlignmentMethod, kl: float
+    method: AlignmentMethod, kl: float, beta: float
 ) -> None:
-    before, after, _ = _align_tiny_world(method, kl)
+    before, after, _ = _align_tiny_world(method, kl, beta=beta)
     assert before == pytest.approx(1 / GROUPS, abs=0.02)  # indifferent: the group's share
     assert after > 0.6, (before, after)
 

@@ -1,5 +1,6 @@
-"""Evaluation's pure pieces: seen-item exclusion and popularity counts; metrics reduced over 2
-ranks (tail and cold recall included) equal the metrics of all queries in one process."""
+"""Evaluation's pure pieces: the exclusion rule (never exempting the target) and popularity
+counts; metrics reduced over 2 ranks (tail and cold recall included) equal the metrics of all
+queries in one process."""
 
 from __future__ import annotations
 
@@ -11,8 +12,13 @@ import pytest
 import torch
 
 from tests.dist_helpers import run_distributed
-from trainer.evaluate import _score_ranking, cutoffs_for, popularity_scores, seen_items
-from trainer.metrics import cold_items, retrieval_metrics, tail_items
+from trainer.config import ExcludeRule
+from trainer.distributed import DistributedEnv
+from trainer.evaluate import _score_ranking, cutoffs_for, popularity_scores
+from trainer.exclusion import engaged_counts, excluded_pairs, user_item_lists
+from trainer.intervals import BootstrapConfig
+from trainer.metrics import cold_items, popularity_topk, retrieval_metrics, tail_items
+from trainer.mips import ItemLists
 
 KS = (10, 20)
 NUM_ITEMS = 40
@@ -22,12 +28,67 @@ def _pairs(users: list[int], items: list[int]) -> pa.Table:
     return pa.table({"user_id": np.array(users), "item_id": np.array(items)})
 
 
-def test_seen_items_excludes_history_but_not_the_target() -> None:
-    pairs = _pairs([0, 0, 1, 0, 2, 1], [5, 3, 5, 5, 9, 7])
-    offsets, ids = seen_items(pairs, np.array([1, 0, 3]), np.array([7, 8, 1]))
-    lists = [ids[offsets[q] : offsets[q + 1]].tolist() for q in range(3)]
-    # user 1 saw 5 and 7 (7 is its target); user 0 saw 3 and 5 (deduplicated); user 3 nothing.
-    assert lists == [[5], [3, 5], []]
+def _feed(users: list[int], items: list[int], clicks: list[int]) -> pa.Table:
+    """Logged impressions: (user_id, item_id, label_click, label_like = 0)."""
+    return pa.table(
+        {
+            "user_id": np.array(users),
+            "item_id": np.array(items),
+            "label_click": np.array(clicks, np.float32),
+            "label_like": np.zeros(len(users), np.float32),
+        }
+    )
+
+
+def _lists(rule: ExcludeRule, feed: pa.Table, users: list[int]) -> list[list[int]]:
+    lists = user_item_lists(excluded_pairs(feed, rule, {"click": 1.0}), np.array(users))
+    return [lists.ids[lists.offsets[q] : lists.offsets[q + 1]].tolist() for q in range(len(users))]
+
+
+def test_exclusion_rules_by_hand_and_independent_of_the_target() -> None:
+    # User 0 was shown 5, 3, 5 (clicked 5 once) and 7 (not clicked); user 1 clicked 9.
+    feed = _feed([0, 0, 0, 0, 1], [5, 3, 5, 7, 9], [0, 0, 1, 0, 1])
+    # Two queries of user 0 (whatever their targets), one of user 1, one of a new user 2.
+    users = [0, 0, 1, 2]
+    assert _lists(ExcludeRule.ENGAGED, feed, users) == [[5], [5], [9], []]
+    assert _lists(ExcludeRule.ALL_SHOWN, feed, users) == [[3, 5, 7], [3, 5, 7], [9], []]
+    assert _lists(ExcludeRule.NONE, feed, users) == [[], [], [], []]
+
+
+def test_a_shown_target_is_not_exempted_from_exclusion() -> None:
+    """A logged feed: every user was shown the two most popular items and the test target
+    before (not clicked). Exempting the target while removing the other shown items, the old
+    rule, hands most-popular a hit at rank 1 for every query; under each target-independent
+    rule the shown target is either excluded (a miss) or competes with the popular items."""
+    users = list(range(6))
+    targets = torch.full((len(users),), 2)  # item 2, the third most popular
+    shown_users = [u for u in users for _ in range(3)]
+    shown_items = [x for _ in users for x in (0, 1, 2)]
+    feed = _feed(shown_users, shown_items, [0] * len(shown_users))
+    # Popularity by clicks elsewhere: items 0 and 1 are the head, then item 2.
+    counts = torch.tensor([9.0, 8.0, 7.0, 3.0, 3.0, 3.0, 3.0, 3.0, 1.0, 1.0])
+
+    def hit_rate_at_1(lists: list[list[int]]) -> float:
+        offsets = np.cumsum([0, *(len(x) for x in lists)])
+        ids = torch.tensor([i for x in lists for i in x], dtype=torch.int64)
+        exclude = ItemLists(torch.from_numpy(offsets), ids)
+        _, top = popularity_topk(counts, len(users), 1, exclude)
+        return float((top[:, 0] == targets).double().mean())
+
+    old_rule = [
+        [x for x in row if x != int(t)]
+        for row, t in zip(_lists(ExcludeRule.ALL_SHOWN, feed, users), targets, strict=True)
+    ]
+    assert hit_rate_at_1(old_rule) == 1.0  # inflated: the target is the top item left
+    assert hit_rate_at_1(_lists(ExcludeRule.ALL_SHOWN, feed, users)) == 0.0  # target excluded
+    assert hit_rate_at_1(_lists(ExcludeRule.NONE, feed, users)) == 0.0  # head items win
+    assert hit_rate_at_1(_lists(ExcludeRule.ENGAGED, feed, users)) == 0.0  # nothing engaged
+
+
+def test_engaged_counts_count_positive_net_user_value() -> None:
+    feed = _feed([0, 1, 2, 3], [2, 2, 0, 2], [1, 0, 1, 1])
+    assert engaged_counts(feed, 4, {"click": 1.0}).tolist() == [1.0, 0.0, 2.0, 0.0]
+    assert engaged_counts(feed, 4, {"like": 1.0}).tolist() == [0.0, 0.0, 0.0, 0.0]
 
 
 def test_popularity_counts_training_events() -> None:
@@ -66,13 +127,17 @@ def _score_rank_shares(
     """Rank 0 scores rows [0, split), rank 1 rows [split, 12), for each split; then split 3 once
     more with no cold item at all."""
     topk, targets, tail, cold = _ranking_case(seed)
-    cpu = torch.device("cpu")
+    env = DistributedEnv(rank, world_size, rank, torch.device("cpu"), "gloo")
+    no_intervals = BootstrapConfig(replicates=0)
     results = []
     for split in (*splits, 3):
         if len(results) == len(splits):
             cold = torch.zeros_like(cold)
         rows = slice(0, split) if rank == 0 else slice(split, None)
-        results.append(_score_ranking(topk[rows], targets[rows], KS, NUM_ITEMS, tail, cold, cpu))
+        metrics, _ = _score_ranking(
+            topk[rows], targets[rows], KS, NUM_ITEMS, tail, cold, env, no_intervals
+        )
+        results.append(metrics)
     return results
 
 

@@ -36,7 +36,7 @@ def test_single_target_metrics_by_hand() -> None:
         "recall@4": 1.0,
         "ndcg@2": _log2_discount(2) / 2,
         "ndcg@4": (_log2_discount(2) + _log2_discount(4)) / 2,
-        "mrr": (1 / 2 + 1 / 4) / 2,
+        "mrr@4": (1 / 2 + 1 / 4) / 2,
         "coverage@2": 4 / 10,
     }
     assert metrics == pytest.approx(expected)
@@ -56,7 +56,7 @@ def test_list_targets_metrics_by_hand() -> None:
         "recall@4": (2 / 3 + 1) / 2,
         "ndcg@2": (ndcg2_q0 + 1) / 2,
         "ndcg@4": (ndcg4_q0 + 1) / 2,
-        "mrr": (1 / 2 + 1) / 2,
+        "mrr@4": (1 / 2 + 1) / 2,
         "coverage@2": 5 / 10,
     }
     assert metrics == pytest.approx(expected)
@@ -72,12 +72,12 @@ def test_default_cutoffs_and_short_lists_rejected() -> None:
         "recall@100",
         "ndcg@10",
         "ndcg@50",
-        "mrr",
+        "mrr@100",
         "coverage@10",
     }
     assert metrics["hr@10"] == pytest.approx(1 / 3)
     assert metrics["recall@50"] == pytest.approx(2 / 3)
-    assert metrics["mrr"] == pytest.approx((1 + 1 / 50) / 3)
+    assert metrics["mrr@100"] == pytest.approx((1 + 1 / 50) / 3)
     assert metrics["coverage@10"] == pytest.approx(10 / 1000)
     with pytest.raises(ValueError, match="K >= 100"):
         retrieval_metrics(topk[:, :50], torch.tensor([0, 1, 2]), num_items=1000)
