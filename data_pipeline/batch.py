@@ -21,6 +21,7 @@ from data_pipeline.schema import (
     ITEM_ID,
     POSITION,
     RANKER_SCORE,
+    TIMESTAMP,
     USER_ID,
     EventSchema,
     FeatureSpec,
@@ -44,6 +45,7 @@ class Batch:
         impression_negatives: [B, K] int64 item ids shown with the row's item and not engaged,
             the first K of ``impression_negative_ids``, -1 padded; [B, 0] when K = 0.
         weight: [B] float32 row multiplier; 0 marks padding rows that must not teach.
+        timestamp: [B] int64 event time (seconds), -1 where the table has none.
     """
 
     user_features: KeyedJaggedTensor
@@ -55,6 +57,7 @@ class Batch:
     ranker_score: torch.Tensor
     impression_negatives: torch.Tensor
     weight: torch.Tensor
+    timestamp: torch.Tensor
 
     @property
     def size(self) -> int:
@@ -171,10 +174,11 @@ class BatchBuilder:
             ranker = table.column(RANKER_SCORE).to_numpy(zero_copy_only=False).astype(np.float32)
         else:
             ranker = np.full(rows, np.nan, dtype=np.float32)
-        user_ids = (
-            _column_numpy(table, USER_ID).astype(np.int64)
-            if USER_ID in names
+        user_ids, timestamp = (
+            _column_numpy(table, name).astype(np.int64)
+            if name in names
             else np.full(rows, -1, dtype=np.int64)
+            for name in (USER_ID, TIMESTAMP)
         )
         return Batch(
             user_features=build_kjt(
@@ -190,6 +194,7 @@ class BatchBuilder:
             ranker_score=torch.from_numpy(np.ascontiguousarray(ranker, dtype=np.float32)),
             impression_negatives=torch.from_numpy(self._impression_negatives(table)),
             weight=torch.ones(rows, dtype=torch.float32),
+            timestamp=torch.from_numpy(timestamp),
         )
 
     def user_features(self, table: pa.Table) -> KeyedJaggedTensor:

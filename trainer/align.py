@@ -52,7 +52,7 @@ from trainer.build import (
     loader_spec,
     model_schema,
 )
-from trainer.checkpoint import Checkpointer, Progress, load_model, resolve_checkpoint
+from trainer.checkpoint import Checkpointer, Progress, load_model, model_checkpoint
 from trainer.config import (
     ConfigError,
     CorpusDistribution,
@@ -193,9 +193,9 @@ def alignment_sources(config: ExperimentConfig) -> tuple[Path, Path]:
             "(a run directory or a step-N folder)"
         )
     try:
-        start = resolve_checkpoint(config.checkpoint.resume_from)
+        start = model_checkpoint(config.checkpoint.resume_from)
         reference = config.alignment.reference_checkpoint
-        return start, start if reference is None else resolve_checkpoint(reference)
+        return start, start if reference is None else model_checkpoint(reference)
     except FileNotFoundError as error:
         raise ConfigError(f"config key 'checkpoint.resume_from' / 'alignment': {error}") from error
 
@@ -253,7 +253,7 @@ def load_reference(
     """A frozen unsharded replica of the retrieval model at ``path`` (a checkpoint folder or a
     run directory's latest; eval mode, no gradients)."""
     reference = build_unsharded_model(manifest, config, device=device)
-    load_model(resolve_checkpoint(path), reference)
+    load_model(model_checkpoint(path), reference)
     reference.eval()
     for parameter in reference.parameters():
         parameter.requires_grad_(False)

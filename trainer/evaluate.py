@@ -4,7 +4,8 @@ baseline computed the same way (same queries, same exclusions, same metrics).
 Protocol: one query per row of the eval split (user features and history as of that event); the
 target is the row's item. ``eval.exclude`` (``trainer.exclusion``) names the user's earlier items
 removed from every ranking, the target included when the rule says so (it then counts as a miss).
-Every metric is a mean over queries with a percentile-bootstrap interval (``trainer.intervals``);
+Every metric is a mean over queries with a percentile-bootstrap interval over users
+(``trainer.intervals``);
 ``metrics.json`` holds the means, the intervals, the query count and the protocol.
 
 Tail recall (``tail_recall@K`` for every K in ``eval.ks``, plus the ``tail_queries`` fraction) is
@@ -120,27 +121,37 @@ def embed_corpus(
 
 
 @torch.no_grad()
+@dataclass
+class Queries:
+    """This rank's evaluation queries: ``users``, ``targets``, ``times`` [q_r] int64,
+    ``embeddings`` [q_r, D], and the light head's ``ranker`` embeddings [q_r, NU, D] (None
+    without the head)."""
+
+    users: torch.Tensor
+    targets: torch.Tensor
+    times: torch.Tensor
+    embeddings: torch.Tensor
+    ranker: torch.Tensor | None
+
+
 def embed_queries(
     model: torch.nn.Module,
     manifest: Manifest,
     config: ExperimentConfig,
     env: DistributedEnv,
     split: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """This rank's share of the eval split through the user tower.
-
-    Returns: (user ids [q_r], target item ids [q_r], query embeddings [q_r, D], light-head
-    ranker embeddings [q_r, NU, D] or None without the head).
-    """
+) -> Queries:
+    """This rank's share of the eval split through the user tower."""
     loader = build_event_loader(
         loader_spec(config, split, False, manifest), manifest, env.rank, env.world_size
     )
-    users, targets, embeddings, ranker = [], [], [], []
+    users, targets, times, embeddings, ranker = [], [], [], [], []
     for batch in synchronized(loader, env, lambda: first_row_batch(manifest, config, split)):
         outputs = model(batch.user_features, batch.item_features)
         real = batch.weight > 0
         users.append(batch.user_ids[real])
         targets.append(batch.item_ids[real])
+        times.append(batch.timestamp[real])
         embeddings.append(outputs.user[real].float())
         if outputs.ranker_user is not None:
             ranker.append(outputs.ranker_user[real].float())
@@ -151,8 +162,14 @@ def embed_queries(
         if config.model.light_head.enabled:
             heads = config.model.light_head.num_embeddings
             ranker_queries = torch.zeros(0, heads, dim, device=env.device)
-        return empty, empty, torch.zeros(0, dim, device=env.device), ranker_queries
-    return torch.cat(users), torch.cat(targets), torch.cat(embeddings), ranker_queries
+        return Queries(empty, empty, empty, torch.zeros(0, dim, device=env.device), ranker_queries)
+    return Queries(
+        torch.cat(users),
+        torch.cat(targets),
+        torch.cat(times),
+        torch.cat(embeddings),
+        ranker_queries,
+    )
 
 
 @torch.no_grad()
@@ -223,6 +240,7 @@ def cutoffs_for(ks: Sequence[int]) -> MetricCutoffs:
 def _score_ranking(
     topk_ids: torch.Tensor,
     targets: torch.Tensor,
+    users: torch.Tensor,
     ks: Sequence[int],
     num_items: int,
     tail: torch.Tensor,
@@ -233,7 +251,8 @@ def _score_ranking(
     """Metrics over all ranks' queries and their intervals. Collective.
 
     Args:
-        topk_ids: [q_r, K] this rank's ranked ids; targets: [q_r] int64.
+        topk_ids: [q_r, K] this rank's ranked ids; targets, users: [q_r] int64 (users are
+            the bootstrap's resampling unit).
         tail: [num_items] bool long-tail mask, the same on every rank.
         cold: [num_items] bool cold-item mask, the same on every rank.
     Returns:
@@ -243,7 +262,7 @@ def _score_ranking(
     per_query = per_query_metrics(
         topk_ids.cpu(), targets.cpu(), cutoffs_for(ks), tail.cpu(), cold.cpu()
     )
-    means, intervals = reduce_query_means(per_query, bootstrap, env.rank, env.device)
+    means, intervals = reduce_query_means(per_query, users.cpu(), bootstrap, env.device)
     rows = torch.tensor([row_count(per_query, s) for s in SUBSETS], device=env.device)
     dist.all_reduce(rows)
     means |= {f"{s}_rows": int(n) for s, n in zip(SUBSETS, rows.tolist(), strict=True)}
@@ -333,8 +352,10 @@ def evaluate_model(
     k = max(config.eval.ks)
     num_items = manifest.tables["item_id"]
     corpus_ids, corpus = embed_corpus(model, manifest, config, env)
-    users, targets, queries, ranker_queries = embed_queries(model, manifest, config, env, split)
-    exclusion = _exclusion(config, manifest, split, users)
+    query_set = embed_queries(model, manifest, config, env, split)
+    users, targets = query_set.users, query_set.targets
+    queries, ranker_queries = query_set.embeddings, query_set.ranker
+    exclusion = _exclusion(config, manifest, split, query_set)
     exclude = exclusion.lists
     _, topk_ids = distributed_topk(
         queries,
@@ -349,7 +370,9 @@ def evaluate_model(
     cold = torch.from_numpy(cold_items(exclusion.event_counts, config.eval.cold_item_max_events))
 
     def score(ids: torch.Tensor) -> tuple[dict[str, float], dict[str, list[float]]]:
-        return _score_ranking(ids, targets, config.eval.ks, num_items, tail, cold, env, bootstrap)
+        return _score_ranking(
+            ids, targets, users, config.eval.ks, num_items, tail, cold, env, bootstrap
+        )
 
     model_metrics, model_intervals = score(topk_ids)
     count = torch.tensor([len(targets)], device=env.device)

@@ -1,14 +1,18 @@
 """Means of per-query metrics over every rank's queries, with bootstrap confidence intervals.
 
-The interval is a percentile bootstrap over queries. Resampling Q queries with replacement
-(the multinomial bootstrap) needs every query on one process; the Poisson bootstrap (Hanley and
-MacGibbon 2006; Chamandy et al. 2012) draws each query's replicate weight independently from
-Poisson(1) instead, which is the multinomial's limit for large Q and lets every rank weight its
-own queries: a replicate's mean is ``sum_q w_rq v_q / sum_q w_rq`` summed over ranks with one
-all-reduce of [R, M] numerators and denominators. Subset metrics (tail and cold recall) are
-ratios over their own queries, which the weights handle unchanged (``included`` masks).
+The interval is a percentile bootstrap over users, the unit that was sampled: one user's
+queries (several test clicks on a feed, several held-out events under a global temporal split)
+are not independent, and resampling them one by one would understate the uncertainty.
+Resampling users with replacement (the multinomial bootstrap) needs every query on one process;
+the Poisson bootstrap (Hanley and MacGibbon 2006; Chamandy et al. 2012) gives each user an
+independent Poisson(1) weight per replicate instead, the multinomial's limit for many users,
+so every rank weights its own queries: a replicate's mean is ``sum_q w_r(user_q) v_q /
+sum_q w_r(user_q)`` summed over ranks with one all-reduce of [R, M] numerators and
+denominators. Subset metrics (tail and cold recall) are ratios over their own queries, which the
+weights handle unchanged (``included`` masks).
 
-The weights depend on (seed, rank): the same seed, data and world size give the same interval.
+A weight is a hash of (seed, replicate, user id) through Poisson(1)'s inverse CDF, so the
+interval does not depend on the world size, on which rank holds a query, or on query order.
 """
 
 from __future__ import annotations
@@ -35,19 +39,46 @@ class BootstrapConfig:
     seed: int = 0
 
 
-def poisson_weights(replicates: int, num_queries: int, generator: torch.Generator) -> torch.Tensor:
-    """[R, Q] float64 independent Poisson(1) replicate weights of Q queries."""
-    rates = torch.ones(replicates, num_queries, dtype=torch.float64)
-    return torch.poisson(rates, generator=generator)
+_MASK_32 = (1 << 32) - 1
+# Poisson(1) CDF at 0..15; beyond 15 the probability is below 1e-13.
+_POISSON_CDF = torch.tensor(
+    np.cumsum([math.exp(-1) / math.factorial(k) for k in range(16)]), dtype=torch.float64
+)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (Wellons' lowbias32) of int64 values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK_32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK_32
+    return x ^ (x >> 16)
+
+
+def poisson_weights(seed: int, replicates: int, cluster_ids: torch.Tensor) -> torch.Tensor:
+    """[R, Q] float64 Poisson(1) weights: a pure function of (seed, replicate, cluster id), the
+    same for every query of a cluster.
+
+    Args:
+        cluster_ids: [Q] int64 (non-negative; e.g. user ids).
+    """
+    ids = cluster_ids.to(torch.int64).reshape(1, -1)
+    rows = torch.arange(replicates, dtype=torch.int64).reshape(-1, 1)
+    key = _mix32(_mix32(torch.full_like(rows, seed & _MASK_32)) ^ rows)
+    key = _mix32(key ^ (ids >> 32))
+    key = _mix32(key ^ (ids & _MASK_32))
+    uniform = (key.double() + 0.5) / float(1 << 32)
+    return torch.searchsorted(_POISSON_CDF, uniform).double()
 
 
 def replicate_sums(
-    per_query: dict[str, QueryValues], replicates: int, generator: torch.Generator
+    per_query: dict[str, QueryValues], replicates: int, seed: int, cluster_ids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted sums of this rank's queries under R Poisson replicates.
 
     Args:
         per_query: M metrics, each over the same Q queries.
+        cluster_ids: [Q] int64 the unit each query's weight belongs to (its user).
     Returns:
         numerators [R, M] ``sum_q w_rq v_q [included]``, denominators [R, M]
         ``sum_q w_rq [included]`` (float64, on the CPU).
@@ -63,7 +94,7 @@ def replicate_sums(
     values = torch.where(included > 0, values, 0.0)  # NaN outside ``included`` must add 0
     for start in range(0, num_queries, QUERY_BLOCK):
         stop = min(start + QUERY_BLOCK, num_queries)
-        weights = poisson_weights(replicates, stop - start, generator)
+        weights = poisson_weights(seed, replicates, cluster_ids[start:stop].cpu())
         numerators += weights @ (values[start:stop] * included[start:stop])
         denominators += weights @ included[start:stop]
     return numerators, denominators
@@ -89,12 +120,19 @@ def percentile_interval(
 
 
 def reduce_query_means(
-    per_query: dict[str, QueryValues], bootstrap: BootstrapConfig, rank: int, device: torch.device
+    per_query: dict[str, QueryValues],
+    cluster_ids: torch.Tensor,
+    bootstrap: BootstrapConfig,
+    device: torch.device,
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Means over all ranks' queries and their bootstrap intervals. Collective.
+    """Means over all ranks' queries and their bootstrap intervals over clusters (users).
+    Collective.
 
     A rank without queries passes empty [0] tensors and adds nothing.
 
+    Args:
+        per_query: this rank's M metrics over its Q queries.
+        cluster_ids: [Q] int64 each query's user.
     Returns:
         ({name: mean, NaN where no rank has an included query}, {name: [low, high]}, the
         latter empty when ``bootstrap.replicates`` is 0).
@@ -115,8 +153,9 @@ def reduce_query_means(
     }
     if bootstrap.replicates == 0:
         return means, {}
-    generator = torch.Generator().manual_seed(_rank_seed(bootstrap.seed, rank))
-    numerators, denominators = replicate_sums(per_query, bootstrap.replicates, generator)
+    numerators, denominators = replicate_sums(
+        per_query, bootstrap.replicates, bootstrap.seed, cluster_ids
+    )
     both = torch.stack([numerators, denominators]).to(device)
     dist.all_reduce(both)
     numerators, denominators = both.cpu()
@@ -125,8 +164,3 @@ def reduce_query_means(
         for i, n in enumerate(names)
     }
     return means, intervals
-
-
-def _rank_seed(seed: int, rank: int) -> int:
-    state = np.random.SeedSequence([seed, rank, 0x626F6F74]).generate_state(1, dtype=np.uint64)
-    return int(state[0]) & ((1 << 63) - 1)

@@ -28,12 +28,15 @@ def _pairs(users: list[int], items: list[int]) -> pa.Table:
     return pa.table({"user_id": np.array(users), "item_id": np.array(items)})
 
 
-def _feed(users: list[int], items: list[int], clicks: list[int]) -> pa.Table:
-    """Logged impressions: (user_id, item_id, label_click, label_like = 0)."""
+def _feed(
+    users: list[int], items: list[int], clicks: list[int], times: list[int] | None = None
+) -> pa.Table:
+    """Logged impressions: (user_id, item_id, timestamp, label_click, label_like = 0)."""
     return pa.table(
         {
             "user_id": np.array(users),
             "item_id": np.array(items),
+            "timestamp": np.array(times if times is not None else range(len(users))),
             "label_click": np.array(clicks, np.float32),
             "label_like": np.zeros(len(users), np.float32),
         }
@@ -53,6 +56,17 @@ def test_exclusion_rules_by_hand_and_independent_of_the_target() -> None:
     assert _lists(ExcludeRule.ENGAGED, feed, users) == [[5], [5], [9], []]
     assert _lists(ExcludeRule.ALL_SHOWN, feed, users) == [[3, 5, 7], [3, 5, 7], [9], []]
     assert _lists(ExcludeRule.NONE, feed, users) == [[], [], [], []]
+
+
+def test_the_evaluated_splits_own_earlier_events_are_excluded_at_the_query_time() -> None:
+    earlier = excluded_pairs(_feed([0], [9], [1]), ExcludeRule.ENGAGED, {"click": 1.0})
+    # The evaluated split: user 0 clicks 4 at t=10, 5 at t=20 and 6 at t=20 (same second).
+    test = _feed([0, 0, 0], [4, 5, 6], [1, 1, 1], [10, 20, 20])
+    own = excluded_pairs(test, ExcludeRule.ENGAGED, {"click": 1.0})
+    lists = user_item_lists(earlier, np.array([0, 0, 0]), own, np.array([10, 20, 20]))
+    got = [lists.ids[lists.offsets[q] : lists.offsets[q + 1]].tolist() for q in range(3)]
+    # Strictly earlier only: the query at t=20 sees 4 but neither same-second click.
+    assert got == [[9], [4, 9], [4, 9]]
 
 
 def test_a_shown_target_is_not_exempted_from_exclusion() -> None:
@@ -129,13 +143,14 @@ def _score_rank_shares(
     topk, targets, tail, cold = _ranking_case(seed)
     env = DistributedEnv(rank, world_size, rank, torch.device("cpu"), "gloo")
     no_intervals = BootstrapConfig(replicates=0)
+    users = torch.arange(len(targets))
     results = []
     for split in (*splits, 3):
         if len(results) == len(splits):
             cold = torch.zeros_like(cold)
         rows = slice(0, split) if rank == 0 else slice(split, None)
         metrics, _ = _score_ranking(
-            topk[rows], targets[rows], KS, NUM_ITEMS, tail, cold, env, no_intervals
+            topk[rows], targets[rows], users[rows], KS, NUM_ITEMS, tail, cold, env, no_intervals
         )
         results.append(metrics)
     return results
