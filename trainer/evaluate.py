@@ -280,7 +280,7 @@ class _Exclusion:
 
 
 def _exclusion(
-    config: ExperimentConfig, manifest: Manifest, split: str, users: torch.Tensor
+    config: ExperimentConfig, manifest: Manifest, split: str, queries: Queries
 ) -> _Exclusion:
     rule, weights = config.eval.exclude, config.loss.label_weights
     columns = columns_for(ExcludeRule.ENGAGED, manifest.schema.labels)
@@ -293,9 +293,15 @@ def _exclusion(
         for name in earlier_splits(split, config.data.train_split)
     ]
     events = pa.concat_tables(earlier) if earlier else train.slice(0, 0)
-    pairs = excluded_pairs(events, rule, weights)
+    own = read_split_columns(config.data.path, manifest, split, columns)
+    lists = user_item_lists(
+        excluded_pairs(events, rule, weights),
+        queries.users.cpu().numpy(),
+        excluded_pairs(own, rule, weights),
+        queries.times.cpu().numpy(),
+    )
     return _Exclusion(
-        lists=user_item_lists(pairs, users.cpu().numpy()),
+        lists=lists,
         engaged_counts=engaged_counts(train, num_items, weights),
         event_counts=popularity_scores(train.select([USER_ID, ITEM_ID]), num_items),
     )
@@ -309,7 +315,7 @@ def protocol(config: ExperimentConfig, split: str, num_items: int, queries: int)
         "corpus_items": num_items,
         "queries": queries,
         "cutoffs": list(config.eval.ks),
-        "interval": f"{config.eval.interval_level:g} percentile bootstrap over queries, "
+        "interval": f"{config.eval.interval_level:g} percentile bootstrap over users, "
         f"{config.eval.bootstrap_replicates} replicates",
     }
 
