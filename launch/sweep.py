@@ -638,8 +638,8 @@ def protocol_note(outcomes: Sequence[RunOutcome]) -> str:
             return (
                 f"Protocol: split `{protocol['split']}`, exclusion `{protocol['exclude']}`, "
                 f"{protocol['corpus_items']:,} corpus items, {protocol['queries']:,} queries, "
-                f"K = {cutoffs}; cells show the {protocol['interval']} interval in brackets; the "
-                "reported checkpoint is the best on validation where the run validated.\n\n"
+                f"K = {cutoffs}; brackets: {protocol['interval']}; a run that validated reports "
+                "the test metrics of its best checkpoint on validation.\n\n"
             )
     return ""
 

@@ -315,8 +315,8 @@ def protocol(config: ExperimentConfig, split: str, num_items: int, queries: int)
         "corpus_items": num_items,
         "queries": queries,
         "cutoffs": list(config.eval.ks),
-        "interval": f"{config.eval.interval_level:g} percentile bootstrap over users, "
-        f"{config.eval.bootstrap_replicates} replicates",
+        "interval": f"{config.eval.interval_level:.0%} interval, percentile bootstrap over users "
+        f"({config.eval.bootstrap_replicates} replicates)",
     }
 
 

@@ -380,7 +380,7 @@ def test_single_runs_show_intervals_and_collapsed_runs_are_flagged(tmp_path: Pat
                 "corpus_items": 1000,
                 "queries": 812,
                 "cutoffs": [10, 100],
-                "interval": "0.95 percentile bootstrap over users, 1000 replicates",
+                "interval": "95% interval, percentile bootstrap over users (1000 replicates)",
             },
         }
         return RunOutcome(run, RunStatus.OK, 0, 1.0, [], metrics=metrics)
