@@ -41,7 +41,7 @@ from data_pipeline.loader import build_event_loader
 from data_pipeline.manifest import Manifest
 from data_pipeline.negatives import CorpusSampler, item_counts
 from models.alignment import AlignmentLoss, alignment_loss
-from models.ranker import Ranker, empty_features, expected_net_user_value
+from models.ranker import Ranker, expected_net_user_value
 from models.two_tower import TwoTowerModel, select_keys
 from trainer.build import (
     build_dense_optimizer,
@@ -50,7 +50,6 @@ from trainer.build import (
     item_store,
     label_weights,
     loader_spec,
-    model_schema,
 )
 from trainer.checkpoint import Checkpointer, Progress, load_model, model_checkpoint
 from trainer.config import (
@@ -76,8 +75,9 @@ from trainer.ground_truth import (
     load_truth_scorer,
     top_k_truth,
 )
-from trainer.mips import distributed_topk, shard_range
+from trainer.mips import distributed_topk
 from trainer.negative_sampling import step_generator
+from trainer.policy_corpus import embed_items, local_corpus, user_keys
 from trainer.run_logger import RunLogger
 from trainer.synchronized import synchronized
 
@@ -258,57 +258,6 @@ def load_reference(
     for parameter in reference.parameters():
         parameter.requires_grad_(False)
     return reference
-
-
-def _item_batches(
-    store: ItemFeatureStore, ids: torch.Tensor, calls: int
-) -> list[tuple[torch.Tensor, KeyedJaggedTensor]]:
-    """``ids`` in ``calls`` pieces (some may be empty: then item 0 of the corpus as a stand-in,
-    so that every rank runs the same number of collective forwards)."""
-    stand_in = store.corpus_ids()[:1].to(ids.device)
-    return [
-        (piece, store.lookup(piece if piece.numel() else stand_in))
-        for piece in torch.tensor_split(ids, calls)
-    ]
-
-
-@torch.no_grad()
-def embed_items(
-    model: torch.nn.Module,
-    store: ItemFeatureStore,
-    ids: torch.Tensor,
-    calls: int,
-    user_keys: list[str],
-) -> torch.Tensor:
-    """[n, D] item-tower embeddings of ``ids`` [n], in ``calls`` forwards (the same number on
-    every rank when ``model`` is sharded); ``user_keys`` are sent as empty bags."""
-    outputs = []
-    for piece, items in _item_batches(store, ids, calls):
-        embeddings = model(empty_features(user_keys, items), items).item.float()
-        outputs.append(embeddings[: piece.numel()])
-    return torch.cat(outputs)
-
-
-def user_keys(manifest: Manifest, config: ExperimentConfig) -> list[str]:
-    """The retrieval model's user-side KJT keys (stored and derived)."""
-    return [f.name for f in model_schema(manifest, config).user_features()]
-
-
-def local_corpus(
-    model: torch.nn.Module,
-    store: ItemFeatureStore,
-    manifest: Manifest,
-    config: ExperimentConfig,
-    env: DistributedEnv,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's contiguous slice of the corpus: (ids [n_r] int64, embeddings [n_r, D]),
-    in batches of ``data.eval_batch_size``; collective for a sharded model."""
-    corpus = store.corpus_ids()
-    start, stop = shard_range(len(corpus), env.rank, env.world_size)
-    per_rank = -(-len(corpus) // env.world_size)
-    calls = max(1, -(-per_rank // config.data.eval_batch_size))
-    ids = corpus[start:stop].to(env.device)
-    return ids, embed_items(model, store, ids, calls, user_keys(manifest, config))
 
 
 def sample_candidates(

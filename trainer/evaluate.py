@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -347,41 +347,21 @@ def evaluate_model(
     ranking head also ``reranked``: the metrics of ``model.light_head.num_items`` items
     reranked by the head out of ``num_knn_items`` retrieved (cutoffs beyond num_items count
     only those items). ``checkpoint`` names the evaluated weights' folder (``step-N``, ``best``).
-    ``bootstrap`` defaults to ``eval.bootstrap_replicates`` at
-    ``eval.interval_level``, seeded by ``seed``."""
+    ``bootstrap`` defaults to ``eval.bootstrap_replicates`` at ``eval.interval_level``, seeded
+    by ``seed``."""
     split = split or config.eval.split
     if bootstrap is None:
         bootstrap = BootstrapConfig(
             config.eval.bootstrap_replicates, config.eval.interval_level, config.seed
         )
     model.eval()
-    k = max(config.eval.ks)
     num_items = manifest.tables["item_id"]
-    corpus_ids, corpus = embed_corpus(model, manifest, config, env)
-    query_set = embed_queries(model, manifest, config, env, split)
-    users, targets = query_set.users, query_set.targets
-    queries, ranker_queries = query_set.embeddings, query_set.ranker
-    exclusion = _exclusion(config, manifest, split, query_set)
-    exclude = exclusion.lists
-    _, topk_ids = distributed_topk(
-        queries,
-        corpus,
-        corpus_ids,
-        k,
-        exclude=exclude,
-        query_chunk=config.eval.query_chunk,
-        corpus_chunk=config.eval.corpus_chunk,
-    )
+    corpus = embed_corpus(model, manifest, config, env)
+    queries = embed_queries(model, manifest, config, env, split)
+    exclusion = _exclusion(config, manifest, split, queries)
     tail = torch.from_numpy(tail_items(exclusion.event_counts, HEAD_FRACTION))
     cold = torch.from_numpy(cold_items(exclusion.event_counts, config.eval.cold_item_max_events))
-
-    def score(ids: torch.Tensor) -> tuple[dict[str, float], dict[str, list[float]]]:
-        return _score_ranking(
-            ids, targets, users, config.eval.ks, num_items, tail, cold, env, bootstrap
-        )
-
-    model_metrics, model_intervals = score(topk_ids)
-    count = torch.tensor([len(targets)], device=env.device)
+    count = torch.tensor([len(queries.targets)], device=env.device)
     dist.all_reduce(count)
     results: dict[str, Any] = {
         "split": split,
@@ -389,46 +369,96 @@ def evaluate_model(
         "num_queries": int(count.item()),
         "head_fraction": HEAD_FRACTION,
         "cold_item_max_events": config.eval.cold_item_max_events,
-        "model": model_metrics,
-        "intervals": {"model": model_intervals},
+        "intervals": {},
         "checkpoint": checkpoint,
+        "protocol": protocol(config, split, num_items, int(count.item())),
     }
-    results["protocol"] = protocol(config, split, num_items, results["num_queries"])
-    head = head_module(model)
-    if head is not None and ranker_queries is not None:
-        weights = label_weights(manifest, config)
-        _, reranked = reranked_topk(
-            head, queries, ranker_queries, corpus_ids, corpus, weights, config, exclude
+    for name, topk_ids in _rankings(model, manifest, config, env, corpus, queries, exclusion):
+        results[name], results["intervals"][name] = _score_ranking(
+            topk_ids,
+            queries.targets,
+            queries.users,
+            config.eval.ks,
+            num_items,
+            tail,
+            cold,
+            env,
+            bootstrap,
         )
-        results["reranked"], results["intervals"]["reranked"] = score(pad_columns(reranked, k))
-    popularity = torch.from_numpy(exclusion.engaged_counts)
-    _, pop_ids = distributed_topk(
-        torch.ones(len(targets), 1, device=env.device),
-        popularity[corpus_ids.cpu()].unsqueeze(1).to(env.device),
-        corpus_ids,
-        k,
-        exclude=exclude,
-    )
-    results["popularity"], results["intervals"]["popularity"] = score(pop_ids)
     if config.eval.funnel.ranker is not None:
         from trainer.funnel import funnel_metrics
 
         results["funnel"] = funnel_metrics(model, manifest, config, env, split)
     if env.is_main:
-        if model_metrics["cold_rows"] == 0:
-            logger.warning(
-                "no %s query has a cold target (fewer than %d training events): cold_recall@K is NaN",
-                split,
-                config.eval.cold_item_max_events,
-            )
-        # Without a run directory (validation during training) the table goes to debug.
-        level = logging.INFO if run_dir is not None else logging.DEBUG
-        if run_dir is not None:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / output_name).write_text(json.dumps(results, indent=2, sort_keys=True))
-        logger.log(level, "evaluation on %s:\n%s", split, format_table(results))
+        _report(results, config, run_dir, output_name)
     model.train()
     return results
+
+
+def _rankings(
+    model: torch.nn.Module,
+    manifest: Manifest,
+    config: ExperimentConfig,
+    env: DistributedEnv,
+    corpus: tuple[torch.Tensor, torch.Tensor],
+    queries: Queries,
+    exclusion: _Exclusion,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, this rank's top-K ids [q_r, K]) of every ranking evaluated (collective): the
+    model, the light head's rerank (with the head), most-popular; one exclusion for all."""
+    corpus_ids, corpus_embeddings = corpus
+    k = max(config.eval.ks)
+    _, topk_ids = distributed_topk(
+        queries.embeddings,
+        corpus_embeddings,
+        corpus_ids,
+        k,
+        exclude=exclusion.lists,
+        query_chunk=config.eval.query_chunk,
+        corpus_chunk=config.eval.corpus_chunk,
+    )
+    yield "model", topk_ids
+    head = head_module(model)
+    if head is not None and queries.ranker is not None:
+        weights = label_weights(manifest, config)
+        _, reranked = reranked_topk(
+            head,
+            queries.embeddings,
+            queries.ranker,
+            corpus_ids,
+            corpus_embeddings,
+            weights,
+            config,
+            exclusion.lists,
+        )
+        yield "reranked", pad_columns(reranked, k)
+    popularity = torch.from_numpy(exclusion.engaged_counts)
+    _, pop_ids = distributed_topk(
+        torch.ones(len(queries.targets), 1, device=env.device),
+        popularity[corpus_ids.cpu()].unsqueeze(1).to(env.device),
+        corpus_ids,
+        k,
+        exclude=exclusion.lists,
+    )
+    yield "popularity", pop_ids
+
+
+def _report(
+    results: dict[str, Any], config: ExperimentConfig, run_dir: Path | None, output_name: str
+) -> None:
+    """Rank 0: the results file and the table (at debug level without a run directory, as
+    during validation)."""
+    if results["model"]["cold_rows"] == 0 and run_dir is not None:
+        logger.warning(
+            "no %s query has a cold target (fewer than %d training events): cold_recall@K is NaN",
+            results["split"],
+            config.eval.cold_item_max_events,
+        )
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / output_name).write_text(json.dumps(results, indent=2, sort_keys=True))
+    level = logging.INFO if run_dir is not None else logging.DEBUG
+    logger.log(level, "evaluation on %s:\n%s", results["split"], format_table(results))
 
 
 # Rows that count queries rather than measure the ranking: shown below the table, not in it.

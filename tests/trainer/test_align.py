@@ -37,15 +37,14 @@ from trainer.align import (
     SUMMARY_FILE,
     align,
     alignment_sources,
-    embed_items,
     load_reference,
     sample_candidates,
-    user_keys,
 )
 from trainer.build import loader_spec
 from trainer.config import ConfigError, ExperimentConfig, load_config
 from trainer.distributed import shutdown
 from trainer.ground_truth import TruthScorer, paired_summary, top_k_truth
+from trainer.policy_corpus import embed_items, user_keys
 
 GROUPS = 5
 MODEL = [
