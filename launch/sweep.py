@@ -200,6 +200,8 @@ class Source(enum.Enum):
     EVAL = "eval"  # the ranking's entry of metrics.json ("model" or "popularity")
     TRAIN = "train"  # train_summary.json (no value for the baseline)
     FUNNEL = "funnel"  # metrics.json "funnel" (against the dataset's ranker; model rows only)
+    # metrics.json "by_exclusion": the same ranking under an eval.also_exclude rule ("rule:key")
+    EXCLUSION = "exclusion"
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,10 @@ COLUMNS = (
     Column("ranker top-10 in top-100", Source.FUNNEL, "overlap@10"),
     Column("NDCG@10 vs ranker", Source.FUNNEL, "ranker_ndcg@10"),
     Column("NDCG@10 vs truth", Source.FUNNEL, "truth_ndcg@10"),
+    # Shown only when some run was also scored under eval.also_exclude=[engaged].
+    Column("HR@10, engaged excluded", Source.EXCLUSION, "engaged:hr@10"),
+    Column("NDCG@10, engaged excluded", Source.EXCLUSION, "engaged:ndcg@10"),
+    Column("Recall@100, engaged excluded", Source.EXCLUSION, "engaged:recall@100"),
 )
 
 
@@ -587,7 +593,8 @@ def results_table(outcomes: Sequence[RunOutcome]) -> str:
     the most-popular baseline or below a random ranking on Recall@100 is flagged as a
     collapsed run, not a result. Runs outside the table (a dataset's ranker) are skipped."""
     outcomes = [o for o in outcomes if o.run.in_table]
-    columns = [c for c in COLUMNS if c.source is not Source.FUNNEL or _measured(outcomes, c)]
+    optional = (Source.FUNNEL, Source.EXCLUSION)
+    columns = [c for c in COLUMNS if c.source not in optional or _measured(outcomes, c)]
     header = ["variant", *(column.title for column in columns)]
     lines = [_row(header), "|---|" + "---:|" * len(columns)]
     groups: dict[str, list[RunOutcome]] = {}
@@ -615,18 +622,19 @@ COLLAPSE_METRIC, COLLAPSE_K = "recall@100", 100
 
 
 def collapse_flag(metrics: dict[str, Any]) -> str:
-    """`` **collapsed: ...**`` when the run's Recall@100 is below the most-popular baseline's
-    or below a random ranking's (K / corpus size); empty otherwise or when not measured."""
+    """A warning for the variant's cell: `` **collapsed: ...**`` when its Recall@100 is below a
+    random ranking's (K / corpus size), `` **below most-popular: ...**`` when below the
+    most-popular baseline's; empty otherwise or when not measured."""
     ours = metrics.get("model", {}).get(COLLAPSE_METRIC)
     if ours is None:
         return ""
-    reasons = []
+    corpus = metrics.get("num_items")
+    if corpus and ours < COLLAPSE_K / corpus:
+        return f" **collapsed: {COLLAPSE_METRIC} below random ({COLLAPSE_K / corpus:.4f})**"
     popular = metrics.get("popularity", {}).get(COLLAPSE_METRIC)
     if popular is not None and ours < popular:
-        reasons.append(f"{COLLAPSE_METRIC} below most-popular ({popular:.4f})")
-    if metrics.get("num_items") and ours < COLLAPSE_K / metrics["num_items"]:
-        reasons.append(f"{COLLAPSE_METRIC} below random ({COLLAPSE_K / metrics['num_items']:.4f})")
-    return f" **collapsed: {'; '.join(reasons)}**" if reasons else ""
+        return f" **below most-popular: {COLLAPSE_METRIC} {ours:.4f} < {popular:.4f}**"
+    return ""
 
 
 def protocol_note(outcomes: Sequence[RunOutcome]) -> str:
@@ -645,7 +653,21 @@ def protocol_note(outcomes: Sequence[RunOutcome]) -> str:
 
 
 def _measured(outcomes: Sequence[RunOutcome], column: Column) -> bool:
+    if column.source is Source.EXCLUSION:
+        rule, _, key = column.key.partition(":")
+        return any(
+            key in o.metrics.get("by_exclusion", {}).get(rule, {}).get("model", {})
+            for o in outcomes
+        )
     return any(column.key in o.metrics.get("funnel", {}) for o in outcomes)
+
+
+def _ranking_metrics(metrics: dict[str, Any], column: Column) -> tuple[dict[str, Any], str]:
+    """(the metrics.json part a ``Source.EVAL`` or ``Source.EXCLUSION`` column reads, its key)."""
+    if column.source is Source.EXCLUSION:
+        rule, _, key = column.key.partition(":")
+        return metrics.get("by_exclusion", {}).get(rule, {}), key
+    return metrics, column.key
 
 
 def _cell(group: Sequence[RunOutcome], column: Column, ranking: str) -> str:
@@ -660,13 +682,15 @@ def _cell(group: Sequence[RunOutcome], column: Column, ranking: str) -> str:
                 outcome.metrics.get("funnel", {}).get(column.key) if ranking == "model" else None
             )
         else:
-            value = outcome.metrics.get(ranking, {}).get(column.key)
+            part, key = _ranking_metrics(outcome.metrics, column)
+            value = part.get(ranking, {}).get(key)
         if value is None:
             return MISSING_CELL
         values.append(float(value))
     if len(values) == 1:
-        interval = group[0].metrics.get("intervals", {}).get(ranking, {}).get(column.key)
-        if column.source is Source.EVAL and interval and not any(map(math.isnan, interval)):
+        part, key = _ranking_metrics(group[0].metrics, column)
+        interval = part.get("intervals", {}).get(ranking, {}).get(key)
+        if interval and not any(map(math.isnan, interval)):
             low, high = (format(x, column.format) for x in interval)
             return f"{format(values[0], column.format)} [{low}, {high}]"
         return format(values[0], column.format)

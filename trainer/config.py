@@ -215,9 +215,13 @@ class LossConfig:
 
 @dataclass
 class LogQConfig:
-    """Sampling-bias correction (Yi et al. 2019): every logit gets ``- log`` of its item's
-    expected count in the candidate set; in-batch and memory items use a streaming,
-    rank-synchronized frequency estimator, corpus samples their known probability."""
+    """Sampling-bias correction (Yi et al. 2019): every logit, the positive's included, gets
+    ``- log`` of its item's expected count in the whole shared candidate set, summed over its
+    sources: ``(C_in + C_mem) * p_data(j) + S * p_corpus(j)`` for C_in in-batch rows, C_mem
+    memory entries and S corpus samples. ``p_data`` (per row, uncapped, so a head item can
+    expect many copies) comes from a streaming, rank-synchronized count-min sketch of
+    ``num_hashes`` x ``hash_size`` decayed counts, ``alpha`` the decay per step; ``p_corpus``
+    is the corpus sampler's known probability."""
 
     enabled: bool = False
     hash_size: int = 1 << 20
@@ -238,7 +242,10 @@ class MixedNegativesConfig:
 
 @dataclass
 class MemoryConfig:
-    """Cross-batch memory: a FIFO of recent item embeddings reused as negatives."""
+    """Cross-batch memory: a FIFO of recent in-batch item embeddings (detached, duplicates
+    kept) reused as negatives; needs ``log_q.enabled`` (entries share the in-batch items'
+    mixture correction). For losses of score differences each memory column's item gradient
+    goes to the row's positive, so the item tower still learns from a balanced softmax."""
 
     size: int = 0
     warmup_steps: int = 100
@@ -346,6 +353,8 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [10, 50, 100])
     # The user's earlier items excluded from every query's ranking, whatever its target.
     exclude: ExcludeRule = ExcludeRule.ENGAGED
+    # Further rules the model and most-popular are also scored under (metrics.json by_exclusion).
+    also_exclude: list[ExcludeRule] = field(default_factory=list)
     # Percentile bootstrap over queries (Poisson weights) behind each metric's interval.
     bootstrap_replicates: int = 1000
     interval_level: float = 0.95
@@ -770,6 +779,13 @@ def _validate_negatives(negatives: NegativesConfig, fail: Callable[[str, str], N
         fail("negatives.memory.size", "size and warmup_steps must be >= 0")
     if memory.size > 0 and memory.max_staleness_steps < 1:
         fail("negatives.memory.max_staleness_steps", "must be >= 1 when negatives.memory.size > 0")
+    if memory.size > 0 and not log_q.enabled:
+        fail(
+            "negatives.memory.size",
+            f"= {memory.size} needs negatives.log_q.enabled=true: memory entries are stale, "
+            "popularity-biased copies of past in-batch items (a head item fills many slots), "
+            "and uncorrected they degrade training (docs/experiments.md, the memory rows)",
+        )
     for name, hard in (("impressions", negatives.impressions), ("mined", mined)):
         if hard.per_row < 0:
             fail(f"negatives.{name}.per_row", "must be >= 0")

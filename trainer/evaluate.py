@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,9 +280,9 @@ class _Exclusion:
 
 
 def _exclusion(
-    config: ExperimentConfig, manifest: Manifest, split: str, queries: Queries
+    config: ExperimentConfig, manifest: Manifest, split: str, queries: Queries, rule: ExcludeRule
 ) -> _Exclusion:
-    rule, weights = config.eval.exclude, config.loss.label_weights
+    weights = config.loss.label_weights
     columns = columns_for(ExcludeRule.ENGAGED, manifest.schema.labels)
     train = read_split_columns(config.data.path, manifest, config.data.train_split, columns)
     num_items = manifest.tables["item_id"]
@@ -358,7 +358,7 @@ def evaluate_model(
     num_items = manifest.tables["item_id"]
     corpus = embed_corpus(model, manifest, config, env)
     queries = embed_queries(model, manifest, config, env, split)
-    exclusion = _exclusion(config, manifest, split, queries)
+    exclusion = _exclusion(config, manifest, split, queries, config.eval.exclude)
     tail = torch.from_numpy(tail_items(exclusion.event_counts, HEAD_FRACTION))
     cold = torch.from_numpy(cold_items(exclusion.event_counts, config.eval.cold_item_max_events))
     count = torch.tensor([len(queries.targets)], device=env.device)
@@ -373,8 +373,9 @@ def evaluate_model(
         "checkpoint": checkpoint,
         "protocol": protocol(config, split, num_items, int(count.item())),
     }
-    for name, topk_ids in _rankings(model, manifest, config, env, corpus, queries, exclusion):
-        results[name], results["intervals"][name] = _score_ranking(
+
+    def score(topk_ids: torch.Tensor) -> tuple[dict[str, float], dict[str, list[float]]]:
+        return _score_ranking(
             topk_ids,
             queries.targets,
             queries.users,
@@ -385,6 +386,15 @@ def evaluate_model(
             env,
             bootstrap,
         )
+
+    for name, topk_ids in _rankings(model, manifest, config, env, corpus, queries, exclusion):
+        results[name], results["intervals"][name] = score(topk_ids)
+    # The same model and baseline under further rules (a repeat-consumption feed reports the
+    # discovery of new items beside it); the table and the protocol keep eval.exclude.
+    results["by_exclusion"] = {
+        rule.value: _scored_under(rule, score, model, manifest, config, env, corpus, queries, split)
+        for rule in config.eval.also_exclude
+    }
     if config.eval.funnel.ranker is not None:
         from trainer.funnel import funnel_metrics
 
@@ -395,6 +405,27 @@ def evaluate_model(
     return results
 
 
+def _scored_under(
+    rule: ExcludeRule,
+    score: Callable[[torch.Tensor], tuple[dict[str, float], dict[str, list[float]]]],
+    model: torch.nn.Module,
+    manifest: Manifest,
+    config: ExperimentConfig,
+    env: DistributedEnv,
+    corpus: tuple[torch.Tensor, torch.Tensor],
+    queries: Queries,
+    split: str,
+) -> dict[str, Any]:
+    """{model, popularity, intervals} of the model and most-popular under ``rule``."""
+    exclusion = _exclusion(config, manifest, split, queries, rule)
+    entry: dict[str, Any] = {"intervals": {}}
+    for name, topk_ids in _rankings(
+        model, manifest, config, env, corpus, queries, exclusion, head=False
+    ):
+        entry[name], entry["intervals"][name] = score(topk_ids)
+    return entry
+
+
 def _rankings(
     model: torch.nn.Module,
     manifest: Manifest,
@@ -403,9 +434,11 @@ def _rankings(
     corpus: tuple[torch.Tensor, torch.Tensor],
     queries: Queries,
     exclusion: _Exclusion,
+    head: bool = True,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, this rank's top-K ids [q_r, K]) of every ranking evaluated (collective): the
-    model, the light head's rerank (with the head), most-popular; one exclusion for all."""
+    model, the light head's rerank (with the head, unless ``head`` is False), most-popular;
+    one exclusion for all."""
     corpus_ids, corpus_embeddings = corpus
     k = max(config.eval.ks)
     _, topk_ids = distributed_topk(
@@ -418,11 +451,11 @@ def _rankings(
         corpus_chunk=config.eval.corpus_chunk,
     )
     yield "model", topk_ids
-    head = head_module(model)
-    if head is not None and queries.ranker is not None:
+    light_head = head_module(model) if head else None
+    if light_head is not None and queries.ranker is not None:
         weights = label_weights(manifest, config)
         _, reranked = reranked_topk(
-            head,
+            light_head,
             queries.embeddings,
             queries.ranker,
             corpus_ids,

@@ -49,8 +49,16 @@ def test_launch_local_two_ranks_then_eval_and_plot(tmp_path: Path, capsys) -> No
     # A world-size-1 evaluation of the 2-rank checkpoint gives the same numbers (DCP reshards).
     assert again["model"] == trained["model"]
     assert again["intervals"]["model"]["hr@10"][0] <= trained["model"]["hr@10"]
-    assert main(["eval", "--run", str(run), "--split", "valid"]) == 0
-    assert json.loads((run / f"eval_valid_{step}.json").read_text())["split"] == "valid"
+    also = "eval.also_exclude=[engaged,none]"
+    assert main(["eval", "--run", str(run), "--split", "valid", also]) == 0
+    valid = json.loads((run / f"eval_valid_{step}.json").read_text())
+    assert valid["split"] == "valid" and valid["protocol"]["exclude"] == "engaged"
+    # Scored again under the primary rule: the same numbers; under none, most-popular differs.
+    assert valid["by_exclusion"]["engaged"]["model"] == valid["model"]
+    assert valid["by_exclusion"]["engaged"]["intervals"] == {
+        k: v for k, v in valid["intervals"].items() if k in ("model", "popularity")
+    }
+    assert set(valid["by_exclusion"]["none"]) == {"model", "popularity", "intervals"}
     assert main(["plot", "--run", str(run)]) == 0
     assert (run / "curves.png").stat().st_size > 1000
 

@@ -203,7 +203,9 @@ def test_results_table_rows_failures_and_baseline(tmp_path: Path) -> None:
         [outcome("a|b", RunStatus.OK, 0.5), outcome("broken", RunStatus.FAILED, 0.0)]
     ).splitlines()
     assert table[0].startswith("| variant | Recall@10 | Recall@50 |")
-    shown = [c for c in COLUMNS if c.source is not Source.FUNNEL]  # no run measured the funnel
+    shown = [
+        c for c in COLUMNS if c.source not in (Source.FUNNEL, Source.EXCLUSION)
+    ]  # no run measured the funnel
     assert table[2] == "| a\\|b | " + " | ".join(["0.5000"] * (len(shown) - 1)) + " | 12,346 |"
     assert table[3].startswith("| broken | **failed** (exit code 1): `") and "broken" in table[3]
     assert table[4].startswith(f"| {BASELINE_ROW} | 0.0100 | 0.5000 |") and table[4].endswith(
@@ -258,7 +260,9 @@ def test_sweep_end_to_end_two_variants_and_a_failure(
     rows = {line.split(" | ")[0][2:]: line for line in out.splitlines() if line.startswith("| ")}
     for name in ("t=0.1", "+ hotter", BASELINE_ROW):
         cells = rows[name].strip("| ").split(" | ")[1:]
-        assert len(cells) == len([c for c in COLUMNS if c.source is not Source.FUNNEL])
+        assert len(cells) == len(
+            [c for c in COLUMNS if c.source not in (Source.FUNNEL, Source.EXCLUSION)]
+        )
         assert all(float(cell.replace(",", "")) >= 0 for cell in cells[:-1]), rows[name]
     assert float(rows["t=0.1"].split(" | ")[-1].strip(" |").replace(",", "")) > 0  # samples/s
     assert "**failed** (exit code 1)" in rows["broken"]
@@ -374,6 +378,13 @@ def test_single_runs_show_intervals_and_collapsed_runs_are_flagged(tmp_path: Pat
             "model": {"recall@100": recall, "hr@10": recall / 2},
             "popularity": {"recall@100": 0.3, "hr@10": 0.1},
             "intervals": {"model": {"recall@100": [recall - 0.01, recall + 0.02]}},
+            "by_exclusion": {
+                "engaged": {
+                    "model": {"hr@10": recall / 4},
+                    "popularity": {"hr@10": 0.05},
+                    "intervals": {"model": {"hr@10": [0.0, 1.0]}},
+                }
+            },
             "protocol": {
                 "split": "test",
                 "exclude": "none",
@@ -388,9 +399,11 @@ def test_single_runs_show_intervals_and_collapsed_runs_are_flagged(tmp_path: Pat
     good, below_popular, below_random = outcome("good", 0.5), outcome("m", 0.2), outcome("z", 0.05)
     rows = results_table([good, below_popular, below_random]).splitlines()
     assert rows[2].startswith("| good | —") and "| 0.5000 [0.4900, 0.5200] |" in rows[2]
-    assert "**collapsed" not in rows[2] and "| 0.2500 |" in rows[2]  # no interval: value only
-    assert rows[3].startswith("| m **collapsed: recall@100 below most-popular (0.3000)** |")
-    assert "below random (0.1000)" in rows[4] and "below most-popular" in rows[4]
+    assert "HR@10, engaged excluded" in rows[0] and "NDCG@10, engaged" not in rows[0]
+    assert rows[2].endswith("| 0.1250 [0.0000, 1.0000] |")  # measured under engaged too
+    assert "**" not in rows[2] and "| 0.2500 |" in rows[2]  # no interval: value only
+    assert rows[3].startswith("| m **below most-popular: recall@100 0.2000 < 0.3000** |")
+    assert rows[4].startswith("| z **collapsed: recall@100 below random (0.1000)** |")
     write_results(tmp_path / "out", "t", [good])
     text = (tmp_path / "out" / "results.md").read_text()
     assert "exclusion `none`" in text and "812 queries" in text
