@@ -6,8 +6,9 @@ Three sources of negatives and the statistics their corrections need:
   log-probability of each draw, for sampled-softmax log-Q correction.
 - ``item_counts`` counts item ids over Parquet shards, one row group at a time, to build the
   unigram distribution.
-- ``StreamingFrequencyEstimator`` estimates, online, how likely each item is to appear in one
-  global batch (Yi et al. 2019), for the log-Q correction of in-batch negatives.
+- ``StreamingFrequencyEstimator`` estimates, online, the probability that one training row's
+  item is j (its expected count among C rows is C times that), for the log-Q correction of
+  in-batch and memory negatives.
 - ``CrossBatchMemory`` keeps recent item embeddings as extra negatives (Wang et al. 2020).
 
 Nothing here touches the model; every tensor stays on the device it was built for.
@@ -160,23 +161,28 @@ class CorpusSampler:
         positions = positions.clamp_(max=len(self) - 1)  # guards a rounding edge only
         return self.item_ids[positions], self.log_probs[positions]
 
-    def log_prob(self, ids: Tensor) -> Tensor:
+    def log_prob(self, ids: Tensor, strict: bool = True) -> Tensor:
         """Log-probability of drawing each id in one draw.
 
         Args:
-            ids: [n] int64 corpus ids.
+            ids: [n] int64 ids.
+            strict: ids outside the corpus raise; False gives them -inf (never drawn), for
+                ids that merely may also be corpus samples (in-batch and memory items).
         Returns:
             [n] float32.
         Raises:
-            ValueError: some ids are not in the corpus (names up to 10 of them).
+            ValueError: ``strict`` and some ids are not in the corpus (names up to 10 of them).
         """
         ids = ids.to(self.sorted_ids.device, torch.int64)
         found_at = torch.searchsorted(self.sorted_ids, ids).clamp_(max=len(self) - 1)
         found = self.sorted_ids[found_at] == ids
-        if not bool(found.all()):
-            missing = ids[~found].unique()[:10].tolist()
-            raise ValueError(f"ids not in the sampler's corpus: {missing}")
-        return self.log_probs[self.sorted_positions[found_at]]
+        log_probs = self.log_probs[self.sorted_positions[found_at]]
+        if bool(found.all()):
+            return log_probs
+        if not strict:
+            return log_probs.masked_fill(~found, float("-inf"))
+        missing = ids[~found].unique()[:10].tolist()
+        raise ValueError(f"ids not in the sampler's corpus: {missing}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,24 +264,31 @@ def hash_slots(ids: Tensor, multipliers: Sequence[int], hash_size: int) -> Tenso
 
 
 class StreamingFrequencyEstimator:
-    """Per-item probability of appearing in one global batch, from hashed "steps since last seen".
+    """Per-draw probability of each item in the training stream, from a decayed count-min sketch.
 
-    Yi et al. 2019, "Sampling-bias-corrected neural modeling for large corpus item
-    recommendations": array A holds the step at which each hash slot was last seen and B an
-    exponential moving average of the steps between sightings. For each hash function,
-    ``B = (1 - alpha) * B + alpha * (step - A); A = step``. An item's interval estimate is the max
-    over hash functions of B (collisions only shrink B, so the max is the least-collided
-    estimate) and its probability ``q = 1 / interval``, clamped to (0, 1].
+    ``probability(j)`` estimates p(j), the chance that one training row's item is j, so the
+    expected number of copies of j among C rows drawn from the stream is ``C * p(j)``; head
+    items with ``B * p(j) > 1`` get their full count (Yi et al. 2019's "steps since last seen"
+    estimates P(j appears in a batch), which saturates at 1 and under-corrects them by up to
+    ``log(B * p(j))``).
 
-    Initialization (A = -1 marks a never-seen slot):
+    Estimator: for every hash function, a slot holds the exponentially decayed count
+    ``S = sum_t (1 - alpha) ** (T - t) * c_t`` of the ids hashed to it (c_t: copies in the batch
+    of step t, every copy counted), and one scalar holds the decayed number of rows
+    ``R = sum_t (1 - alpha) ** (T - t) * n_t``. Then ``p(j) = min over hashes of S / R``:
 
-    - The first sighting of a slot at ``step`` sets B to the number of batches observed so far,
-      ``step - first_step + 1``, as if the item last appeared just before the first observed
-      batch; this single-sample estimate is unbiased and is then averaged away, instead of
-      blending an arbitrary prior into the average.
-    - An item with any never-seen slot has never appeared itself; its interval is the number of
-      batches observed plus one, so its q shrinks as training goes on (q = 1, i.e. log q = 0 and
-      no correction, before the first update).
+    - S / R is the exponentially weighted frequency of j among the rows, so it follows drift
+      with a time constant of ``1 / alpha`` steps, and its relative standard deviation is about
+      ``sqrt(alpha / (2 * B * p))`` for Poisson counts.
+    - Both sums start at 0 and decay alike, so the ratio has no start-up bias (no prior, no
+      special first sighting) and varying batch sizes (padding, the last batch, uneven ranks)
+      are weighted by their actual rows.
+    - Collisions only add counts, so the least-collided hash function (the min) is the best
+      estimate, as in a count-min sketch.
+    - Decay is applied lazily: a slot remembers the step it was last updated, so an update
+      costs O(n log n) for n ids, not O(hash_size).
+    - Items whose decayed count is below one sighting (never seen, or seen once long ago) get
+      ``1 / R``, "at most once in the window"; before the first update p = 1 (log p = 0).
 
     Call ``update`` (or ``update_synchronized`` on every rank) once per step with the whole
     batch; steps must increase from call to call.
@@ -283,7 +296,7 @@ class StreamingFrequencyEstimator:
     Args:
         hash_size: slots per hash function, a power of two (at most 2**31).
         num_hashes: number of hash functions, 1 to ``len(HASH_MULTIPLIERS)``.
-        alpha: moving-average weight in (0, 1].
+        alpha: decay per step in (0, 1]; 1 keeps only the latest batch.
         device: where the [num_hashes, hash_size] arrays live.
     """
 
@@ -308,8 +321,10 @@ class StreamingFrequencyEstimator:
         self.device = torch.device(device)
         self.multipliers = HASH_MULTIPLIERS[:num_hashes]
         shape = (num_hashes, hash_size)
+        # Decayed count of each slot as of the step in last_seen_step (-1: never seen).
+        self.decayed_count = torch.zeros(shape, dtype=torch.float32, device=self.device)
         self.last_seen_step = torch.full(shape, -1, dtype=torch.int64, device=self.device)
-        self.interval = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        self.decayed_rows = 0.0  # R as of last_step
         self.first_step = -1  # step of the first update; -1 before it
         self.last_step = -1  # step of the latest update
 
@@ -322,27 +337,26 @@ class StreamingFrequencyEstimator:
         """Record one global batch.
 
         Args:
-            ids: [n] int64 item ids of the batch; repeats count once, ids < 0 are padding.
+            ids: [n] int64 item ids of the batch; every copy counts, ids < 0 are padding.
             step: training step, greater than the previous update's.
         """
         if step < 0 or step <= self.last_step:
             raise ValueError(f"step must be >= 0 and increase, got {step} after {self.last_step}")
+        ids = ids.to(self.device, torch.int64).reshape(-1)
+        ids = ids[ids >= 0]
+        elapsed = 0 if self.last_step < 0 else step - self.last_step
+        self.decayed_rows = self.decayed_rows * (1.0 - self.alpha) ** elapsed + ids.numel()
         if self.first_step < 0:
             self.first_step = step
         self.last_step = step
-        ids = ids.to(self.device, torch.int64).reshape(-1)
-        ids = torch.unique(ids[ids >= 0])
         if ids.numel() == 0:
             return
-        slots = hash_slots(ids, self.multipliers, self.hash_size)  # [H, n]
-        rows = torch.arange(self.num_hashes, device=self.device).unsqueeze(1).expand_as(slots)
-        last_seen = self.last_seen_step[rows, slots]
-        gap = (step - last_seen).to(torch.float32)
-        averaged = (1.0 - self.alpha) * self.interval[rows, slots] + self.alpha * gap
-        first_sighting = torch.full_like(gap, float(step - self.first_step + 1))
-        # Ids colliding in one slot write the same value, so duplicate indices are harmless.
-        self.interval[rows, slots] = torch.where(last_seen >= 0, averaged, first_sighting)
-        self.last_seen_step[rows, slots] = step
+        flat = self._flat_slots(ids).reshape(-1)  # [H * n]
+        slots, copies = torch.unique(flat, return_counts=True)
+        count = self.decayed_count.view(-1)
+        seen = self.last_seen_step.view(-1)
+        count[slots] = self._decayed(count[slots], seen[slots], step) + copies.to(count.dtype)
+        seen[slots] = step
 
     def update_synchronized(
         self, local_ids: Tensor, step: int, group: dist.ProcessGroup | None = None
@@ -363,40 +377,66 @@ class StreamingFrequencyEstimator:
         self.update(gather_ids(local_ids.to(self.device, torch.int64).reshape(-1), group), step)
 
     def probability(self, ids: Tensor) -> Tensor:
-        """Estimated probability that each item appears in one global batch.
+        """Estimated probability that one row of the stream is each item (one draw).
 
         Args:
             ids: [n] int64 item ids.
         Returns:
-            [n] float32 in (0, 1].
+            [n] float32 in (0, 1]; multiply by a candidate count for an expected count.
         """
         ids = ids.to(self.device, torch.int64).reshape(-1)
-        slots = hash_slots(ids, self.multipliers, self.hash_size)
-        rows = torch.arange(self.num_hashes, device=self.device).unsqueeze(1).expand_as(slots)
-        interval = self.interval[rows, slots].amax(0)
-        never_seen = (self.last_seen_step[rows, slots] < 0).any(0)
-        interval = torch.where(never_seen, float(self.steps_observed + 1), interval)
-        return 1.0 / interval.clamp(min=1.0)
+        if self.decayed_rows <= 0:
+            return torch.ones(ids.shape, dtype=torch.float32, device=self.device)
+        flat = self._flat_slots(ids)  # [H, n]
+        count = self._decayed(
+            self.decayed_count.view(-1)[flat], self.last_seen_step.view(-1)[flat], self.last_step
+        )
+        return (count.amin(0).clamp(min=1.0) / self.decayed_rows).to(torch.float32)
 
-    def log_q(self, ids: Tensor) -> Tensor:
-        """log ``probability(ids)``: [n] ids -> [n] float32 <= 0, for log-Q correction."""
+    def log_probability(self, ids: Tensor) -> Tensor:
+        """log ``probability(ids)``: [n] ids -> [n] float32 <= 0."""
         return torch.log(self.probability(ids))
 
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors only (the arrays themselves, not copies), for torch.distributed.checkpoint."""
         return {
+            "decayed_count": self.decayed_count,
             "last_seen_step": self.last_seen_step,
-            "interval": self.interval,
+            "decayed_rows": torch.tensor(self.decayed_rows, dtype=torch.float64),
             "first_step": torch.tensor(self.first_step, dtype=torch.int64),
             "last_step": torch.tensor(self.last_step, dtype=torch.int64),
         }
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Restore from ``state_dict()``; shapes must match this estimator's configuration."""
-        arrays = {"last_seen_step": self.last_seen_step, "interval": self.interval}
+        """Restore from ``state_dict()``; shapes must match this estimator's configuration.
+
+        Raises:
+            ValueError: a key is missing (e.g. a checkpoint of the older per-batch-appearance
+                estimator, which stored ``interval``) or an array's shape differs.
+        """
+        missing = [key for key in self.state_dict() if key not in state]
+        if missing:
+            raise ValueError(
+                f"frequency estimator state lacks {missing} (keys: {sorted(state)}); a "
+                "checkpoint of the older per-batch-appearance estimator cannot be resumed"
+            )
+        arrays = {"decayed_count": self.decayed_count, "last_seen_step": self.last_seen_step}
         copy_state(arrays, state, "(num_hashes, hash_size)")
+        self.decayed_rows = float(state["decayed_rows"])
         self.first_step = int(state["first_step"])
         self.last_step = int(state["last_step"])
+
+    def _flat_slots(self, ids: Tensor) -> Tensor:
+        """[n] ids -> [H, n] positions in the flattened [H * hash_size] arrays."""
+        slots = hash_slots(ids, self.multipliers, self.hash_size)
+        offsets = torch.arange(self.num_hashes, device=self.device).unsqueeze(1) * self.hash_size
+        return slots + offsets
+
+    def _decayed(self, count: Tensor, last_seen: Tensor, step: int) -> Tensor:
+        """Counts [k] stored at steps ``last_seen`` [k] (-1: never) decayed to ``step``."""
+        elapsed = (step - last_seen).to(torch.float64)
+        factor = torch.pow(1.0 - self.alpha, elapsed).to(count.dtype)
+        return torch.where(last_seen >= 0, count * factor, torch.zeros_like(count))
 
 
 def copy_state(targets: dict[str, Tensor], state: dict[str, Tensor], shape_meaning: str) -> None:
@@ -442,8 +482,11 @@ class CrossBatchMemory:
     """FIFO of recent item embeddings reused as extra negatives (Wang et al. 2020, XBM).
 
     Stored embeddings are detached copies: they carry no gradient and drift from the current
-    item tower as training moves on, hence ``max_staleness_steps``. Call ``negatives(step)``
-    before ``push``-ing the current batch, or the batch's own positives come back as negatives.
+    item tower as training moves on, hence ``max_staleness_steps``. Entries are past in-batch
+    rows, duplicates kept, so they follow the data distribution and share the in-batch items'
+    logQ correction; the trainer routes their item-side gradient to each row's positive
+    (``trainer.negative_sampling.routed_memory_scores``). Call ``negatives(step)`` before
+    ``push``-ing the current batch, or the batch's own positives come back as negatives.
 
     Args:
         capacity: M, the most entries kept; the oldest are overwritten first.

@@ -233,7 +233,8 @@ class LogQConfig:
 class MixedNegativesConfig:
     """Mixed negative sampling (Yang et al. 2020): ``num_samples`` corpus items per step shared by
     the batch, run through the item tower with their real features. With logQ correction on,
-    their logits get ``- log(num_samples * p(item))``, their own sampling probability."""
+    every candidate's logit gets ``- log`` of its item's expected count in the whole candidate
+    set, in which the samples count ``num_samples * p(item)`` (``LogQConfig``)."""
 
     num_samples: int = 0
     distribution: CorpusDistribution = CorpusDistribution.UNIGRAM
@@ -243,9 +244,9 @@ class MixedNegativesConfig:
 @dataclass
 class MemoryConfig:
     """Cross-batch memory: a FIFO of recent in-batch item embeddings (detached, duplicates
-    kept) reused as negatives; needs ``log_q.enabled`` (entries share the in-batch items'
-    mixture correction). For losses of score differences each memory column's item gradient
-    goes to the row's positive, so the item tower still learns from a balanced softmax."""
+    kept) reused as negatives. For losses of score differences each memory column's item
+    gradient goes to the row's positive, so the item tower still learns from a balanced
+    softmax; with logQ on, entries share the in-batch items' mixture correction."""
 
     size: int = 0
     warmup_steps: int = 100
@@ -779,13 +780,6 @@ def _validate_negatives(negatives: NegativesConfig, fail: Callable[[str, str], N
         fail("negatives.memory.size", "size and warmup_steps must be >= 0")
     if memory.size > 0 and memory.max_staleness_steps < 1:
         fail("negatives.memory.max_staleness_steps", "must be >= 1 when negatives.memory.size > 0")
-    if memory.size > 0 and not log_q.enabled:
-        fail(
-            "negatives.memory.size",
-            f"= {memory.size} needs negatives.log_q.enabled=true: memory entries are stale, "
-            "popularity-biased copies of past in-batch items (a head item fills many slots), "
-            "and uncorrected they degrade training (docs/experiments.md, the memory rows)",
-        )
     for name, hard in (("impressions", negatives.impressions), ("mined", mined)):
         if hard.per_row < 0:
             fail(f"negatives.{name}.per_row", "must be >= 0")

@@ -7,16 +7,29 @@ estimator; :meth:`score` lays every candidate out per row as
 :class:`models.retrieval_loss.ScoredCandidates` with logQ corrections and weights; :meth:`remember`
 pushes the step's in-batch items into the cross-batch memory.
 
-logQ correction subtracts the log of an item's expected count in the candidate set it came
-from: ``log q(j) + log(C / B_global)`` for in-batch (C candidate rows) and memory (C entries)
-items, with q the estimator's per-global-batch probability; ``log(S * p(j))`` for S corpus
-samples drawn with probability p. Hard negatives are not corrected; their config weight counts
-each as that many negatives.
+logQ correction subtracts from every logit, positive included, the log of its item's expected
+count in the whole shared candidate set, the mixture of its sources
+(:func:`mixture_log_expected_count`):
+``E[count_j] = C_in * p_data(j) + C_mem * p_data(j) + S * p_corpus(j)``, with C_in live
+in-batch rows, C_mem live memory entries (past in-batch rows, so the same distribution), S
+corpus samples, ``p_data`` the estimator's per-draw probability and ``p_corpus`` the sampler's.
+An item gets the same correction in every source it appears in, so the corrected candidate set
+estimates the full softmax over the corpus without counting an item once per source. Hard
+negatives are not corrected; their config weight counts each as that many negatives.
+
+Cross-batch memory entries are detached copies, so their push never reaches the item tower:
+for losses of score differences the item gradients of a row then no longer sum to zero, every
+positive pulls its item towards the user with nothing pushing back for the memory's share of
+the softmax, all items drift towards the users and the stale copies reward the user tower for
+following (the collapse of the memory rows in docs/experiments.md). :func:`routed_memory_scores`
+sends each memory column's item gradient to the row's positive instead, so the item tower
+learns from the in-batch softmax and the user tower from every candidate.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,10 +50,16 @@ from data_pipeline.schema import IMPRESSION_NEGATIVES
 from models.retrieval_loss import ScoredCandidates
 from models.two_tower import TowerOutputs
 from trainer.build import item_store
-from trainer.config import ConfigError, CorpusDistribution, ExperimentConfig
+from trainer.config import ConfigError, CorpusDistribution, ExperimentConfig, LossFamily
 from trainer.distributed import DistributedEnv
 from trainer.global_negatives import gather_candidates
 from trainer.mined_negatives import CorpusMiner
+
+# Losses of score differences (shift-invariant in the item embeddings), for which a memory
+# column's item gradient is routed to the row's positive (see ``routed_memory_scores``).
+SCORE_DIFFERENCE_LOSSES = frozenset(
+    {LossFamily.SOFTMAX, LossFamily.SAMPLED_SOFTMAX, LossFamily.BPR, LossFamily.TRIPLET}
+)
 
 
 def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
@@ -76,11 +95,20 @@ class ExtraItems:
 
 @dataclass
 class CandidateBlock:
-    """Candidates shared by every row: embeddings [C, D], ids [C] (-1 padding), log q [C]."""
+    """Candidates shared by every row: embeddings [C, D], ids [C] (-1 padding)."""
 
     embeddings: torch.Tensor
     ids: torch.Tensor
-    log_q: torch.Tensor
+
+
+@dataclass(frozen=True)
+class CandidateSources:
+    """Live candidates per source in one step's shared block: in-batch rows, memory entries
+    (past in-batch rows), corpus samples."""
+
+    in_batch: int
+    memory: int
+    corpus: int
 
 
 @dataclass
@@ -198,25 +226,37 @@ class NegativeSampling:
         )
         in_batch, positive_index = self._in_batch(item, candidate_ids)
         blocks = [in_batch]
-        if extra is not None and extra.num_samples > 0:
+        samples = extra.num_samples if extra is not None else 0
+        if extra is not None and samples > 0:
             blocks.append(self._corpus_samples(outputs.extra_items, extra))
-        if self.memory is not None:
-            blocks.append(self._memory_block(step))
-        shared = CandidateBlock(*(torch.cat(parts) for parts in zip(*map(_fields, blocks))))
-        negatives = user @ shared.embeddings.T
-        weights = (shared.ids >= 0).to(user.dtype).expand_as(negatives).clone()
+        fresh = CandidateBlock(
+            torch.cat([block.embeddings for block in blocks]),
+            torch.cat([block.ids for block in blocks]),
+        )
+        memory = self._memory_block(step, item)
+        shared_ids = torch.cat([fresh.ids, memory.ids])
+        if self.config.loss.family in SCORE_DIFFERENCE_LOSSES:
+            memory_scores = routed_memory_scores(user, memory.embeddings, item)
+        else:  # pointwise losses: a memory term simply has no item-side gradient
+            memory_scores = user @ memory.embeddings.T
+        negatives = torch.cat([user @ fresh.embeddings.T, memory_scores], dim=1)
+        sources = CandidateSources(
+            int((in_batch.ids >= 0).sum()), int((memory.ids >= 0).sum()), samples
+        )
+        shared_log_q = self._log_q(shared_ids, sources)
+        weights = (shared_ids >= 0).to(user.dtype).expand_as(negatives).clone()
         if self.config.loss.mask_accidental_hits:
-            weights = weights * (shared.ids.unsqueeze(0) != positive_ids.unsqueeze(1))
+            weights = weights * (shared_ids.unsqueeze(0) != positive_ids.unsqueeze(1))
         rows = torch.arange(user.shape[0], device=user.device)
         weights[rows, positive_index] = 0.0
-        log_q = shared.log_q.expand_as(negatives)
+        log_q = shared_log_q.expand_as(negatives)
         scored = ScoredCandidates(
             positive=(user * item).sum(dim=1),
             negatives=negatives,
             weights=weights,
-            positive_log_q=in_batch.log_q[positive_index],
+            positive_log_q=shared_log_q[positive_index],
             negative_log_q=log_q,
-            ids=shared.ids.expand_as(negatives),
+            ids=shared_ids.expand_as(negatives),
         )
         if extra is not None:
             scored = self._with_hard_negatives(scored, user, outputs.extra_items, extra, batch)
@@ -258,29 +298,35 @@ class NegativeSampling:
         else:
             embeddings, ids = item, item_ids
             positive_index = torch.arange(item.shape[0], device=item.device)
-        rows = int((ids >= 0).sum())
-        return CandidateBlock(embeddings, ids, self._log_q(ids, rows)), positive_index
+        return CandidateBlock(embeddings, ids), positive_index
 
     def _corpus_samples(self, extra_embeddings: torch.Tensor, extra: ExtraItems) -> CandidateBlock:
-        count = extra.num_samples
-        ids = extra.ids[:count]
-        log_q = torch.zeros(count, device=ids.device)
-        if self.estimator is not None:
-            log_q = extra.sample_log_prob + math.log(count)
-        return CandidateBlock(extra_embeddings[:count], ids, log_q)
+        ids = extra.ids[: extra.num_samples]
+        return CandidateBlock(extra_embeddings[: extra.num_samples], ids)
 
-    def _memory_block(self, step: int) -> CandidateBlock:
-        assert self.memory is not None
+    def _memory_block(self, step: int, like: torch.Tensor) -> CandidateBlock:
+        """The memory's entries [M, D] like ``like`` (detached; M = 0 without memory or during
+        its warmup)."""
+        if self.memory is None:
+            ids = torch.zeros(0, dtype=torch.int64, device=like.device)
+            return CandidateBlock(like.detach()[:0], ids)
         embeddings, ids, _ = self.memory.negatives(step)
-        return CandidateBlock(embeddings, ids, self._log_q(ids, int(ids.shape[0])))
+        return CandidateBlock(embeddings.to(like.dtype), ids)
 
-    def _log_q(self, ids: torch.Tensor, candidates: int) -> torch.Tensor:
-        """log expected count of each id among ``candidates`` in-batch-like draws (0: off)."""
-        if self.estimator is None or ids.numel() == 0:
-            return torch.zeros(ids.shape[0], device=ids.device)
-        global_rows = self.config.data.batch_size * self.env.world_size
-        scale = math.log(max(candidates, 1) / global_rows)
-        return self.estimator.log_q(ids.clamp_min(0)) + scale
+    def _log_q(self, ids: torch.Tensor, sources: CandidateSources) -> torch.Tensor:
+        """[C] log expected count of each candidate id in the whole candidate set (0: off)."""
+        live = ids >= 0
+        if self.estimator is None or not bool(live.any()):
+            return _no_log_q(ids)
+        known = ids.clamp_min(0)
+        draws = [float(sources.in_batch + sources.memory)]
+        log_probs = [self.estimator.log_probability(known).to(ids.device)]
+        if sources.corpus > 0 and self.sampler is not None:
+            draws.append(float(sources.corpus))
+            log_probs.append(self.sampler.log_prob(known, strict=False).to(ids.device))
+        log_q = mixture_log_expected_count(draws, log_probs)
+        # Padding columns carry weight 0 but must stay finite (-inf - -inf would be nan).
+        return torch.where(live, log_q, torch.zeros_like(log_q))
 
     def _with_hard_negatives(
         self,
@@ -324,8 +370,62 @@ class NegativeSampling:
         )
 
 
-def _fields(block: CandidateBlock) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return block.embeddings, block.ids, block.log_q
+def _no_log_q(ids: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(ids.shape[0], device=ids.device)
+
+
+def mixture_log_expected_count(
+    draws: Sequence[float], log_probs: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """log of each item's expected count in a candidate set concatenated from several sources.
+
+    Source s contributes ``draws[s]`` candidates, each independently item j with probability
+    ``p_s(j)``, so ``E[count_j] = sum_s draws[s] * p_s(j)`` (a logsumexp, stable for tiny p).
+
+    Args:
+        draws: [S] candidates per source, >= 0 (a source with 0 draws adds nothing).
+        log_probs: S tensors [n], log p_s of the same n items under each source (-inf: the
+            source never draws that item).
+    Returns:
+        [n] float32 log E[count_j]; -inf for an item no source can draw.
+    Raises:
+        ValueError: lengths differ, a count is negative, or no source has draws.
+    """
+    if len(draws) != len(log_probs):
+        raise ValueError(f"{len(draws)} draw counts for {len(log_probs)} sources")
+    if any(count < 0 for count in draws):
+        raise ValueError(f"draw counts must be >= 0, got {list(draws)}")
+    terms = [math.log(count) + lp.float() for count, lp in zip(draws, log_probs) if count > 0]
+    if not terms:
+        raise ValueError("no source has draws: the candidate set is empty")
+    return torch.logsumexp(torch.stack(terms), dim=0)
+
+
+def routed_memory_scores(
+    user: torch.Tensor, memory: torch.Tensor, positive_item: torch.Tensor
+) -> torch.Tensor:
+    """Scores of detached memory entries whose item-side gradient goes to each row's positive.
+
+    A loss of score differences (softmax, BPR, triplet, the distillation KL) is unchanged when
+    every item embedding moves by one vector, so the item gradients of a row sum to zero. A
+    detached memory column breaks that: its push never reaches an item, and the item tower is
+    left with the pull of every positive, so all items drift towards the users (and stale copies
+    then reward the user tower for following the drift). Adding
+    ``u.detach() . i+  -  (u . i+).detach()`` (zero) to each memory score sends the push a
+    column puts on its item to the row's positive instead: for the softmax, the item tower then
+    gets exactly the in-batch softmax's gradient, scaled by one minus the memory's softmax mass,
+    and the user tower the gradient of the whole candidate set.
+
+    Args:
+        user: [B, D] user embeddings.
+        memory: [M, D] detached memory embeddings.
+        positive_item: [B, D] each row's positive item embedding.
+    Returns:
+        [B, M] ``user @ memory.T`` in value.
+    """
+    positive = (user.detach() * positive_item).sum(dim=1)
+    routed = positive - (user * positive_item).sum(dim=1).detach()
+    return user @ memory.T + routed.unsqueeze(1)
 
 
 def check_supported(config: ExperimentConfig, manifest: Manifest) -> None:
