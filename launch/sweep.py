@@ -591,12 +591,13 @@ def results_table(outcomes: Sequence[RunOutcome]) -> str:
     head's reranked list as its own row), then the most-popular baseline (taken from the first
     successful run; every variant of a dataset evaluates the same queries). A variant below
     the most-popular baseline or below a random ranking on Recall@100 is flagged as a
-    collapsed run, not a result. Runs outside the table (a dataset's ranker) are skipped."""
+    collapsed run, not a result, in a list under the table. Runs outside the table (a dataset's ranker) are skipped."""
     outcomes = [o for o in outcomes if o.run.in_table]
     optional = (Source.FUNNEL, Source.EXCLUSION)
     columns = [c for c in COLUMNS if c.source not in optional or _measured(outcomes, c)]
     header = ["variant", *(column.title for column in columns)]
     lines = [_row(header), "|---|" + "---:|" * len(columns)]
+    flags: list[str] = []
     groups: dict[str, list[RunOutcome]] = {}
     for outcome in outcomes:
         groups.setdefault(outcome.run.variant, []).append(outcome)
@@ -606,14 +607,18 @@ def results_table(outcomes: Sequence[RunOutcome]) -> str:
             failure = f"**failed** ({failed[0].error}): `{failed[0].run.log_path}`"
             lines.append(_row([variant, failure, *[""] * (len(columns) - 1)]))
             continue
-        name = variant + collapse_flag(group[0].metrics)
-        lines.append(_row([name, *(_cell(group, c, "model") for c in columns)]))
+        flag = collapse_flag(group[0].metrics)
+        if flag:
+            flags.append(f"- **{variant}**: {flag}")
+        lines.append(_row([variant, *(_cell(group, c, "model") for c in columns)]))
         if all("reranked" in o.metrics for o in group):
             cells = [_cell(group, c, "reranked") for c in columns]
             lines.append(_row([f"{variant} (reranked by the light head)", *cells]))
     done = [o for o in outcomes if o.status is RunStatus.OK]
     if done:
         lines.append(_row([BASELINE_ROW, *(_cell(done[:1], c, "popularity") for c in columns)]))
+    if flags:
+        lines += ["", "Flagged (not a result to compare; see the run's log):", *flags]
     return "\n".join(lines)
 
 
@@ -622,18 +627,18 @@ COLLAPSE_METRIC, COLLAPSE_K = "recall@100", 100
 
 
 def collapse_flag(metrics: dict[str, Any]) -> str:
-    """A warning for the variant's cell: `` **collapsed: ...**`` when its Recall@100 is below a
-    random ranking's (K / corpus size), `` **below most-popular: ...**`` when below the
+    """Why a variant is flagged under the table: ``collapsed: ...`` when its Recall@100 is below
+    a random ranking's (K / corpus size), ``below most-popular: ...`` when below the
     most-popular baseline's; empty otherwise or when not measured."""
     ours = metrics.get("model", {}).get(COLLAPSE_METRIC)
     if ours is None:
         return ""
     corpus = metrics.get("num_items")
     if corpus and ours < COLLAPSE_K / corpus:
-        return f" **collapsed: {COLLAPSE_METRIC} below random ({COLLAPSE_K / corpus:.4f})**"
+        return f"collapsed: {COLLAPSE_METRIC} {ours:.4f} below random ({COLLAPSE_K / corpus:.4f})"
     popular = metrics.get("popularity", {}).get(COLLAPSE_METRIC)
     if popular is not None and ours < popular:
-        return f" **below most-popular: {COLLAPSE_METRIC} {ours:.4f} < {popular:.4f}**"
+        return f"below most-popular: {COLLAPSE_METRIC} {ours:.4f} < {popular:.4f}"
     return ""
 
 

@@ -263,7 +263,9 @@ def test_sweep_end_to_end_two_variants_and_a_failure(
         assert len(cells) == len(
             [c for c in COLUMNS if c.source not in (Source.FUNNEL, Source.EXCLUSION)]
         )
-        assert all(float(cell.replace(",", "")) >= 0 for cell in cells[:-1]), rows[name]
+        # A cell is "value [low, high]" (a single run's interval) or a bare value.
+        values = [float(cell.split(" [")[0].replace(",", "")) for cell in cells[:-1]]
+        assert all(value >= 0 for value in values), rows[name]
     assert float(rows["t=0.1"].split(" | ")[-1].strip(" |").replace(",", "")) > 0  # samples/s
     assert "**failed** (exit code 1)" in rows["broken"]
     dataset_dir = tmp_path / "sweep" / "tiny"
@@ -401,9 +403,11 @@ def test_single_runs_show_intervals_and_collapsed_runs_are_flagged(tmp_path: Pat
     assert rows[2].startswith("| good | —") and "| 0.5000 [0.4900, 0.5200] |" in rows[2]
     assert "HR@10, engaged excluded" in rows[0] and "NDCG@10, engaged" not in rows[0]
     assert rows[2].endswith("| 0.1250 [0.0000, 1.0000] |")  # measured under engaged too
-    assert "**" not in rows[2] and "| 0.2500 |" in rows[2]  # no interval: value only
-    assert rows[3].startswith("| m **below most-popular: recall@100 0.2000 < 0.3000** |")
-    assert rows[4].startswith("| z **collapsed: recall@100 below random (0.1000)** |")
+    assert "| 0.2500 |" in rows[2]  # no interval: value only
+    assert rows[3].startswith("| m | —") and rows[4].startswith("| z | —")
+    assert "- **m**: below most-popular: recall@100 0.2000 < 0.3000" in rows
+    assert "- **z**: collapsed: recall@100 0.0500 below random (0.1000)" in rows
+    assert not any(line.startswith("- **good**") for line in rows)
     write_results(tmp_path / "out", "t", [good])
     text = (tmp_path / "out" / "results.md").read_text()
     assert "exclusion `none`" in text and "812 queries" in text
