@@ -283,9 +283,11 @@ class Checkpointer:
         progress: Progress,
         loader_state: dict[str, Any],
         extra_meta: dict[str, Any],
+        best: bool = False,
     ) -> Path:
         """Writes ``step-<progress.step>``; complete (and older ones purged) once every rank is
-        done, right away or, with ``async_save``, at the next save or :meth:`finish`.
+        done, right away or, with ``async_save``, at the next save or :meth:`finish`. With
+        ``best``, writes the best-validation checkpoint instead (:meth:`_save_best`).
 
         Args:
             parts: replicated or sharded state (same keys on every rank), e.g. ``model``.
@@ -295,11 +297,13 @@ class Checkpointer:
             extra_meta: JSON-safe additions to meta.json (e.g. the resolved config).
         """
         self.finish()
+        state = _without_empty({**parts, f"rank{self.rank}": {**rank_parts, "rng": rng_state()}})
+        if best:
+            return self._save_best(state, {**extra_meta, **self._meta(progress, loader_state)})
         path = checkpoint_dir(self.run_dir, progress.step)
         if self.rank == 0 and path.exists():
             shutil.rmtree(path)  # an interrupted save of the same step
         dist.barrier()
-        state = _without_empty({**parts, f"rank{self.rank}": {**rank_parts, "rng": rng_state()}})
         meta = {**extra_meta, **self._meta(progress, loader_state)}
         if self.config.async_save:
             # Writes from a copy in a background thread, over a process group of its own so its
@@ -317,25 +321,15 @@ class Checkpointer:
             self._mark_complete(path, meta)
         return path
 
-    def save_best(
-        self,
-        parts: dict[str, Any],
-        rank_parts: dict[str, Any],
-        progress: Progress,
-        loader_state: dict[str, Any],
-        extra_meta: dict[str, Any],
-    ) -> Path:
-        """Writes the best-validation checkpoint, synchronously (collective; same arguments as
-        :meth:`save`). The previous best is replaced only once the new one is complete."""
-        self.finish()
+    def _save_best(self, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+        """The best-validation checkpoint, synchronously (collective); the previous best is
+        replaced only once the new one is complete."""
         best = checkpoints_root(self.run_dir) / BEST
         staging = best.with_name(f"{BEST}.partial")
         if self.rank == 0 and staging.exists():
             shutil.rmtree(staging)
         dist.barrier()
-        state = _without_empty({**parts, f"rank{self.rank}": {**rank_parts, "rng": rng_state()}})
         dcp.save(state, checkpoint_id=str(staging))
-        meta = {**extra_meta, **self._meta(progress, loader_state)}
         dist.barrier()
         if self.rank == 0:
             (staging / META).write_text(json.dumps(meta, indent=2))

@@ -298,8 +298,9 @@ def _save(run: _Run, base: Progress, tally: _Tally, best: bool = False) -> Path:
     parts, rank_parts = _state_parts(run)
     progress = _global_progress(run, base, tally)
     meta = {"config": to_dict(run.context.config)}
-    save = run.checkpointer.save_best if best else run.checkpointer.save
-    return save(parts, rank_parts, progress, run.loader.state_dict(), meta)
+    return run.checkpointer.save(
+        parts, rank_parts, progress, run.loader.state_dict(), meta, best=best
+    )
 
 
 def _validate(
