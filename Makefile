@@ -34,7 +34,7 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check trainer models data_pipeline launch bench tests
 	$(VENV)/bin/ruff format --check trainer models data_pipeline launch bench tests
-	$(VENV)/bin/mypy trainer models data_pipeline launch
+	$(VENV)/bin/mypy config trainer models data_pipeline launch
 
 format: setup
 	$(VENV)/bin/ruff format trainer models data_pipeline launch bench tests

@@ -21,9 +21,10 @@ import torch
 
 from bench.table import print_table
 from data_pipeline.schema import ITEM_ID
+from data_pipeline.split_table import read_split_columns
 from trainer.build import batch_builder
+from trainer.corpus import embed_corpus
 from trainer.distributed import init_distributed
-from trainer.evaluate import embed_corpus, read_split_columns
 from trainer.export import load_run_model
 from trainer.features import resolve_features
 from trainer.metrics import cold_items

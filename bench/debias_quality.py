@@ -47,14 +47,17 @@ import torch
 from scipy.stats import kendalltau
 
 from bench.table import print_table
+from config import DebiasConfig, DebiasMode
+from data_pipeline.datasets.synthetic import prepare_synthetic
+from data_pipeline.datasets.synthetic_world import WorldConfig
 from data_pipeline.manifest import Manifest
+from data_pipeline.split_table import read_split_columns
 from launch.local import torchrun_command
-from models.debias import DebiasMode, remove_estimate
+from models.debias import remove_estimate
 from models.losses import net_user_value
 from trainer.build import batch_builder, label_weights
-from trainer.config import DebiasConfig
-from trainer.evaluate import read_split_columns
 from trainer.export import load_run_model
+from trainer.run_files import CHECKPOINTS_DIR
 
 COLUMNS = (
     "weights",
@@ -71,9 +74,6 @@ def prepare(data: Path, args: argparse.Namespace) -> None:
     """A small synthetic world in ``data`` unless one is already there."""
     if (data / "manifest.json").exists():
         return
-    from data_pipeline.datasets.synthetic import prepare_synthetic
-    from data_pipeline.datasets.synthetic_world import WorldConfig
-
     world = WorldConfig(
         ranker_noise_std=args.ranker_noise,
         promotion_std=args.promotion_std,
@@ -84,7 +84,7 @@ def prepare(data: Path, args: argparse.Namespace) -> None:
 
 def train_run(config: str, data: Path, run_dir: Path, mode: str, args: argparse.Namespace) -> None:
     """One training run with both debias parts on in ``mode`` (1 rank, real launcher)."""
-    if (run_dir / "checkpoints").exists():
+    if (run_dir / CHECKPOINTS_DIR).exists():
         return
     overrides = [
         f"data.path={data}",

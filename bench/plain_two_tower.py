@@ -31,17 +31,18 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchrec import KeyedJaggedTensor, PoolingType
 
+from config import ExperimentConfig, ModelConfig, SparseOptimizer, load_config, to_dict
 from data_pipeline.loader import build_event_loader
 from data_pipeline.manifest import Manifest
 from data_pipeline.schema import EventSchema, FeatureKind
 from models.temperature import Temperature
+from models.tower_outputs import TowerOutputs
 from models.towers import Tower, table_configs
-from models.two_tower import TowerOutputs
 from trainer.build import label_weights, loader_spec, model_schema, model_tables
-from trainer.config import ExperimentConfig, ModelConfig, SparseOptimizer, load_config, to_dict
 from trainer.distributed import DistributedEnv, init_distributed, seed_everything, shutdown
 from trainer.logs import configure_logging
 from trainer.negative_sampling import NegativeSampling
+from trainer.run_files import METRICS_LOG_FILE
 from trainer.run_logger import RunLogger
 from trainer.step import StepContext, train_step
 from trainer.synchronized import synchronized
@@ -255,7 +256,7 @@ def train_plain(config: ExperimentConfig, sparse_gradients: bool) -> None:
     manifest = Manifest.load(config.data.path)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (run_dir / METRICS_LOG_FILE).unlink(missing_ok=True)
     dist.barrier()
     plain = build_plain_model(manifest, config, sparse_gradients)
     model = DistributedDataParallel(plain.to(env.device))

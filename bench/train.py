@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 from bench.table import print_table
+from bench.train_profile import profile, run_overrides
 from launch.local import torchrun_command
 from trainer.run_logger import read_metrics
 
@@ -37,23 +38,6 @@ IMPLEMENTATIONS: dict[str, tuple[str, list[str]]] = {
     "plain pytorch, sparse table grads": ("bench.plain_two_tower", []),
     "plain pytorch, dense table grads": ("bench.plain_two_tower", ["--dense-table-gradients"]),
 }
-
-
-def run_overrides(data: str, run_dir: str, steps: int, extra: list[str]) -> list[str]:
-    return [
-        f"data.path={data}",
-        f"run.dir={run_dir}",
-        f"train.max_steps={steps}",
-        "train.log_every_steps=25",
-        "eval.at_end=false",
-        "logging.wandb=false",
-        "train.progress_bar=false",
-        "train.epochs=100",
-        # The plain PyTorch baseline mirrors plain id features only (no weighted tables or
-        # dense counters), so both implementations read the same features.
-        "features.groups=[id,history,categorical]",
-        *extra,
-    ]
 
 
 def samples_per_second(
@@ -126,8 +110,6 @@ def main() -> None:
     if not Path(args.data, "manifest.json").exists():
         raise SystemExit(f"{args.data}: prepare a dataset first (twotower prepare synthetic ...)")
     if args.profile:
-        from bench.train_profile import profile
-
         logging.basicConfig(level=logging.WARNING)
         profile(args.config, args.data, args.steps, args.overrides, args.top)
         return

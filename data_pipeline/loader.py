@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -38,6 +39,8 @@ class LoaderSpec:
     id_policies: per-column id policy overriding ``id_policy``.
     tables: table name -> rows that ids are checked against (the manifest's plus features'
         own tables, ``trainer.features``); None: the manifest's.
+    worker_setup: a module-level function each loader worker runs first (the trainer's
+        process set-up: log filters); None: nothing.
     """
 
     root: str
@@ -55,6 +58,7 @@ class LoaderSpec:
     encoding: FeatureEncoding | None = None
     id_policies: Mapping[str, str] = field(default_factory=dict)
     tables: Mapping[str, int] | None = None
+    worker_setup: Callable[[], None] | None = None
 
 
 def build_event_loader(
@@ -113,10 +117,16 @@ def build_event_loader(
         stream,
         batch_size=None,
         num_workers=spec.num_workers,
-        worker_init_fn=seed_worker if spec.num_workers else None,
+        worker_init_fn=partial(_init_worker, spec.worker_setup) if spec.num_workers else None,
         persistent_workers=False,
         # Workers start from a clean server process: forking a trainer that already runs gloo,
         # OpenMP and Arrow thread pools can deadlock the child.
         multiprocessing_context="forkserver" if spec.num_workers else None,
         prefetch_factor=4 if spec.num_workers else None,
     )
+
+
+def _init_worker(setup: Callable[[], None] | None, worker_id: int) -> None:
+    if setup is not None:
+        setup()
+    seed_worker(worker_id)

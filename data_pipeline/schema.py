@@ -53,6 +53,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from config import FeatureGroup
+
 USER_ID = "user_id"
 ITEM_ID = "item_id"
 TIMESTAMP = "timestamp"
@@ -78,19 +80,6 @@ class FeatureKind(enum.Enum):
     ID = "id"
     IDS = "ids"
     COUNTER = "counter"
-
-
-class FeatureGroup(enum.Enum):
-    """What a feature means; configs select features by group (module docstring)."""
-
-    ID = "id"
-    HISTORY = "history"
-    CATEGORICAL = "categorical"
-    TEXT = "text"
-    COUNTER = "counter"
-    CONTEXT = "context"
-    SEARCH = "search"
-    AFFINITY = "affinity"
 
 
 WEIGHTS_SUFFIX = "_weights"

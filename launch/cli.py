@@ -16,6 +16,19 @@ if TYPE_CHECKING:
     from data_pipeline.datasets.synthetic_features import SyntheticFeatures
 
 
+NPROC_HELP = "ranks, torchrun on this machine when > 1 (default: %(default)s)"
+RUN_HELP = "run directory of a training job (required)"
+EVAL_OVERRIDES_HELP = "key=value overrides of the run's saved config (eval.*, data.eval_batch_size)"
+
+
+def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The job's experiment file and its ``key=value`` overrides."""
+    parser.add_argument("config", help="experiment config (YAML), e.g. configs/movielens_100k.yaml")
+    parser.add_argument(
+        "overrides", nargs="*", help="key=value config overrides, e.g. train.epochs=5"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="twotower", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -23,46 +36,49 @@ def _parser() -> argparse.ArgumentParser:
     _add_prepare_parsers(commands)
 
     train = commands.add_parser("train", help="train in this process (world size 1)")
-    train.add_argument("config")
-    train.add_argument("overrides", nargs="*", help="key=value config overrides")
+    _add_job_arguments(train)
 
     ranker = commands.add_parser(
         "train-ranker", help="train the ranking model (teacher / reward model), report AUC"
     )
-    ranker.add_argument("config")
-    ranker.add_argument("overrides", nargs="*", help="key=value config overrides")
-    ranker.add_argument(
-        "--nproc", type=int, default=1, help="ranks (torchrun on this machine when > 1)"
-    )
+    _add_job_arguments(ranker)
+    ranker.add_argument("--nproc", type=int, default=1, help=NPROC_HELP)
 
     align = commands.add_parser(
         "align", help="align a retrieval checkpoint to a ranker (reward model, KL to reference)"
     )
-    align.add_argument("config")
-    align.add_argument("overrides", nargs="*", help="key=value config overrides")
-    align.add_argument(
-        "--nproc", type=int, default=1, help="ranks (torchrun on this machine when > 1)"
-    )
+    _add_job_arguments(align)
+    align.add_argument("--nproc", type=int, default=1, help=NPROC_HELP)
 
     evaluate = commands.add_parser("eval", help="evaluate a run's latest checkpoint")
-    evaluate.add_argument("--run", required=True, type=Path)
-    evaluate.add_argument("--split", default=None)
+    evaluate.add_argument("--run", required=True, type=Path, help=RUN_HELP)
+    evaluate.add_argument(
+        "--split", default=None, help="split to evaluate (default: the run's eval.split)"
+    )
     evaluate.add_argument(
         "--ranker",
         default=None,
-        help="ranker run or checkpoint: also report funnel consistency (eval.funnel.ranker)",
+        help="ranker run or checkpoint: also report funnel consistency (eval.funnel.ranker; "
+        "default: none)",
     )
-    evaluate.add_argument("overrides", nargs="*")
+    evaluate.add_argument("overrides", nargs="*", help=EVAL_OVERRIDES_HELP)
 
     _add_serving_parsers(commands)
 
     launch = commands.add_parser("launch", help="multi-process launchers")
     launchers = launch.add_subparsers(dest="launcher", required=True)
     local = launchers.add_parser("local", help="torchrun on this machine")
-    local.add_argument("--nproc", type=int, default=2)
-    local.add_argument("--max-restarts", type=int, default=0)
-    local.add_argument("config")
-    local.add_argument("overrides", nargs="*")
+    local.add_argument(
+        "--nproc", type=int, default=2, help="ranks on this machine (default: %(default)s)"
+    )
+    local.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="elastic restarts after a rank fails; each resumes from the latest checkpoint "
+        "(default: %(default)s)",
+    )
+    _add_job_arguments(local)
     _add_slurm_parser(launchers)
 
     sweep = commands.add_parser(
@@ -70,16 +86,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("experiments", type=Path, help="experiment file (see launch/sweep.py)")
     sweep.add_argument(
-        "--dataset", action="append", default=None, help="only this dataset (repeatable)"
+        "--dataset",
+        action="append",
+        default=None,
+        help="only this dataset (repeatable; default: every dataset of the file)",
     )
-    sweep.add_argument("--nproc", type=int, default=1, help="ranks per run (torchrun when > 1)")
     sweep.add_argument(
-        "--only", nargs="+", default=None, metavar="VARIANT", help="only these variants"
+        "--nproc",
+        type=int,
+        default=1,
+        help="ranks per run, torchrun when > 1 (default: %(default)s)",
+    )
+    sweep.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="VARIANT",
+        help="only these variants, by name or slug (default: every variant)",
     )
 
     plot = commands.add_parser("plot", help="loss and Recall@K curves of a run as PNG")
-    plot.add_argument("--run", required=True, type=Path)
-    plot.add_argument("--out", type=Path, default=None)
+    plot.add_argument("--run", required=True, type=Path, help=RUN_HELP)
+    plot.add_argument("--out", type=Path, default=None, help="PNG path (default: <run>/curves.png)")
     return parser
 
 
@@ -259,42 +287,68 @@ def _add_serving_parsers(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser(
         "export", help="item index + user tower program of a run's latest checkpoint"
     )
-    export.add_argument("--run", required=True, type=Path)
-    export.add_argument("--out", required=True, type=Path)
+    export.add_argument("--run", required=True, type=Path, help=RUN_HELP)
+    export.add_argument("--out", required=True, type=Path, help="export directory (required)")
     export.add_argument("--faiss", action="store_true", help="also write a faiss IndexFlatIP")
-    export.add_argument("overrides", nargs="*")
+    export.add_argument("overrides", nargs="*", help=EVAL_OVERRIDES_HELP)
 
     retrieve = commands.add_parser("retrieve", help="top-K items for user rows from an export")
-    retrieve.add_argument("--export", required=True, type=Path, help="twotower export's --out")
-    retrieve.add_argument("--users", required=True, type=Path, help="Parquet of user rows")
-    retrieve.add_argument("--k", type=int, default=100)
-    retrieve.add_argument("--out", type=Path, default=None, help="Parquet (else print)")
+    retrieve.add_argument(
+        "--export", required=True, type=Path, help="twotower export's --out (required)"
+    )
+    retrieve.add_argument(
+        "--users", required=True, type=Path, help="Parquet of user rows (required)"
+    )
+    retrieve.add_argument(
+        "--k", type=int, default=100, help="items per user (default: %(default)s)"
+    )
+    retrieve.add_argument(
+        "--out", type=Path, default=None, help="Parquet of the results (default: print them)"
+    )
 
 
 def _add_slurm_parser(launchers: argparse._SubParsersAction) -> None:
     slurm = launchers.add_parser(
         "slurm", help="submit to SLURM through submitit (see launch/slurm.py)"
     )
-    slurm.add_argument("--nodes", type=int, default=1)
-    slurm.add_argument("--gpus-per-node", type=int, default=0, help="one rank per GPU (NCCL)")
+    slurm.add_argument("--nodes", type=int, default=1, help="nodes (default: %(default)s)")
     slurm.add_argument(
-        "--cpu-ranks", type=int, default=None, help="ranks per node on CPU nodes (gloo)"
+        "--gpus-per-node",
+        type=int,
+        default=0,
+        help="one rank per GPU (NCCL); 0: CPU nodes (default: %(default)s)",
     )
-    slurm.add_argument("--cpus-per-task", type=int, default=None, help="cores per rank")
-    slurm.add_argument("--partition", default=None)
     slurm.add_argument(
-        "--time", type=int, default=60, metavar="MIN", help="minutes per attempt (requeued after)"
+        "--cpu-ranks",
+        type=int,
+        default=None,
+        help="ranks per node on CPU nodes, gloo; this or --gpus-per-node is required "
+        "(default: none)",
     )
-    slurm.add_argument("--account", default=None)
-    slurm.add_argument("--job-name", default="twotower")
+    slurm.add_argument(
+        "--cpus-per-task", type=int, default=None, help="cores per rank (default: SLURM's)"
+    )
+    slurm.add_argument(
+        "--partition", default=None, help="SLURM partition (default: the cluster's default)"
+    )
+    slurm.add_argument(
+        "--time",
+        type=int,
+        default=60,
+        metavar="MIN",
+        help="minutes per attempt, requeued after (default: %(default)s)",
+    )
+    slurm.add_argument("--account", default=None, help="SLURM account (default: none)")
+    slurm.add_argument(
+        "--job-name", default="twotower", help="SLURM job name (default: %(default)s)"
+    )
     slurm.add_argument(
         "--log-dir", type=Path, default=None, help="submitit folder (default: <run.dir>/slurm)"
     )
     slurm.add_argument(
         "--dry-run", action="store_true", help="print the sbatch script, submit nothing"
     )
-    slurm.add_argument("config")
-    slurm.add_argument("overrides", nargs="*")
+    _add_job_arguments(slurm)
 
 
 def _add_feature_breadth_options(synthetic: argparse.ArgumentParser) -> None:
@@ -418,7 +472,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_ranker(args: argparse.Namespace) -> int:
-    from trainer.config import load_config
+    from config import load_config
 
     load_config(args.config, args.overrides)  # config errors before any process starts
     if args.nproc > 1:
@@ -431,8 +485,8 @@ def _train_ranker(args: argparse.Namespace) -> int:
 
 
 def _align(args: argparse.Namespace) -> int:
+    from config import load_config
     from trainer.align import alignment_sources
-    from trainer.config import load_config
 
     # Config and checkpoint errors before any process starts.
     alignment_sources(load_config(args.config, args.overrides))

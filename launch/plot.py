@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from trainer.run_files import CURVES_FILE, METRICS_FILE
 from trainer.run_logger import read_metrics  # noqa: E402
 
 
@@ -18,7 +19,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     NDCG@10, when the run validated during training) and the final Recall@K against
     most-popular."""
     run_dir = Path(run_dir)
-    out_path = Path(out) if out else run_dir / "curves.png"
+    out_path = Path(out) if out else run_dir / CURVES_FILE
     records = read_metrics(run_dir)
     losses = [r for r in records if "loss" in r]
     validations = [r for r in records if any(k.startswith("valid/") for k in r)]
@@ -29,7 +30,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     loss_axis.set(title="training loss", xlabel="step", ylabel="loss")
     if validations:
         _plot_validation(axes[1], validations)
-    metrics_path = run_dir / "metrics.json"
+    metrics_path = run_dir / METRICS_FILE
     if metrics_path.exists():
         _plot_recall(recall_axis, json.loads(metrics_path.read_text()))
     figure.tight_layout()

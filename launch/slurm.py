@@ -193,7 +193,7 @@ class TrainTask(Checkpointable):
                 job.job_id, job.global_rank, job.local_rank, job.num_tasks, job.hostnames
             )
         )
-        from trainer.config import load_config
+        from config import load_config
         from trainer.distributed import shutdown
         from trainer.logs import configure_logging
         from trainer.train import train
@@ -230,7 +230,7 @@ def make_task(options: SlurmOptions, config: str, overrides: list[str]) -> Train
     Raises:
         ConfigError: unknown key, wrong type or inconsistent values (names the key and the file).
     """
-    from trainer.config import load_config
+    from config import load_config
 
     load_config(config, overrides)
     return TrainTask(str(Path(config).absolute()), tuple(overrides), cpu_only=options.on_cpu)
@@ -240,7 +240,7 @@ def job_folder(options: SlurmOptions, task: TrainTask) -> Path:
     """Absolute submitit folder: ``--log-dir``, else ``<run.dir>/slurm``."""
     if options.log_dir is not None:
         return options.log_dir.expanduser().absolute()
-    from trainer.config import load_config
+    from config import load_config
 
     run_dir = Path(load_config(task.config, list(task.overrides)).run.dir)
     return (run_dir / "slurm").expanduser().absolute()

@@ -69,15 +69,13 @@ import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from config import ConfigError, load_config
 from launch.local import torchrun_command
 from trainer.checkpoint import checkpoints_root
-from trainer.config import ConfigError, load_config
+from trainer.run_files import ALIGN_SUMMARY_FILE, LOG_FILE, METRICS_FILE, TRAIN_SUMMARY_FILE
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"  # written by trainer.evaluate.evaluate_model
-SUMMARY_FILE = "train_summary.json"  # written by trainer.train: steps, samples_per_second, ...
-LOG_FILE = "train.log"
 BASELINE_ROW = "most-popular"
 MISSING_CELL = "—"
 
@@ -99,7 +97,7 @@ class Stage(enum.Enum):
 
 
 STAGE_MODULES = {Stage.TRAIN: "trainer.train", Stage.ALIGN: "trainer.align"}
-STAGE_SUMMARIES = {Stage.TRAIN: SUMMARY_FILE, Stage.ALIGN: "align_summary.json"}
+STAGE_SUMMARIES = {Stage.TRAIN: TRAIN_SUMMARY_FILE, Stage.ALIGN: ALIGN_SUMMARY_FILE}
 RANKER_MODULE, RANKER_METRICS = "trainer.ranker_train", "ranker_metrics.json"
 RANKER_PLACEHOLDER = "{ranker}"
 
@@ -165,7 +163,7 @@ class PlannedRun:
     seed: int
     module: str = "trainer.train"
     metrics_file: str = METRICS_FILE
-    summary_file: str = SUMMARY_FILE
+    summary_file: str = TRAIN_SUMMARY_FILE
     in_table: bool = True  # False: a dataset's ranker, trained for the variants
 
     @property

@@ -31,17 +31,11 @@ largest drift the set allows. The explicit KL term gives an optimum strictly ins
 
 from __future__ import annotations
 
-import enum
 from typing import NamedTuple
 
 import torch
 
-
-class AlignmentMethod(enum.Enum):
-    """How rewards on the sampled set become a loss (see the module docstring)."""
-
-    REINFORCE = "reinforce"
-    DPO = "dpo"
+from config import AlignmentMethod
 
 
 class AlignmentLoss(NamedTuple):

@@ -17,26 +17,12 @@ teach the heads. The MSE targets are detached too.
 
 from __future__ import annotations
 
-import enum
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from trainer.config import DebiasConfig, DebiasPartConfig
-
-
-class DebiasMode(enum.Enum):
-    """How an estimate leaves the weight.
-
-    ``divide``: ``w / max(estimate, min_estimate)`` (inverse propensity, scale-free).
-    ``subtract``: ``max(w - estimate, 0)`` (value above what the factor predicts).
-    Both are then clamped to ``max_weight``.
-    """
-
-    DIVIDE = "divide"
-    SUBTRACT = "subtract"
+from config import DebiasConfig, DebiasMode, DebiasPartConfig
 
 
 class DebiasEstimates(NamedTuple):

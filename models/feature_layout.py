@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from config import Pooling
 from data_pipeline.schema import EventSchema, FeatureKind
-from trainer.feature_config import Pooling
 
 
 @dataclass(frozen=True)

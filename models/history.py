@@ -22,12 +22,10 @@ gradients), attention masks padded keys, and means/pooling exclude padded output
 finite) and the row's output is replaced by zeros with ``where``, so forward and backward stay
 finite.
 
-This module must not import from ``trainer/`` (the config module imports these enums).
 """
 
 from __future__ import annotations
 
-import enum
 import math
 
 import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm.* on CPU and GPU)
@@ -35,42 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class Combiner(enum.Enum):
-    """How per-event parts (item, interaction flags, recency) merge into one vector per event.
-
-    ``sum``: elementwise sum. ``concat_mlp``: concatenate, then Linear -> ReLU -> Linear.
-    ``gated``: item plus each other part scaled by a learned per-dimension sigmoid gate.
-    """
-
-    SUM = "sum"
-    CONCAT_MLP = "concat_mlp"
-    GATED = "gated"
-
-
-class Encoder(enum.Enum):
-    """How the padded history becomes one vector: masked ``mean`` or ``self_attention``."""
-
-    MEAN = "mean"
-    SELF_ATTENTION = "self_attention"
-
-
-class Summary(enum.Enum):
-    """How self-attention outputs become one vector.
-
-    ``newest_and_mean``: concat[output of the newest event, masked mean of outputs] (2 * D).
-    ``attention_pooling``: a learned query attends over the outputs (D).
-    """
-
-    NEWEST_AND_MEAN = "newest_and_mean"
-    ATTENTION_POOLING = "attention_pooling"
-
-
-class Positions(enum.Enum):
-    """Position (recency rank) encodings: ``learned`` embedding table or fixed ``sinusoidal``."""
-
-    LEARNED = "learned"
-    SINUSOIDAL = "sinusoidal"
+from config import Combiner, Encoder, Positions, Summary
 
 
 def jagged_to_padded(

@@ -15,17 +15,14 @@ the head is trained jointly with retrieval. The retrieval loss never reaches the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from config import ExperimentConfig
+from data_pipeline.batch import Batch
+from models.tower_outputs import TowerOutputs
 from models.towers import mlp
-
-if TYPE_CHECKING:
-    from data_pipeline.batch import Batch
-    from models.two_tower import TowerOutputs
-    from trainer.config import ExperimentConfig
 
 
 def target_aware_attention(

@@ -22,23 +22,26 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
 from torchrec.modules.crossnet import LowRankCrossNet
 
+from config import RankerConfig
 from data_pipeline.schema import EventSchema
 from models.kjt_ops import select_keys, stack_rows, without_weights
 from models.losses import weighted_mean
 from models.towers import mlp, table_configs
-from trainer.config import RankerConfig
 
 # Pairs per interaction chunk in ``score_items``: bounds the [chunk, F] activations.
 PAIR_CHUNK = 65_536
 
 
 def empty_features(keys: Sequence[str], like: KeyedJaggedTensor) -> KeyedJaggedTensor:
-    """A KJT with ``keys``, the stride of ``like``, every bag empty (dtypes, device of ``like``)."""
+    """A KJT with ``keys``, the stride of ``like``, every bag empty (dtypes, device of ``like``;
+    weighted when ``like`` is, so that the two concatenate)."""
     rows = like.stride()
     lengths = like.lengths()
+    weights = like.weights_or_none()
     return KeyedJaggedTensor(
         keys=list(keys),
         values=like.values().new_zeros(0),
+        weights=None if weights is None else weights.new_zeros(0),
         lengths=lengths.new_zeros(len(keys) * rows),
         stride=rows,
     )

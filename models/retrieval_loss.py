@@ -2,7 +2,7 @@
 
 Whatever the negatives' source (in-batch, global, corpus samples, memory, hard negatives), the
 trainer lays them out per row as :class:`ScoredCandidates`; :func:`retrieval_loss` dispatches on
-:class:`trainer.config.LossFamily` through a registry of pure functions.
+:class:`config.LossFamily` through a registry of pure functions.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from config import LossConfig, LossFamily
 from models.loss_families import (
     bpr_loss,
     cosine_regression_loss,
@@ -20,7 +21,6 @@ from models.loss_families import (
     sigmoid_cross_entropy_loss,
     triplet_hinge_loss,
 )
-from trainer.config import LossConfig, LossFamily
 
 
 @dataclass

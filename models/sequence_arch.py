@@ -15,9 +15,9 @@ from torch import nn
 from torchrec import EmbeddingConfig
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
+from config import HistoryConfig
 from data_pipeline.schema import HISTORY_ITEMS, ITEM_ID
 from models.history import HistoryEncoder, InteractionCombiner, jagged_to_padded
-from trainer.config import HistoryConfig
 
 
 def sequence_feature_names(history_tables: dict[str, int]) -> list[str]:

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagConfig, PoolingType
 
+from config import Pooling
 from data_pipeline.schema import FeatureSpec
 from models.feature_layout import FeatureLayout
-from trainer.feature_config import Pooling
 
 _POOLING = {Pooling.SUM: PoolingType.SUM, Pooling.MEAN: PoolingType.MEAN}
 

@@ -5,12 +5,11 @@ Optional parts (history encoder, heads) join by configuration in later issues, n
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingCollection, KeyedJaggedTensor
 
+from config import ModelConfig
 from data_pipeline.derived import history_feature_tables
 from data_pipeline.schema import ITEM_ID, EventSchema
 from models.debias import DebiasEstimates, build_example_debias
@@ -26,35 +25,14 @@ from models.kjt_ops import (
 from models.light_ranker import LightRankingHead
 from models.sequence_arch import HistoryArch, sequence_feature_names, sequence_table_configs
 from models.temperature import Temperature
+from models.tower_outputs import TowerOutputs
 from models.towers import Tower, bag_table_configs
-from trainer.config import ModelConfig
 
-__all__ = ["TwoTowerModel", "TowerOutputs", "select_keys", "stack_rows", "dense_key"]
+__all__ = ["TwoTowerModel", "select_keys", "stack_rows", "dense_key"]
 
 # Key of the history encoder's output among the user tower's inputs.
 HISTORY_OUTPUT = "history_encoder"
 DENSE_SUFFIX = "_value"
-
-
-class TowerOutputs(NamedTuple):
-    """What one forward pass returns.
-
-    Args:
-        user: [B, D] user (query) embeddings.
-        item: [B, D] embeddings of the batch's items.
-        extra_items: [E, D] embeddings of extra items (sampled / hard negatives); [0, D] if none.
-        temperature: [] the softmax temperature (learned or fixed).
-        ranker_user: [B, NU, D] the light ranking head's user embeddings; None without it.
-        debias: [B] estimates of the debias heads (``models/debias.py``); None where a head is
-            off or, for position, where no position was given.
-    """
-
-    user: torch.Tensor
-    item: torch.Tensor
-    extra_items: torch.Tensor
-    temperature: torch.Tensor
-    ranker_user: torch.Tensor | None = None
-    debias: DebiasEstimates = DebiasEstimates()
 
 
 class TwoTowerModel(nn.Module):

@@ -12,11 +12,11 @@ import pytest
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
+from config import ConfigError, load_config
 from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import write_tiny_dataset
 from tests.trainer.test_train import TINY
 from trainer.checkpoint import COMPLETE, load_model
-from trainer.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("trainer", "models", "data_pipeline", "launch")

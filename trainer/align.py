@@ -35,6 +35,13 @@ import torch.distributed as dist
 from torchrec import KeyedJaggedTensor
 from torchrec.distributed import DistributedModelParallel
 
+from config import (
+    ConfigError,
+    CorpusDistribution,
+    ExperimentConfig,
+    to_dict,
+    to_yaml,
+)
 from data_pipeline.batch import Batch
 from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.loader import build_event_loader
@@ -52,13 +59,7 @@ from trainer.build import (
     loader_spec,
 )
 from trainer.checkpoint import Checkpointer, Progress, load_model, model_checkpoint
-from trainer.config import (
-    ConfigError,
-    CorpusDistribution,
-    ExperimentConfig,
-    to_dict,
-    to_yaml,
-)
+from trainer.corpus import first_row_batch
 from trainer.distributed import (
     DistributedEnv,
     any_rank_has,
@@ -66,7 +67,7 @@ from trainer.distributed import (
     seed_everything,
 )
 from trainer.entry import run_job
-from trainer.evaluate import first_row_batch
+from trainer.evaluate import evaluate_model
 from trainer.ground_truth import (
     TopKRows,
     TopKTruth,
@@ -75,15 +76,18 @@ from trainer.ground_truth import (
     load_truth_scorer,
     top_k_truth,
 )
+from trainer.lr_schedule import DenseLRSchedule
 from trainer.mips import distributed_topk
 from trainer.negative_sampling import step_generator
 from trainer.policy_corpus import embed_items, local_corpus, user_keys
+from trainer.ranker_build import load_ranker
+from trainer.run_files import ALIGN_SUMMARY_FILE, CONFIG_FILE
 from trainer.run_logger import RunLogger
+from trainer.start_run import with_start_model
 from trainer.synchronized import synchronized
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_FILE = "align_summary.json"
 
 # (user features KJT stride U, item ids [U, K]) -> rewards [U, K]: the reward model's interface.
 RewardFn = Callable[[KeyedJaggedTensor, torch.Tensor], torch.Tensor]
@@ -182,6 +186,7 @@ class _AlignRun:
     checkpointer: Checkpointer
     run_log: RunLogger
     truth: TruthScorer | None  # a synthetic world's ground truth, None without one
+    schedule: DenseLRSchedule | None = None
     progress: Progress = field(default_factory=Progress)
 
 
@@ -204,8 +209,6 @@ def load_reward_model(
     config: ExperimentConfig, manifest: Manifest, store: ItemFeatureStore
 ) -> RankerReward:
     """The frozen ranker of ``alignment.reward_checkpoint`` (one replica per rank)."""
-    from trainer.ranker_build import load_ranker
-
     path = config.alignment.reward_checkpoint
     if path is None:
         raise ConfigError(
@@ -312,12 +315,13 @@ def _build(
     )
     run_dir = Path(config.run.dir)
     reward = reward if reward is not None else load_reward_model(config, manifest, store)
+    dense_optimizer = build_dense_optimizer(policy, trained)
     return _AlignRun(
         config=config,
         manifest=manifest,
         env=env,
         policy=policy,
-        dense_optimizer=build_dense_optimizer(policy, trained),
+        dense_optimizer=dense_optimizer,
         reference=reference,
         reference_items=reference_items,
         reward=reward,
@@ -339,6 +343,9 @@ def _build(
             to_dict(config),
         ),
         truth=load_truth(config, manifest, store, reward, env),
+        schedule=DenseLRSchedule(
+            dense_optimizer, alignment.lr, config.train.lr_schedule, alignment.steps
+        ),
     )
 
 
@@ -479,6 +486,8 @@ def _loop(run: _AlignRun, sources: dict[str, str]) -> list[dict[str, float]]:
         run.progress.epoch = epoch
         run.loader.dataset.set_epoch(epoch)
         for batch in synchronized(run.loader, env, fallback):
+            if run.schedule is not None:
+                run.schedule.apply(run.progress.step)
             result = _step(run, batch)
             run.progress.step += 1
             if result is None:
@@ -509,13 +518,16 @@ def align(config: ExperimentConfig, reward: RewardFn | None = None) -> AlignResu
     ranker of ``alignment.reward_checkpoint`` (or to ``reward``, any callable of the same
     interface, e.g. a test's known reward). Collective over the current process group."""
     start, reference_path = alignment_sources(config)
+    config = with_start_model(config, start, "checkpoint.resume_from")
+    if config.alignment.reference_checkpoint is not None:
+        with_start_model(config, reference_path, "alignment.reference_checkpoint")
     env = init_distributed()
     seed_everything(config.seed)
     run_dir = Path(config.run.dir)
     manifest = Manifest.load(config.data.path)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(config))
+        (run_dir / CONFIG_FILE).write_text(to_yaml(config))
     dist.barrier()
     run = _build(config, manifest, env, reward, reference_path)
     _restore_or_start(run, start)
@@ -540,12 +552,12 @@ def align(config: ExperimentConfig, reward: RewardFn | None = None) -> AlignResu
         **compare_top_k(before, after, env)._asdict(),
     )
     if config.eval.at_end:
-        from trainer.evaluate import evaluate_model
-
         result.metrics = evaluate_model(run.policy, manifest, config, env, run_dir)["model"]
     run.run_log.log({"step": result.steps, **result.measures()})
     if env.is_main:
-        (run_dir / SUMMARY_FILE).write_text(json.dumps(result.summary(), indent=2, default=float))
+        (run_dir / ALIGN_SUMMARY_FILE).write_text(
+            json.dumps(result.summary(), indent=2, default=float)
+        )
         _log_measures(config, result)
     run.run_log.close()
     return result

@@ -10,6 +10,7 @@ from torchrec.distributed import DistributedModelParallel
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from config import ConfigError, ExperimentConfig
 from data_pipeline.batch import BatchBuilder
 from data_pipeline.derived import history_feature_tables, with_derived_features
 from data_pipeline.item_store import ItemFeatureStore
@@ -17,9 +18,9 @@ from data_pipeline.loader import LoaderSpec
 from data_pipeline.manifest import Manifest
 from data_pipeline.schema import EventSchema
 from models.two_tower import TwoTowerModel
-from trainer.config import ConfigError, ExperimentConfig
 from trainer.distributed import DistributedEnv
 from trainer.features import ResolvedFeatures, resolve_features
+from trainer.logs import quiet_libraries
 from trainer.sharding import attach_sparse_optimizer, shard_model
 
 
@@ -143,4 +144,5 @@ def loader_spec(
         encoding=encoding,
         id_policies=resolved.id_policies if resolved else {},
         tables=resolved.tables if resolved else None,
+        worker_setup=quiet_libraries,
     )

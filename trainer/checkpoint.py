@@ -39,7 +39,8 @@ from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 
-from trainer.config import CheckpointConfig
+from config import CheckpointConfig
+from trainer.run_files import CHECKPOINTS_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ def _load(state: dict[str, Any], path: Path) -> None:
 
 def checkpoints_root(run_dir: Path | str) -> Path:
     """The folder holding a run's ``step-N`` checkpoints."""
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / CHECKPOINTS_DIR
 
 
 def checkpoint_dir(run_dir: Path | str, step: int) -> Path:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torchrec import KeyedJaggedTensor
 
+from config import ConfigError, DistillationConfig, ExperimentConfig
 from data_pipeline.batch import Batch
 from data_pipeline.derived import RECENT_HISTORY
 from data_pipeline.item_store import ItemFeatureStore
@@ -38,7 +39,6 @@ from models.ranker import PAIR_CHUNK, Ranker, expected_net_user_value
 from models.retrieval_loss import ScoredCandidates, sample_negative_columns
 from models.two_tower import select_keys
 from trainer.build import item_store, label_weights, model_schema
-from trainer.config import ConfigError, DistillationConfig, ExperimentConfig
 from trainer.distributed import DistributedEnv
 from trainer.ranker_build import load_ranker, ranker_run_config
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from trainer.config import ExperimentConfig, load_config
+from config import ExperimentConfig, load_config
 from trainer.distributed import shutdown
 from trainer.logs import configure_logging
 
@@ -24,12 +25,21 @@ def run_job(
     exit_code: Callable[[Any], int] = lambda result: 0,
 ) -> int:
     """Runs ``job(config)`` in this process's group; returns ``exit_code(result)`` (2: usage)."""
-    args = sys.argv[1:] if argv is None else argv
-    if not args:
-        print(f"usage: python -m {module} CONFIG [key=value ...]", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {module}",
+        description=_first_line(sys.modules.get(module) or sys.modules.get("__main__")),
+        epilog="Run under torchrun for several ranks (twotower launch local).",
+    )
+    parser.add_argument("config", help="experiment config (YAML), e.g. configs/movielens_100k.yaml")
+    parser.add_argument(
+        "overrides", nargs="*", help="key=value config overrides, e.g. train.epochs=5"
+    )
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as stop:  # --help (0) or a usage error (2)
+        return int(stop.code or 0)
     configure_logging()
-    config = load_config(args[0], args[1:])
+    config = load_config(args.config, args.overrides)
     try:
         result = job(config)
         if dist.get_rank() == 0:
@@ -37,3 +47,9 @@ def run_job(
     finally:
         shutdown()
     return exit_code(result)
+
+
+def _first_line(module: Any) -> str | None:
+    """The first line of a job module's docstring: what ``--help`` says the job does."""
+    doc = getattr(module, "__doc__", None) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else None

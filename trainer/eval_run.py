@@ -8,12 +8,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from config import ConfigError, load_config
 from data_pipeline.manifest import Manifest
 from trainer.build import build_sharded_model
 from trainer.checkpoint import best_checkpoint, latest_checkpoint, load_model
-from trainer.config import ConfigError, load_config
 from trainer.distributed import init_distributed, seed_everything
 from trainer.evaluate import evaluate_model
+from trainer.run_files import CONFIG_FILE, eval_file
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Collective over the current process group (any world size: checkpoints reshard)."""
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
+    config_path = run_dir / CONFIG_FILE
     if not config_path.exists():
         raise ConfigError(f"{config_path}: not a run directory (no config.yaml)")
     config = load_config(config_path, overrides or [])
@@ -44,11 +45,6 @@ def evaluate_run(
         env,
         run_dir,
         split,
-        output_name=eval_file_name(split, checkpoint.name),
+        output_name=eval_file(split, checkpoint.name),
         checkpoint=checkpoint.name,
     )
-
-
-def eval_file_name(split: str, checkpoint: str) -> str:
-    """Where ``twotower eval`` writes: named for the split and the checkpoint evaluated."""
-    return f"eval_{split}_{checkpoint}.json"

@@ -28,18 +28,16 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
-from data_pipeline.batch import Batch
-from data_pipeline.loader import build_event_loader
+from config import ExcludeRule, ExperimentConfig
 from data_pipeline.manifest import Manifest
-from data_pipeline.reader import list_work_units, read_unit
-from data_pipeline.schema import ITEM_ID, USER_ID, SchemaError, Side
+from data_pipeline.schema import ITEM_ID, USER_ID
+from data_pipeline.split_table import read_split_columns
 from models.light_ranker import head_module
-from trainer.build import batch_builder, label_weights, loader_spec
-from trainer.config import ExcludeRule, ExperimentConfig
+from trainer.build import label_weights
+from trainer.corpus import Queries, embed_corpus, embed_queries
 from trainer.distributed import DistributedEnv
 from trainer.exclusion import (
     columns_for,
@@ -48,6 +46,7 @@ from trainer.exclusion import (
     excluded_pairs,
     user_item_lists,
 )
+from trainer.funnel import funnel_metrics
 from trainer.intervals import BootstrapConfig, reduce_query_means
 from trainer.light_rerank import pad_columns, reranked_topk
 from trainer.metrics import (
@@ -58,157 +57,12 @@ from trainer.metrics import (
     row_count,
     tail_items,
 )
-from trainer.mips import ItemLists, distributed_topk, shard_range
-from trainer.synchronized import synchronized
+from trainer.mips import ItemLists, distributed_topk
+from trainer.run_files import METRICS_FILE
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
 SUBSETS = ("tail", "cold")
-
-
-def read_split_columns(
-    root: str, manifest: Manifest, split: str, columns: Sequence[str]
-) -> pa.Table:
-    """Whole-split read of a few columns (corpus and user/item id pairs, not event features).
-
-    Raises:
-        SchemaError: a file is unreadable or corrupt (names the file).
-    """
-    tables = []
-    for path in manifest.split_paths(root, split):
-        try:
-            tables.append(
-                pq.read_table(path, columns=list(columns), page_checksum_verification=True)
-            )
-        except (OSError, pa.ArrowException) as error:
-            raise SchemaError(
-                f"{path}: could not read columns {list(columns)} ({error})"
-            ) from error
-    return pa.concat_tables(tables)
-
-
-@torch.no_grad()
-def embed_corpus(
-    model: torch.nn.Module, manifest: Manifest, config: ExperimentConfig, env: DistributedEnv
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's contiguous slice of the item corpus through the item tower.
-
-    Returns: (item ids [n_r] int64, embeddings [n_r, D]). Every rank runs the same number of
-    forward calls (sharded tables need matched collectives).
-    """
-    items = read_split_columns(
-        config.data.path, manifest, "items", manifest.schema.side_arrow_schema(Side.ITEM).names
-    )
-    items = items.sort_by(ITEM_ID)
-    start, stop = shard_range(items.num_rows, env.rank, env.world_size)
-    local = items.slice(start, stop - start)
-    per_rank = -(-items.num_rows // env.world_size)
-    calls = max(1, -(-per_rank // config.data.eval_batch_size))
-    build = batch_builder(manifest, config)
-    outputs = []
-    for piece in np.array_split(np.arange(local.num_rows), calls):
-        real = len(piece) > 0
-        table = local.take(piece) if real else items.slice(0, 1)
-        batch = build(table).to(env.device)
-        item_embeddings = model(batch.user_features, batch.item_features).item
-        if real:
-            outputs.append(item_embeddings.float())
-    ids = torch.from_numpy(local.column(ITEM_ID).to_numpy().astype(np.int64))
-    dim = config.model.output_dim
-    embeddings = torch.cat(outputs) if outputs else torch.zeros(0, dim, device=env.device)
-    return ids.to(env.device), embeddings
-
-
-@torch.no_grad()
-@dataclass
-class Queries:
-    """This rank's evaluation queries: ``users``, ``targets``, ``times`` [q_r] int64,
-    ``embeddings`` [q_r, D], and the light head's ``ranker`` embeddings [q_r, NU, D] (None
-    without the head)."""
-
-    users: torch.Tensor
-    targets: torch.Tensor
-    times: torch.Tensor
-    embeddings: torch.Tensor
-    ranker: torch.Tensor | None
-
-
-def embed_queries(
-    model: torch.nn.Module,
-    manifest: Manifest,
-    config: ExperimentConfig,
-    env: DistributedEnv,
-    split: str,
-) -> Queries:
-    """This rank's share of the eval split through the user tower."""
-    loader = build_event_loader(
-        loader_spec(config, split, False, manifest), manifest, env.rank, env.world_size
-    )
-    users, targets, times, embeddings, ranker = [], [], [], [], []
-    for batch in synchronized(loader, env, lambda: first_row_batch(manifest, config, split)):
-        outputs = model(batch.user_features, batch.item_features)
-        real = batch.weight > 0
-        users.append(batch.user_ids[real])
-        targets.append(batch.item_ids[real])
-        times.append(batch.timestamp[real])
-        embeddings.append(outputs.user[real].float())
-        if outputs.ranker_user is not None:
-            ranker.append(outputs.ranker_user[real].float())
-    ranker_queries = torch.cat(ranker) if ranker else None
-    if not embeddings:
-        empty = torch.zeros(0, dtype=torch.int64, device=env.device)
-        dim = config.model.output_dim
-        if config.model.light_head.enabled:
-            heads = config.model.light_head.num_embeddings
-            ranker_queries = torch.zeros(0, heads, dim, device=env.device)
-        return Queries(empty, empty, empty, torch.zeros(0, dim, device=env.device), ranker_queries)
-    return Queries(
-        torch.cat(users),
-        torch.cat(targets),
-        torch.cat(times),
-        torch.cat(embeddings),
-        ranker_queries,
-    )
-
-
-@torch.no_grad()
-def rank_rows(
-    model: torch.nn.Module,
-    manifest: Manifest,
-    config: ExperimentConfig,
-    env: DistributedEnv,
-    rows: pa.Table,
-    k: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Evaluation's top-``k`` for given event rows, without the seen-item exclusion: queries
-    through the model's forward in batches of ``eval_batch_size`` (as ``embed_queries``), corpus
-    from ``embed_corpus``, exact sharded MIPS. Collective; each rank ranks its own ``rows``.
-
-    Returns: scores [Q, k] float32, item ids [Q, k] int64.
-    """
-    corpus_ids, corpus = embed_corpus(model, manifest, config, env)
-    build = batch_builder(manifest, config)
-    queries = [torch.zeros(0, config.model.output_dim, device=env.device)]
-    for start in range(0, rows.num_rows, config.data.eval_batch_size):
-        batch = build(rows.slice(start, config.data.eval_batch_size)).to(env.device)
-        queries.append(model(batch.user_features, batch.item_features).user.float())
-    return distributed_topk(
-        torch.cat(queries),
-        corpus,
-        corpus_ids,
-        k,
-        query_chunk=config.eval.query_chunk,
-        corpus_chunk=config.eval.corpus_chunk,
-    )
-
-
-def first_row_batch(manifest: Manifest, config: ExperimentConfig, split: str) -> Batch:
-    """A one-row batch of ``split``: padding for a rank that holds no rows of it."""
-    paths = manifest.split_paths(config.data.path, split)
-    # The first non-empty row group: a split may begin with an empty file.
-    table = read_unit(list_work_units(paths)[0], None).slice(0, 1)
-    return batch_builder(manifest, config)(table)
 
 
 def popularity_scores(train_pairs: pa.Table, num_items: int) -> np.ndarray:
@@ -396,8 +250,6 @@ def evaluate_model(
         for rule in config.eval.also_exclude
     }
     if config.eval.funnel.ranker is not None:
-        from trainer.funnel import funnel_metrics
-
         results["funnel"] = funnel_metrics(model, manifest, config, env, split)
     if env.is_main:
         _report(results, config, run_dir, output_name)

@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from config import ExcludeRule
 from data_pipeline.schema import ITEM_ID, TIMESTAMP, USER_ID, label_column
-from trainer.config import ExcludeRule
 from trainer.mips import ItemLists
 
 # Splits besides train whose events come before a split's events (test follows valid).

@@ -33,15 +33,16 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
+from config import ConfigError, ExperimentConfig, load_config, to_yaml
 from data_pipeline.batch import BatchBuilder
 from data_pipeline.manifest import Manifest
 from data_pipeline.schema import ITEM_ID
 from models.two_tower import TwoTowerModel
 from trainer.build import batch_builder, build_unsharded_model
 from trainer.checkpoint import best_checkpoint, latest_checkpoint, load_model
-from trainer.config import ConfigError, ExperimentConfig, load_config, to_yaml
+from trainer.corpus import embed_corpus
 from trainer.distributed import init_distributed
-from trainer.evaluate import embed_corpus
+from trainer.run_files import CONFIG_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def run_checkpoint(
 ) -> tuple[ExperimentConfig, Path]:
     """The run's config and its best validation checkpoint, else its latest complete one;
     errors name the missing path."""
-    config_path = run_dir / "config.yaml"
+    config_path = run_dir / CONFIG_FILE
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
     if not config_path.exists():
@@ -218,7 +219,7 @@ def export_run(
     example = (values.to(env.device), lengths.to(env.device), weights.to(env.device))
     torch.export.save(export_user_program(model, user_keys, example), out_dir / USER_PROGRAM)
     torch.save({"values": values, "lengths": lengths, "weights": weights}, out_dir / EXAMPLE_INPUT)
-    (out_dir / "config.yaml").write_text(to_yaml(config))
+    (out_dir / CONFIG_FILE).write_text(to_yaml(config))
     (out_dir / "dataset").mkdir(exist_ok=True)
     manifest.save(out_dir / "dataset")
     info = _export_info(model, builder, config, meta, run_dir, len(item_ids), faiss_index)

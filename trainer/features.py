@@ -6,7 +6,7 @@ the item store and the model are all built from it, so they agree by constructio
 
 Reported at start (:func:`report`): data features left out because ``features.columns`` does not
 name them, and those of disabled groups. A column named in the config but absent from the data
-is a :class:`~trainer.config.ConfigError` naming the column, the manifest and a data file.
+is a :class:`~config.ConfigError` naming the column, the manifest and a data file.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from config import ConfigError, ExperimentConfig, FeatureConfig, Pooling, Undeclared
 from data_pipeline.feature_encoding import FeatureEncoding
 from data_pipeline.manifest import MANIFEST_NAME, Manifest
 from data_pipeline.schema import (
@@ -29,8 +30,6 @@ from data_pipeline.schema import (
     SchemaError,
 )
 from models.feature_layout import FeatureLayout, TableLayout
-from trainer.config import ConfigError, ExperimentConfig
-from trainer.feature_config import FeatureConfig, Pooling, Undeclared
 
 logger = logging.getLogger(__name__)
 

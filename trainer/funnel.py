@@ -25,14 +25,16 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
+from config import ExperimentConfig
 from data_pipeline.batch import BatchBuilder
 from data_pipeline.feature_encoding import FeatureEncoding
 from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.manifest import Manifest
-from trainer.config import ExperimentConfig
+from data_pipeline.split_table import read_split_columns
+from trainer.corpus import rank_rows
 from trainer.distributed import DistributedEnv
-from trainer.evaluate import rank_rows, read_split_columns
 from trainer.mips import shard_range
+from trainer.ranker_build import load_ranker, ranker_run_config, ranker_schema
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +76,6 @@ def _ranker_gains(
     ranker: Any, rows: pa.Table, manifest: Manifest, ranker_config: ExperimentConfig, store: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ranker NUV of every (row, corpus item): ([Q, N] gains, [N] corpus ids)."""
-    from trainer.ranker_build import ranker_schema
-
     corpus_ids = store.corpus_ids()
     schema = ranker_schema(manifest, ranker_config)
     encoding = FeatureEncoding.from_manifest(manifest.counters, manifest.tables, schema.features)
@@ -104,8 +104,6 @@ def funnel_metrics(
     split: str,
 ) -> dict[str, float]:
     """Collective. Funnel metrics of ``model`` against ``config.eval.funnel.ranker``."""
-    from trainer.ranker_build import load_ranker, ranker_run_config
-
     spec = config.eval.funnel
     assert spec.ranker is not None
     ranker = load_ranker(spec.ranker, manifest, overrides=_label_weights(config))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from config import ExperimentConfig
 from models.light_ranker import LightRankingHead, rerank
-from trainer.config import ExperimentConfig
 from trainer.mips import ItemLists, distributed_topk
 
 

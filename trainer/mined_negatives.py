@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import torch
 
+from config import ExperimentConfig, MinedNegativesConfig
 from data_pipeline.batch import Batch
 from data_pipeline.manifest import Manifest
-from trainer.config import ExperimentConfig, MinedNegativesConfig
+from trainer.corpus import embed_corpus
 from trainer.distributed import DistributedEnv
-from trainer.evaluate import embed_corpus
 from trainer.mips import distributed_topk
 
 

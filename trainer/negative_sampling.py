@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torchrec import KeyedJaggedTensor
 
+from config import ConfigError, CorpusDistribution, ExperimentConfig, LossFamily
 from data_pipeline.batch import Batch
 from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.manifest import Manifest
@@ -48,9 +49,8 @@ from data_pipeline.negatives import (
 )
 from data_pipeline.schema import IMPRESSION_NEGATIVES
 from models.retrieval_loss import ScoredCandidates
-from models.two_tower import TowerOutputs
+from models.tower_outputs import TowerOutputs
 from trainer.build import item_store
-from trainer.config import ConfigError, CorpusDistribution, ExperimentConfig, LossFamily
 from trainer.distributed import DistributedEnv
 from trainer.global_negatives import gather_candidates
 from trainer.mined_negatives import CorpusMiner

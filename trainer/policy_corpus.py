@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 from torchrec import KeyedJaggedTensor
 
+from config import ExperimentConfig
 from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.manifest import Manifest
 from models.ranker import empty_features
 from trainer.build import model_schema
-from trainer.config import ExperimentConfig
 from trainer.distributed import DistributedEnv
 from trainer.mips import shard_range
 

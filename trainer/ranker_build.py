@@ -19,6 +19,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 from torchrec.distributed import DistributedModelParallel
 
+from config import ConfigError, ExperimentConfig, load_config
 from data_pipeline.batch import Batch, BatchBuilder
 from data_pipeline.derived import with_derived_features
 from data_pipeline.feature_encoding import FeatureEncoding
@@ -30,8 +31,8 @@ from data_pipeline.schema import EventSchema
 from models.ranker import Ranker
 from trainer.build import label_weights, loader_spec
 from trainer.checkpoint import COMPLETE, load_model, resolve_checkpoint
-from trainer.config import ConfigError, ExperimentConfig, load_config
 from trainer.distributed import DistributedEnv
+from trainer.run_files import CONFIG_FILE
 from trainer.sharding import attach_sparse_optimizer, shard_model
 
 logger = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ def ranker_run_config(path: str | Path, overrides: list[str] | None = None) -> E
     ``path`` may be the run directory or one of its ``checkpoints/step-N`` folders)."""
     path = Path(path)
     run_dir = path.parent.parent if (path / COMPLETE).exists() else path
-    config_path = run_dir / "config.yaml"
+    config_path = run_dir / CONFIG_FILE
     if not config_path.exists():
         raise ConfigError(f"{config_path}: not a ranker run directory (no config.yaml)")
     return load_config(config_path, overrides or [])

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from config import ExperimentConfig
 from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.loader import build_event_loader
 from data_pipeline.manifest import Manifest
-from trainer.config import ExperimentConfig
 from trainer.distributed import DistributedEnv
 from trainer.negative_sampling import step_generator
 from trainer.ranker_build import (

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torchrec.distributed import DistributedModelParallel
 
+from config import ExperimentConfig, to_dict, to_yaml
 from data_pipeline.batch import Batch
 from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.loader import build_event_loader
@@ -32,7 +33,6 @@ from data_pipeline.manifest import Manifest
 from models.ranker import ranker_bce_loss
 from trainer.build import build_dense_optimizer
 from trainer.checkpoint import Checkpointer, Progress, resolve_checkpoint
-from trainer.config import ExperimentConfig, to_dict, to_yaml
 from trainer.distributed import (
     DistributedEnv,
     any_rank_has,
@@ -40,6 +40,7 @@ from trainer.distributed import (
     seed_everything,
 )
 from trainer.entry import run_job
+from trainer.lr_schedule import DenseLRSchedule
 from trainer.negative_sampling import step_generator
 from trainer.ranker_build import (
     build_sharded_ranker,
@@ -48,12 +49,11 @@ from trainer.ranker_build import (
     with_sampled_negatives,
 )
 from trainer.ranker_eval import evaluate_ranker, format_ranker_metrics
+from trainer.run_files import CONFIG_FILE, RANKER_METRICS_FILE, TRAIN_SUMMARY_FILE
 from trainer.run_logger import RunLogger
 from trainer.synchronized import synchronized
 
 logger = logging.getLogger(__name__)
-
-METRICS_FILE = "ranker_metrics.json"
 
 
 @dataclass
@@ -93,6 +93,7 @@ class _RankerRun:
     loader: Any
     checkpointer: Checkpointer
     run_log: RunLogger
+    schedule: DenseLRSchedule
     progress: Progress = field(default_factory=Progress)
 
 
@@ -106,7 +107,7 @@ def train_ranker(config: ExperimentConfig) -> RankerTrainResult:
         manifest.verify_checksums(config.data.path, config.data.train_split)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(config))
+        (run_dir / CONFIG_FILE).write_text(to_yaml(config))
     dist.barrier()
     run = _build(config, manifest, env, run_dir)
     resumed = _restore(run)
@@ -134,14 +135,14 @@ def train_ranker(config: ExperimentConfig) -> RankerTrainResult:
             {"step": result.steps, **{f"eval/{k}": v for k, v in result.metrics.items()}}
         )
         if env.is_main:
-            (run_dir / METRICS_FILE).write_text(json.dumps(result.metrics, indent=2))
+            (run_dir / RANKER_METRICS_FILE).write_text(json.dumps(result.metrics, indent=2))
             logger.info(
                 "ranker on %s:\n%s",
                 config.eval.split,
                 format_ranker_metrics(result.metrics, tuple(manifest.schema.labels)),
             )
     if env.is_main:
-        (run_dir / "train_summary.json").write_text(json.dumps(asdict(result), indent=2))
+        (run_dir / TRAIN_SUMMARY_FILE).write_text(json.dumps(asdict(result), indent=2))
     run.run_log.close()
     return result
 
@@ -171,16 +172,23 @@ def _build(
         config.run.name,
         to_dict(config),
     )
+    dense_optimizer = build_dense_optimizer(model, config)
     return _RankerRun(
         config=config,
         manifest=manifest,
         env=env,
         model=model,
-        dense_optimizer=build_dense_optimizer(model, config),
+        dense_optimizer=dense_optimizer,
         store=store,
         loader=loader,
         checkpointer=Checkpointer(run_dir, config.checkpoint, env.rank, env.world_size),
         run_log=run_log,
+        schedule=DenseLRSchedule(
+            dense_optimizer,
+            config.train.dense_lr,
+            config.train.lr_schedule,
+            config.train.max_steps,
+        ),
     )
 
 
@@ -260,6 +268,7 @@ def _loop(run: _RankerRun) -> tuple[float, float]:
         run.progress.epoch = epoch
         run.loader.dataset.set_epoch(epoch)
         for batch in synchronized(run.loader, env, fallback):
+            run.schedule.apply(run.progress.step)
             loss = _step(run, batch)
             run.progress.step += 1
             if loss is None:

@@ -21,13 +21,14 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from config import load_config
 from data_pipeline.batch import BatchBuilder
 from data_pipeline.manifest import Manifest
 from data_pipeline.schema import ITEM_ID, USER_ID, SchemaError
 from trainer.build import batch_builder
-from trainer.config import load_config
 from trainer.export import EXPORT_MANIFEST, program_inputs, read_item_index
 from trainer.mips import exact_topk
+from trainer.run_files import CONFIG_FILE
 
 ROW = "row"
 
@@ -59,7 +60,7 @@ def load_export(export_dir: str | Path) -> ExportedModel:
         raise FileNotFoundError(f"{info_path}: not an export folder (run `twotower export`)")
     info = json.loads(info_path.read_text())
     builder = batch_builder(
-        Manifest.load(export_dir / "dataset"), load_config(export_dir / "config.yaml")
+        Manifest.load(export_dir / "dataset"), load_config(export_dir / CONFIG_FILE)
     )
     expected = [f.name for f in builder.schema.user_features()]
     if expected != info["user_features"]:

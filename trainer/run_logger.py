@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from trainer.run_files import METRICS_LOG_FILE
+
 logger = logging.getLogger(__name__)
 
 
@@ -34,7 +36,7 @@ class RunLogger:
         config: dict[str, Any],
     ) -> None:
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS_LOG_FILE
         self._wandb_run: Any = None
         if not enabled:
             return
@@ -98,7 +100,7 @@ def _start_wandb(run_dir: Path, project: str, name: str, config: dict[str, Any])
 
 
 def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_LOG_FILE
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

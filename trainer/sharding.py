@@ -18,7 +18,7 @@ from torchrec.distributed.types import ModuleSharder, ShardingPlan
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from trainer.config import ShardingConfig, ShardingType, SparseOptimizer
+from config import ShardingConfig, ShardingType, SparseOptimizer
 
 _GPU_ONLY = {ShardingType.ROW_WISE, ShardingType.TABLE_ROW_WISE}
 

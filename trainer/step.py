@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from config import ExperimentConfig
 from data_pipeline.batch import Batch
 from data_pipeline.manifest import Manifest
 from models.debias import debiased_weights
 from models.light_ranker import light_head_loss
 from models.losses import net_user_value
 from models.retrieval_loss import retrieval_loss
-from trainer.config import ExperimentConfig
 from trainer.distillation import Distillation
 from trainer.distributed import DistributedEnv
 from trainer.negative_sampling import NegativeSampling, step_generator

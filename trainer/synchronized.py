@@ -22,16 +22,23 @@ def synchronized(
     """
     last: Batch | None = None
     iterator = iter(batches)
-    while True:
-        batch = next(iterator, None)
-        if not any_rank_has(batch is not None, env.device):
-            return
-        if batch is None:
-            if last is None and fallback is None:
-                raise RuntimeError(
-                    f"rank {env.rank} received no data this epoch while other ranks did: the "
-                    "split has fewer row groups than ranks x loader workers"
-                )
-            batch = (last if last is not None else fallback()).as_padding()  # type: ignore[misc]
-        last = batch
-        yield batch.to(env.device, non_blocking=True)
+    try:
+        while True:
+            batch = next(iterator, None)
+            if not any_rank_has(batch is not None, env.device):
+                return
+            if batch is None:
+                if last is None and fallback is None:
+                    raise RuntimeError(
+                        f"rank {env.rank} received no data this epoch while other ranks did: "
+                        "the split has fewer row groups than ranks x loader workers"
+                    )
+                batch = (last if last is not None else fallback()).as_padding()  # type: ignore[misc]
+            last = batch
+            yield batch.to(env.device, non_blocking=True)
+    finally:
+        # Loader workers stop here, when the consumer stops (a step limit, a signal, an
+        # error), not whenever the iterator is collected, possibly at interpreter exit.
+        shutdown_workers = getattr(iterator, "_shutdown_workers", None)
+        if shutdown_workers is not None:
+            shutdown_workers()

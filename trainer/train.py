@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from config import ExperimentConfig, NonFinitePolicy, to_dict, to_yaml
 from data_pipeline.batch import Batch
 from data_pipeline.loader import build_event_loader
 from data_pipeline.manifest import Manifest
@@ -37,17 +38,19 @@ from trainer.checkpoint import (
     load_model,
     resolve_checkpoint,
 )
-from trainer.config import ExperimentConfig, NonFinitePolicy, to_dict, to_yaml
+from trainer.corpus import first_row_batch
 from trainer.distributed import (
     DistributedEnv,
     init_distributed,
     seed_everything,
 )
 from trainer.entry import run_job
-from trainer.evaluate import evaluate_model, first_row_batch
+from trainer.evaluate import evaluate_model
 from trainer.faults import fire_if_due, planned_fault
 from trainer.features import report, resolve_features
+from trainer.lr_schedule import DenseLRSchedule
 from trainer.negative_sampling import NegativeSampling
+from trainer.run_files import BAD_BATCHES_DIR, CONFIG_FILE, TRAIN_SUMMARY_FILE
 from trainer.run_logger import RunLogger
 from trainer.signals import StopSignals
 from trainer.step import StepContext, StepOutcome, train_step
@@ -119,6 +122,7 @@ class _Run:
     fallback: Any
     validator: Validator | None = None
     window: tuple[float, int] = (0.0, 0)  # restored logging window: loss sum, steps
+    schedule: DenseLRSchedule | None = None
 
 
 def train(config: ExperimentConfig) -> TrainResult:
@@ -134,7 +138,7 @@ def train(config: ExperimentConfig) -> TrainResult:
     if env.is_main:
         report(features)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(config))
+        (run_dir / CONFIG_FILE).write_text(to_yaml(config))
     dist.barrier()
     stop = StopSignals(config.checkpoint.signals)
     try:
@@ -146,7 +150,7 @@ def train(config: ExperimentConfig) -> TrainResult:
     finally:
         stop.close()
     if env.is_main:
-        (run_dir / "train_summary.json").write_text(json.dumps(asdict(result), indent=2))
+        (run_dir / TRAIN_SUMMARY_FILE).write_text(json.dumps(asdict(result), indent=2))
     if config.eval.at_end and result.stopped_by_signal is None:
         best = best_checkpoint(run_dir) if run.validator is not None else None
         if best is not None:
@@ -177,7 +181,7 @@ def _build(
         config=config,
         env=env,
         stop=stop,
-        bad_batch_dir=run_dir / "bad_batches",
+        bad_batch_dir=run_dir / BAD_BATCHES_DIR,
     )
     loader = build_event_loader(
         loader_spec(config, config.data.train_split, True, manifest),
@@ -210,6 +214,12 @@ def _build(
         Progress(),
         lambda: first_row_batch(manifest, config, split),
         validator,
+        schedule=DenseLRSchedule(
+            context.dense_optimizer,
+            config.train.dense_lr,
+            config.train.lr_schedule,
+            config.train.max_steps,
+        ),
     )
 
 
@@ -377,6 +387,8 @@ def _loop(run: _Run, rows_per_epoch: int) -> TrainResult:
         run.progress.epoch = epoch
         run.loader.dataset.set_epoch(epoch)
         for batch in synchronized(run.loader, env, run.fallback):
+            if run.schedule is not None:
+                run.schedule.apply(run.progress.step)
             outcome = train_step(run.model, batch, run.progress.step, run.context)
             run.progress.step += 1
             _after_step(run, outcome, batch, tally)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from config import ConfigError, ExperimentConfig
 from data_pipeline.manifest import Manifest
-from trainer.config import ConfigError, ExperimentConfig
 from trainer.distributed import DistributedEnv
 from trainer.evaluate import cutoffs_for, evaluate_model
 from trainer.intervals import BootstrapConfig

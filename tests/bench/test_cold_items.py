@@ -8,9 +8,9 @@ import torch
 from omegaconf import OmegaConf
 
 from bench.cold_items import cold_report, target_ranks
+from config import load_config
 from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import TINY_MODEL, USERS, write_tiny_dataset
-from trainer.config import load_config
 from trainer.train import train
 
 

@@ -11,13 +11,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from bench.plain_two_tower import build_plain_model, step_context
+from config import load_config
 from data_pipeline.manifest import Manifest
 from data_pipeline.reader import list_work_units, read_unit
 from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import write_tiny_dataset
 from tests.trainer.test_sharded_vs_unsharded import copy_state_dict
 from trainer.build import batch_builder, build_dense_optimizer, build_sharded_model, label_weights
-from trainer.config import load_config
 from trainer.distributed import DistributedEnv, seed_everything
 from trainer.negative_sampling import NegativeSampling
 from trainer.step import StepContext, train_step

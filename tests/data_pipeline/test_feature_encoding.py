@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from config import load_config
 from data_pipeline.counters import counter_bucket
 from data_pipeline.feature_encoding import (
     FeatureEncoding,
@@ -25,7 +26,6 @@ from data_pipeline.manifest import Manifest
 from data_pipeline.schema import FeatureKind, FeatureSpec, SchemaError, Side
 from tests.tiny_movielens import write_tiny_movielens
 from trainer.build import batch_builder, item_store
-from trainer.config import load_config
 
 TEXT = "item_title_tokens"
 WEIGHTED = FeatureSpec("tags", Side.ITEM, FeatureKind.IDS, "tags", weighted=True)

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-from launch.cli import main
+from launch.cli import _parser, main
 from tests.tiny_dataset import write_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[2]
+LAUNCH_LOCAL = [sys.executable, "-m", "launch.cli", "launch", "local", "--nproc", "2"]
+NOISE = (
+    "Warning",  # FutureWarning, UserWarning, ...
+    "terminate called",
+    "leaked semaphore",
+    "Successfully loaded",  # FBGEMM's .so loads
+    "TBE=",  # FBGEMM's per-table constructor dumps
+    "is_fx_tracing",
+    "Planner Statistics",
+)
 
 
 def _config(tmp_path: Path, root: Path) -> Path:
@@ -30,13 +41,18 @@ def test_launch_local_two_ranks_then_eval_and_plot(tmp_path: Path, capsys) -> No
     root = write_tiny_dataset(tmp_path / "data")
     config = _config(tmp_path, root)
     result = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "launch", "local", "--nproc", "2", str(config)],
+        # Stopped by a step limit inside the epoch: loader workers are still running then.
+        [*LAUNCH_LOCAL, str(config), "train.max_steps=3"],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # A clean run's output: no library noise, no deprecation warnings, an orderly shutdown.
+    output = result.stdout + result.stderr
+    for noise in NOISE:
+        assert noise not in output, f"{noise!r} in the output of a short run:\n{output[-3000:]}"
     run = tmp_path / "run"
     trained = json.loads((run / "metrics.json").read_text())
     assert main(["eval", "--run", str(run)]) == 0
@@ -68,3 +84,61 @@ def test_config_error_exits_with_message(tmp_path: Path, caplog) -> None:
     config = _config(tmp_path, root)
     assert main(["train", str(config), "train.epochz=2"]) == 2
     assert "train.epochz" in caplog.text
+
+
+def _actions(parser: argparse.ArgumentParser, path: str) -> list[tuple[str, argparse.Action]]:
+    """Every argument of ``parser`` and of its sub-commands, with the command path."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += _actions(sub, f"{path} {name}")
+        elif not isinstance(action, argparse._HelpAction):
+            found.append((path, action))
+    return found
+
+
+def test_every_flag_explains_itself_and_its_default() -> None:
+    missing = []
+    for path, action in _actions(_parser(), "twotower"):
+        name = "/".join(action.option_strings) or action.dest
+        if not action.help:
+            missing.append(f"{path} {name}: no help")
+        elif action.option_strings and not isinstance(action, argparse._StoreTrueAction):
+            if "default" not in action.help and "required" not in action.help:
+                missing.append(f"{path} {name}: help names no default")
+    assert not missing, "\n".join(missing)
+
+
+def _run_quietly(*args: str) -> subprocess.CompletedProcess[str]:
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run(
+        [sys.executable, *args], cwd=root, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_job_module_help_prints_usage_without_library_noise() -> None:
+    for module in ("trainer.train", "trainer.ranker_train", "trainer.align"):
+        result = _run_quietly("-m", module, "--help")
+        assert result.returncode == 0, result.stderr
+        assert "usage: python -m " + module in result.stdout
+        assert "key=value" in result.stdout
+        assert "fbgemm" not in (result.stdout + result.stderr).lower()
+
+
+def test_cli_help_and_dry_run_print_no_fbgemm_messages(tmp_path: Path) -> None:
+    assert "fbgemm" not in (_run_quietly("-m", "launch.cli", "--help").stdout.lower())
+    result = _run_quietly(
+        "-m",
+        "launch.cli",
+        "launch",
+        "slurm",
+        "--dry-run",
+        "--cpu-ranks",
+        "1",
+        "configs/movielens_100k.yaml",
+        f"run.dir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "#SBATCH" in result.stdout
+    assert "fbgemm" not in (result.stdout + result.stderr).lower()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from config import ConfigError
 from launch.cli import main
 from launch.sweep import (
     BASELINE_ROW,
@@ -27,7 +28,6 @@ from launch.sweep import (
     write_results,
 )
 from tests.tiny_dataset import write_tiny_dataset
-from trainer.config import ConfigError
 
 
 def _tiny_config(tmp_path: Path, data: Path) -> Path:

@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from config import AlignmentMethod
 from models.alignment import (
-    AlignmentMethod,
     alignment_loss,
     dpo_loss,
     kl_to_reference,

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from config import ConfigError, DebiasConfig, DebiasMode, load_config
 from data_pipeline.manifest import Manifest
 from models.debias import (
     DebiasEstimates,
-    DebiasMode,
     PositionValueEstimate,
     debiased_weights,
     masked_mse,
@@ -22,7 +22,6 @@ from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import write_tiny_dataset
 from tests.trainer.test_sharded_vs_unsharded import _batch, _config, copy_state_dict
 from trainer.build import build_dense_optimizer, build_sharded_model, build_unsharded_model
-from trainer.config import ConfigError, DebiasConfig, load_config
 from trainer.distributed import DistributedEnv, seed_everything
 
 POSITION = ["model.debias.position.enabled=true", "model.debias.position.buckets=6"]

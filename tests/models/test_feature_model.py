@@ -12,6 +12,7 @@ import pytest
 import torch
 from torchrec import KeyedJaggedTensor
 
+from config import load_config
 from data_pipeline.batch import Batch
 from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.manifest import Manifest
@@ -20,7 +21,6 @@ from models.two_tower import TwoTowerModel
 from tests.tiny_dataset import TINY_MODEL
 from tests.tiny_movielens import write_tiny_movielens
 from trainer.build import batch_builder, build_unsharded_model, item_store
-from trainer.config import load_config
 
 TEXT = "item_title_tokens"
 COUNTERS = [f"item_{k}_count_{w}" for k in ("rating", "like") for w in ("1d", "7d", "30d")]

@@ -11,14 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from config import Combiner, Encoder, Positions, Summary
 from models.history import (
-    Combiner,
-    Encoder,
     HistoryEncoder,
     InteractionCombiner,
     MultiHeadAttention,
-    Positions,
-    Summary,
     jagged_to_padded,
 )
 

@@ -9,11 +9,11 @@ import pyarrow as pa
 import pytest
 import torch
 
+from config import ConfigError, load_config
 from data_pipeline.manifest import Manifest
+from data_pipeline.split_table import read_split_columns
 from tests.tiny_dataset import write_tiny_dataset
 from trainer.build import batch_builder, build_unsharded_model
-from trainer.config import ConfigError, load_config
-from trainer.evaluate import read_split_columns
 
 HISTORY = [
     "model.history.enabled=true",

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from config import ConfigError, load_config
 from data_pipeline.manifest import Manifest
 from models.light_ranker import (
     LightRankingHead,
@@ -27,7 +28,6 @@ from trainer.build import (
     build_sharded_model,
     build_unsharded_model,
 )
-from trainer.config import ConfigError, load_config
 from trainer.distributed import DistributedEnv, seed_everything
 from trainer.evaluate import evaluate_model
 from trainer.light_rerank import candidate_embeddings

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from config import ExperimentConfig, load_config
 from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.manifest import Manifest
 from data_pipeline.reader import list_work_units, read_unit
 from models.ranker import Ranker, expected_net_user_value, ranker_bce_loss
 from tests.tiny_dataset import ITEMS, write_tiny_dataset
-from trainer.config import ExperimentConfig, load_config
 from trainer.negative_sampling import step_generator
 from trainer.ranker_build import (
     build_unsharded_ranker,

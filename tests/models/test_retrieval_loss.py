@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from config import LossConfig, LossFamily
 from models.loss_families import sampled_listwise_softmax_loss
 from models.losses import sampled_softmax_loss
 from models.retrieval_loss import ScoredCandidates, retrieval_loss, sample_negative_columns
-from trainer.config import LossConfig, LossFamily
 
 
 def _in_batch_layout(user: torch.Tensor, item: torch.Tensor, ids: torch.Tensor) -> ScoredCandidates:

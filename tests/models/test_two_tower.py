@@ -8,13 +8,13 @@ import pytest
 import torch
 from torchrec import KeyedJaggedTensor
 
+from config import load_config
 from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.manifest import Manifest
 from models.temperature import Temperature
 from models.two_tower import stack_rows
 from tests.tiny_dataset import write_tiny_dataset
 from trainer.build import build_unsharded_model
-from trainer.config import load_config
 
 
 def test_stack_rows_appends_rows_and_empty_bags() -> None:
@@ -41,8 +41,8 @@ def test_extra_items_embed_like_batch_items(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_unsharded_model(manifest, config)
     store = ItemFeatureStore.load(root, manifest)
+    from data_pipeline.split_table import read_split_columns
     from trainer.build import batch_builder
-    from trainer.evaluate import read_split_columns
 
     table = read_split_columns(
         str(root), manifest, "train", manifest.schema.event_arrow_schema().names

@@ -20,6 +20,7 @@ import pytest
 import torch
 from torchrec import KeyedJaggedTensor
 
+from config import ConfigError, ExperimentConfig, load_config
 from data_pipeline.datasets.synthetic import prepare_synthetic
 from data_pipeline.datasets.synthetic_features import SyntheticFeatures
 from data_pipeline.datasets.synthetic_truth import (
@@ -34,17 +35,16 @@ from launch.cli import main as cli_main
 from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import write_tiny_dataset
 from trainer.align import (
-    SUMMARY_FILE,
     align,
     alignment_sources,
     load_reference,
     sample_candidates,
 )
 from trainer.build import loader_spec
-from trainer.config import ConfigError, ExperimentConfig, load_config
 from trainer.distributed import shutdown
 from trainer.ground_truth import TruthScorer, paired_summary, top_k_truth
 from trainer.policy_corpus import embed_items, user_keys
+from trainer.run_files import ALIGN_SUMMARY_FILE
 
 GROUPS = 5
 MODEL = [
@@ -212,7 +212,7 @@ def test_alignment_raises_the_known_reward_and_kl_holds_it_back(tmp_path: Path) 
     start_reward, _ = _corpus_softmax_stats(_align_config(root, base, tmp_path / "x"), base, base)
     assert stats[0.0][0] > start_reward + 0.1, (start_reward, stats)  # corpus softmax, too
     assert stats[20.0][1] < 0.5 * stats[0.0][1], stats  # KL to the reference
-    summary = json.loads((tmp_path / "aligned_kl0.0" / SUMMARY_FILE).read_text())
+    summary = json.loads((tmp_path / "aligned_kl0.0" / ALIGN_SUMMARY_FILE).read_text())
     assert summary["steps"] == 30 and not [key for key in summary if key.startswith("truth_")]
 
 
@@ -255,9 +255,9 @@ def test_a_trained_ranker_as_reward_model_through_the_cli(tmp_path: Path) -> Non
     assert cli_main(["align", "-", *args, "alignment.steps=3"]) == 2  # no such config file
     base_config = str(base / "config.yaml")  # the usual call: the start run's own config
     assert cli_main(["align", base_config, *args, "alignment.steps=3"]) == 0
-    first = json.loads((run_dir / SUMMARY_FILE).read_text())
+    first = json.loads((run_dir / ALIGN_SUMMARY_FILE).read_text())
     assert cli_main(["align", base_config, *args, "alignment.steps=5"]) == 0  # resumes at 3
-    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    summary = json.loads((run_dir / ALIGN_SUMMARY_FILE).read_text())
     assert summary["steps"] == 5 and summary["checkpoint"].endswith("step-5")
     # The ranker's reward of the top-K rises by far more than the standard error of the gain
     # over eval rows (3 steps: ~0.0031 at ~0.0003; seeds 0-3 agree to ~0.0002).
@@ -456,7 +456,7 @@ def test_align_reports_ground_truth_beside_the_reward(
     assert result.truth_recall_after > result.truth_recall_before, result
     assert 0 <= result.truth_recall_before <= 1 and 0 <= result.truth_recall_after <= 1
     assert result.truth_oracle_reward >= result.truth_reward_after
-    summary = json.loads((tmp_path / "aligned" / SUMMARY_FILE).read_text())
+    summary = json.loads((tmp_path / "aligned" / ALIGN_SUMMARY_FILE).read_text())
     logged = json.loads((tmp_path / "aligned" / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("truth_reward_before", "truth_reward_after", "truth_recall_after"):
         assert summary[key] == pytest.approx(getattr(result, key)) == logged[key]
@@ -492,3 +492,47 @@ def test_ground_truth_over_two_gloo_ranks_matches_one(
     for key in ("reward_before", "truth_reward_before", "truth_recall_before"):
         assert two[0][key] == pytest.approx(one[key], abs=1e-9), key
     assert two[0]["truth_oracle_reward"] == pytest.approx(one["truth_oracle_reward"], abs=1e-9)
+
+
+def test_alignment_rebuilds_the_start_runs_model_with_every_feature_kind(tmp_path: Path) -> None:
+    """The job's config names no model or feature key: the start run's saved config supplies
+    them (weighted text, counters, context, search, affinity included); a contradicting key is
+    an error naming it with both values."""
+    from trainer.train import train
+
+    root = write_tiny_dataset(tmp_path / "data", all_kinds=True)
+    base = tmp_path / "base"
+    model_keys, job_keys = MODEL[:5], MODEL[5:]
+    job = [
+        f"data.path={root}",
+        f"checkpoint.resume_from={base}",
+        "alignment.k=8",
+        "alignment.top_n=3",
+        "alignment.steps=2",
+        *job_keys,
+    ]
+    try:
+        train(
+            load_config(
+                None,
+                [
+                    f"data.path={root}",
+                    f"run.dir={base}",
+                    "train.max_steps=4",
+                    "data.recent_history=2",
+                    *model_keys,
+                    *job_keys,
+                ],
+            )
+        )
+        result = align(load_config(None, [*job, f"run.dir={tmp_path / 'aligned'}"]), KnownReward())
+        assert result.steps == 2
+        bad = load_config(None, [*job, f"run.dir={tmp_path / 'bad'}", "model.output_dim=24"])
+        with pytest.raises(ConfigError, match="model.output_dim: 24 here, 16 in the start run"):
+            align(bad, KnownReward())
+    finally:
+        shutdown()
+    trained = load_config(base / "config.yaml")
+    saved = load_config(tmp_path / "aligned" / "config.yaml")
+    assert saved.model == trained.model and saved.features == trained.features
+    assert saved.data.recent_history == 2

@@ -18,12 +18,12 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from config import load_config
 from data_pipeline.manifest import Manifest
 from launch.local import torchrun_command
 from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import TINY_MODEL, write_tiny_dataset
 from trainer.checkpoint import COMPLETE, complete_checkpoints, latest_checkpoint
-from trainer.config import load_config
 from trainer.run_logger import read_metrics
 from trainer.train import DIGEST_MODULUS, NonFiniteLossError, train
 
@@ -89,7 +89,13 @@ def _summary(run_dir: Path) -> dict[str, Any]:
 
 def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path: Path) -> None:
     root = write_tiny_dataset(tmp_path / "data")
-    common = [*TINY, f"data.path={root}", "checkpoint.every_n_steps=5"]
+    # A warm-up and cosine schedule over the whole run: the resumed half continues it.
+    schedule = [
+        "train.lr_schedule.warmup_steps=6",
+        "train.lr_schedule.decay=cosine",
+        "train.lr_schedule.decay_steps=40",
+    ]
+    common = [*TINY, *schedule, f"data.path={root}", "checkpoint.every_n_steps=5"]
     whole = train(load_config(None, [*common, f"run.dir={tmp_path / 'whole'}"]))
     parted_dir = tmp_path / "parted"
     first = train(load_config(None, [*common, f"run.dir={parted_dir}", "train.max_steps=13"]))

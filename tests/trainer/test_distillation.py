@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from config import ConfigError, ExperimentConfig, load_config, to_yaml
 from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.manifest import Manifest
 from data_pipeline.reader import list_work_units, read_unit
@@ -19,7 +20,6 @@ from tests.models.test_distillation import _kendall_tau
 from tests.tiny_dataset import write_tiny_dataset
 from tests.trainer.test_sharded_vs_unsharded import copy_state_dict
 from trainer.build import batch_builder, build_sharded_model, build_unsharded_model
-from trainer.config import ConfigError, ExperimentConfig, load_config, to_yaml
 from trainer.distillation import Distillation, row_candidates, teacher_value_weights
 from trainer.distributed import DistributedEnv, seed_everything
 from trainer.negative_sampling import NegativeSampling

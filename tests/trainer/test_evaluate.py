@@ -11,8 +11,8 @@ import pyarrow as pa
 import pytest
 import torch
 
+from config import ExcludeRule
 from tests.dist_helpers import run_distributed
-from trainer.config import ExcludeRule
 from trainer.distributed import DistributedEnv
 from trainer.evaluate import _score_ranking, cutoffs_for, popularity_scores
 from trainer.exclusion import engaged_counts, excluded_pairs, user_item_lists

@@ -14,15 +14,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from config import ConfigError, load_config
 from data_pipeline.manifest import Manifest
 from data_pipeline.schema import ITEM_ID, SchemaError, Side
+from data_pipeline.split_table import read_split_columns
 from launch.cli import main as cli_main
 from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import ITEMS, TINY_MODEL, USERS, write_tiny_dataset
 from trainer.build import batch_builder
-from trainer.config import ConfigError, load_config
+from trainer.corpus import rank_rows
 from trainer.distributed import init_distributed
-from trainer.evaluate import rank_rows, read_split_columns
 from trainer.export import (
     EXAMPLE_INPUT,
     FAISS_INDEX,

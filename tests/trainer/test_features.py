@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from config import ConfigError, ExperimentConfig, Pooling, load_config
 from data_pipeline.counters import counter_bucket
 from data_pipeline.loader import build_event_loader
 from data_pipeline.manifest import MANIFEST_NAME, Manifest
@@ -19,8 +20,6 @@ from models.feature_layout import TableLayout
 from tests.tiny_dataset import TINY_MODEL
 from tests.tiny_movielens import write_tiny_movielens
 from trainer.build import build_unsharded_model, loader_spec
-from trainer.config import ConfigError, ExperimentConfig, load_config
-from trainer.feature_config import Pooling
 from trainer.features import ResolvedFeatures, report, resolve_features
 from trainer.train import train
 

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import torch
 
+from config import ConfigError, load_config
 from data_pipeline.datasets.synthetic import prepare_synthetic
 from tests.dist_helpers import run_distributed
-from trainer.config import ConfigError, load_config
 from trainer.eval_run import evaluate_run
 from trainer.funnel import ndcg_against, overlap_at
 from trainer.ranker_train import train_ranker

@@ -14,14 +14,14 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torchrec import KeyedJaggedTensor
 
+from config import ConfigError, load_config
 from data_pipeline.batch import Batch
 from data_pipeline.manifest import Manifest
 from data_pipeline.negatives import CorpusSampler, CrossBatchMemory, StreamingFrequencyEstimator
-from models.two_tower import TowerOutputs
+from models.tower_outputs import TowerOutputs
 from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import write_tiny_dataset
 from trainer.build import build_sharded_model, loader_spec
-from trainer.config import ConfigError, load_config
 from trainer.distributed import DistributedEnv, init_distributed
 from trainer.negative_sampling import (
     ExtraItems,

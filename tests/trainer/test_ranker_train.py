@@ -9,16 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from config import ConfigError, load_config
 from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.manifest import Manifest
 from launch.cli import main as cli_main
 from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import write_tiny_dataset
-from trainer.config import ConfigError, load_config
 from trainer.distributed import DistributedEnv, init_distributed, shutdown
 from trainer.ranker_build import load_ranker, ranker_first_row_batch
 from trainer.ranker_eval import binary_auc, evaluate_ranker
-from trainer.ranker_train import METRICS_FILE, train_ranker
+from trainer.ranker_train import train_ranker
+from trainer.run_files import RANKER_METRICS_FILE
 
 FAST = [
     "ranker.embedding_dim=16",
@@ -96,7 +97,7 @@ def test_learns_on_a_synthetic_world_and_reloads(tmp_path: Path) -> None:
         result = train_ranker(config)
         assert result.final_loss < 0.9 * result.first_loss
         assert result.metrics["auc/click"] > 0.6, result.metrics
-        assert (run_dir / METRICS_FILE).exists()
+        assert (run_dir / RANKER_METRICS_FILE).exists()
         manifest = Manifest.load(root)
         ranker = load_ranker(run_dir, manifest)
         assert not ranker.training

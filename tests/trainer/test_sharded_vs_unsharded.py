@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
+from config import ShardingType, load_config
 from data_pipeline.manifest import Manifest
 from data_pipeline.reader import list_work_units, read_unit
 from models.losses import in_batch_softmax_loss, net_user_value
@@ -21,7 +22,6 @@ from trainer.build import (
     build_unsharded_model,
     item_store,
 )
-from trainer.config import ShardingType, load_config
 from trainer.distributed import DistributedEnv, seed_everything
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from config import load_config
 from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import TINY_MODEL, write_tiny_dataset
-from trainer.config import load_config
 from trainer.run_logger import read_metrics
 from trainer.train import train
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from config import load_config
 from data_pipeline.manifest import Manifest
 from data_pipeline.reader import assign_work_units, list_work_units
 from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import add_empty_file, write_tiny_dataset
 from tests.trainer.test_train import TINY
-from trainer.config import load_config
 from trainer.train import train
 
 # 641 rows in 64-row groups: files of 320 + 320 + 1 rows, 11 row groups. Over 2 ranks

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from config import ConfigError, load_config
 from data_pipeline.manifest import Manifest
 from launch.plot import plot_run
 from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import TINY_MODEL, write_tiny_dataset
 from trainer.checkpoint import best_checkpoint, latest_checkpoint, model_checkpoint
-from trainer.config import ConfigError, load_config
 from trainer.run_logger import read_metrics
 from trainer.train import train
 from trainer.validation import check_metric

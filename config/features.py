@@ -20,10 +20,22 @@ against the manifest lives in :mod:`trainer.features`.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from data_pipeline.schema import FeatureGroup
+from config.errors import Fail
+
+
+class FeatureGroup(enum.Enum):
+    """What a feature means; configs select features by group (module docstring)."""
+
+    ID = "id"
+    HISTORY = "history"
+    CATEGORICAL = "categorical"
+    TEXT = "text"
+    COUNTER = "counter"
+    CONTEXT = "context"
+    SEARCH = "search"
+    AFFINITY = "affinity"
 
 
 class Pooling(enum.Enum):
@@ -96,7 +108,7 @@ class FeaturesConfig:
     undeclared: Undeclared = Undeclared.USE
 
 
-def validate_features(features: FeaturesConfig, fail: Callable[[str, str], None]) -> None:
+def validate_features(features: FeaturesConfig, fail: Fail) -> None:
     """Checks that need no data (the rest happen against the manifest at start)."""
     if FeatureGroup.ID not in features.groups:
         fail("features.groups", "must include 'id' (the user and item ids)")

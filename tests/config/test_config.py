@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from trainer.config import ConfigError, IdPolicy, ShardingType, load_config
+from config import ConfigError, IdPolicy, ShardingType, load_config
 
 
 def test_yaml_and_overrides(tmp_path: Path) -> None:
@@ -53,3 +55,22 @@ def test_shipped_configs_load() -> None:
     assert configs
     for path in configs:
         load_config(path)
+
+
+def test_loading_a_config_imports_nothing_heavy() -> None:
+    """The config package sits on the ground floor: loading every shipped config imports
+    neither torch, FBGEMM, TorchRec nor any other project package."""
+    code = (
+        "import sys, glob\n"
+        "from config import load_config\n"
+        "for path in sorted(glob.glob('configs/*.yaml')):\n"
+        "    load_config(path)\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'fbgemm_gpu', "
+        "'torchrec', 'data_pipeline', 'models', 'trainer', 'launch', 'bench'})\n"
+        "print(heavy)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
