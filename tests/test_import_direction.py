@@ -152,3 +152,16 @@ def test_the_check_catches_violations(source: str, problem: str | None, tmp_path
 def test_cycle_finder() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycles(graph) == [["a", "b", "c"]]
+
+
+def test_exact_search_imports_only_itself() -> None:
+    """``trainer.mips`` is a self-contained library over torch: no other project module."""
+    graph, _ = _graph()
+    outside = {
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        if module.startswith("trainer.mips")
+        for target in targets
+        if not target.startswith("trainer.mips")
+    }
+    assert not outside, sorted(outside)

@@ -102,7 +102,7 @@ def _events(rng: np.random.Generator, rows: int, start: int) -> pa.Table:
     )
 
 
-# Every feature kind of issue 8, written with the real prepare-time helpers.
+# Every feature kind beyond ids and categories, written with the real prepare-time helpers.
 TEXT = TextHashConfig(vocab_size=64, max_tokens=4, bigrams=True)
 VIEWS = counter_name("view", "1h")
 ALL_KINDS = (
@@ -164,7 +164,7 @@ def write_tiny_dataset(
 
     ``impressions`` adds the impression hard-negative column to every event split;
     ``history_timestamps`` adds ``hist_timestamps`` (recency features); ``all_kinds`` adds a
-    feature of every issue-8 kind (:data:`ALL_KINDS`: weighted text, a point-in-time counter,
+    feature of every further kind (:data:`ALL_KINDS`: weighted text, a point-in-time counter,
     context, weighted search tokens sharing the text table, weighted topic affinities)."""
     rng = np.random.default_rng(seed)
     schema = replace(

@@ -1,4 +1,4 @@
-"""Distillation from the ranker during retrieval training (issue 5, part 4).
+"""Distillation from the ranker during retrieval training.
 
 Built once per process (:meth:`Distillation.build`); each step adds
 :meth:`Distillation.loss` to the retrieval loss:

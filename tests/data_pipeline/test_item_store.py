@@ -64,7 +64,7 @@ def test_synthetic_lookup_matches_batch_builder(tmp_path: Path) -> None:
     store = ItemFeatureStore.load(tmp_path, manifest)
     ids = np.random.default_rng(0).integers(0, 100, 64).tolist()
     got = store.lookup(torch.tensor(ids))
-    # Every issue-8 kind rides along: weighted text, counters (bucket + dense weight), affinity.
+    # Every feature kind rides along: weighted text, counters (bucket + dense weight), affinity.
     assert got.weights_or_none() is not None
     assert "item_text_tokens" in got.keys() and "item_view_count_1h" in got.keys()
     _assert_same(got, _builder_kjt(tmp_path, manifest, ids))

@@ -51,7 +51,7 @@ VARIANTS = {
         "model.history.encoder=self_attention",
         "data.recent_history=0",
     ],
-    # Every issue-8 feature kind (weighted search tokens and affinities on the user side, so the
+    # Every feature kind (weighted search tokens and affinities on the user side, so the
     # exported program's weights input matters; text and a dense counter on the item side).
     "all_kinds": ["data.recent_history=3"],
 }

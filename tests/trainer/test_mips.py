@@ -9,16 +9,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.dist_helpers import run_distributed
-from trainer import mips_precision
-from trainer import mips_sweep as mips  # the bf16 test patches _bfloat16_at_least here
 from trainer.mips import (
     ItemLists,
     bruteforce_topk,
+    candidates,
     distributed_topk,
     exact_topk,
+    precision,
     score_error_bound,
     shard_range,
 )
+from trainer.mips import sweep as mips_sweep  # the bf16 test patches bfloat16_at_least here
 
 
 def _random_case(seed: int, num_queries: int, num_items: int, dim: int, integer: bool):
@@ -91,10 +92,10 @@ def test_bfloat16_filter_matches_float64_bruteforce(kind: str, monkeypatch) -> N
         corpus = corpus * torch.rand(num_items, 1, generator=generator) * 1e3
     _, _, ids, exclude = _random_case(4, num_queries, num_items, dim, integer=False)
     bfloat16_chunks = []
-    original = mips._bfloat16_at_least
+    original = mips_sweep.bfloat16_at_least
     monkeypatch.setattr(
-        mips,
-        "_bfloat16_at_least",
+        mips_sweep,
+        "bfloat16_at_least",
         lambda scores, threshold: bfloat16_chunks.append(1) or original(scores, threshold),
     )
     chunks = {"query_chunk": 8, "corpus_chunk": 256, "filter_precision": "bfloat16"}
@@ -141,9 +142,7 @@ def test_bfloat16_filter_bound_holds() -> None:
     for queries, corpus in cases:
         output = (queries.bfloat16() @ corpus.bfloat16().T).double()
         error = (output - queries.double() @ corpus.double().T).abs()
-        bound = mips_precision._bfloat16_filter_bound(
-            queries, mips_precision._norms(queries, corpus)
-        )
+        bound = precision.bfloat16_filter_bound(queries, precision.input_norms(queries, corpus))
         assert bool((error <= bound.double().unsqueeze(1) + 2.0**-8 * 1.01 * output.abs()).all())
         assert bool((bound <= score_error_bound(queries, corpus, bfloat16=True)).all())
 
@@ -151,7 +150,7 @@ def test_bfloat16_filter_bound_holds() -> None:
 def test_tightened_threshold_stays_below_kth_score() -> None:
     generator = torch.Generator().manual_seed(8)
     queries, corpus = torch.randn(6, 8, generator=generator), torch.randn(300, 8)
-    buffer = mips._CandidateBuffer(queries, corpus, torch.arange(300), 10, torch.zeros(6))
+    buffer = candidates.CandidateBuffer(queries, corpus, torch.arange(300), 10, torch.zeros(6))
     scores = torch.randn(6, 40, generator=generator)
     scores[1] = 2.0  # all tied: the k-th score itself is the tightest valid threshold
     scores[2, 5:] = float("-inf")  # fewer than k entries: nothing to tighten

@@ -180,7 +180,7 @@ HISTORY = [
         (ShardingType.COLUMN_WISE, False, False),
         (ShardingType.TABLE_WISE, True, False),
         (ShardingType.COLUMN_WISE, True, False),
-        # Every issue-8 feature kind: weighted text (idf, mean-pooled through a weighted table)
+        # Every feature kind: weighted text (idf, mean-pooled through a weighted table)
         # shared with weighted search tokens, a counter (bucket embedding + dense input),
         # context, weighted affinities; one table declared with its own settings.
         (ShardingType.TABLE_WISE, False, "sum"),

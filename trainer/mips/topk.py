@@ -7,8 +7,8 @@ scores rounded to float32.
 
 This module holds the API, the input checks and the distributed merge; the blocked sweep that
 makes ``exact_topk`` fast while staying exact (float32/bf16 filters with error bounds, float64
-rescoring) lives in ``trainer.mips_sweep``, whose docstring gives the argument; the error bounds
-and the filter-precision choice live in ``trainer.mips_precision``.
+rescoring) lives in ``trainer.mips.sweep``, whose docstring gives the argument; the error bounds
+and the filter-precision choice live in ``trainer.mips.precision``.
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from typing import Literal, NamedTuple
 import torch
 import torch.distributed as dist
 
-from trainer.mips_precision import (
+from trainer.mips.candidates import ExcludedPairs, sort_by_score_then_id
+from trainer.mips.precision import (
     FilterPrecision,
-    _bound_from_norms,
-    _norms,
-    _resolve_filter_precision,
+    bound_from_norms,
+    input_norms,
+    resolve_filter_precision,
 )
-from trainer.mips_sweep import _ExcludedPairs, _sort_by_score_then_id, _sweep_topk
+from trainer.mips.sweep import sweep_topk
 
 
 class ItemLists(NamedTuple):
@@ -95,8 +96,8 @@ def score_error_bound(
         also for float32 under reduced matmul precision (TF32 or bf16 inside), else 0. The
         absolute term covers flush-to-zero of subnormals.
     """
-    query_norms, max_norm = _norms(queries, corpus)
-    return _bound_from_norms(query_norms, max_norm, queries.shape[1], bfloat16, queries.device)
+    query_norms, max_norm = input_norms(queries, corpus)
+    return bound_from_norms(query_norms, max_norm, queries.shape[1], bfloat16, queries.device)
 
 
 def exact_topk(
@@ -169,7 +170,7 @@ def bruteforce_topk(
         banned = exclude.ids.unsqueeze(1) == ids.unsqueeze(0)
         rows, cols = banned.nonzero(as_tuple=True)
         scores[exclude.rows()[rows], cols] = float("-inf")
-    top_scores, top_ids, _ = _sort_by_score_then_id(scores, ids.expand_as(scores), k)
+    top_scores, top_ids, _ = sort_by_score_then_id(scores, ids.expand_as(scores), k)
     return top_scores, top_ids
 
 
@@ -235,7 +236,7 @@ def distributed_topk(
     # [W * q_r, k] -> [q_r, W * k]: every shard's candidates for each local query side by side.
     merged_scores = received_scores.view(world_size, num_local, k).permute(1, 0, 2)
     merged_ids = received_ids.view(world_size, num_local, k).permute(1, 0, 2)
-    top_scores, top_ids, _ = _sort_by_score_then_id(
+    top_scores, top_ids, _ = sort_by_score_then_id(
         merged_scores.reshape(num_local, world_size * k),
         merged_ids.reshape(num_local, world_size * k),
         k,
@@ -263,8 +264,8 @@ def _exact_topk_float64(
     if num_queries == 0 or num_items == 0:
         scores = torch.full((num_queries, k), float("-inf"), dtype=torch.float64, device=device)
         return scores, torch.full((num_queries, k), -1, dtype=torch.int64, device=device)
-    excluded = None if exclude is None else _ExcludedPairs.build(exclude.rows(), exclude.ids, ids)
-    return _sweep_topk(
+    excluded = None if exclude is None else ExcludedPairs.build(exclude.rows(), exclude.ids, ids)
+    return sweep_topk(
         queries,
         corpus,
         ids,
@@ -281,7 +282,7 @@ def resolved_filter_precision(
     corpus: torch.Tensor, filter_precision: FilterPrecision = "auto", corpus_chunk: int = 8192
 ) -> Literal["bfloat16", "float32"]:
     """The candidate-GEMM precision ``exact_topk`` will use for corpus [N, D] (see there)."""
-    return _resolve_filter_precision(corpus, filter_precision, corpus_chunk)
+    return resolve_filter_precision(corpus, filter_precision, corpus_chunk)
 
 
 def _corpus_ids_or_arange(

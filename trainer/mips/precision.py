@@ -1,6 +1,6 @@
 """Float precision for ``trainer.mips``: score error bounds and the bf16 candidate filter.
 
-The sweep (``trainer.mips_sweep``) keeps an item when its filter score clears a threshold lowered
+The sweep (``trainer.mips.sweep``) keeps an item when its filter score clears a threshold lowered
 by these bounds, so every bound here must hold for any summation order the GEMM may use.
 """
 
@@ -20,13 +20,13 @@ logger = logging.getLogger(__name__)
 FilterPrecision = Literal["auto", "bfloat16", "float32"]
 
 
-def _norms(queries: torch.Tensor, corpus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def input_norms(queries: torch.Tensor, corpus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """|q| [Q] float64 and max_n |c_n| (scalar float64), inflated 1.001x for float32 rounding."""
     max_norm = corpus.norm(dim=1).max().double() if corpus.shape[0] else torch.zeros(())
     return 1.001 * queries.norm(dim=1).double(), 1.001 * max_norm.to(queries.device)
 
 
-def _bound_from_norms(
+def bound_from_norms(
     query_norms: torch.Tensor,
     max_norm: torch.Tensor,
     dim: int,
@@ -48,7 +48,7 @@ def _bound_from_norms(
     return bound.float()
 
 
-def _bfloat16_filter_bound(
+def bfloat16_filter_bound(
     queries: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor]
 ) -> torch.Tensor:
     """Bound [Q] float32 on |v - q.c| for the bf16 filter GEMM, v its fp32 accumulator.
@@ -62,7 +62,7 @@ def _bfloat16_filter_bound(
 
     Args:
         queries: [Q, D] float32.
-        norms: (|q| [Q] float64, max_n |c_n|) from ``_norms`` (inflated for float32 rounding).
+        norms: (|q| [Q] float64, max_n |c_n|) from ``norms`` (inflated for float32 rounding).
     """
     dim = queries.shape[1]
     unit, bfloat16_unit = 2.0**-24, 2.0**-8
@@ -76,7 +76,7 @@ def _bfloat16_filter_bound(
     return (1.01 * bound).float()  # 1.01: slack for rounding in the bound's own arithmetic
 
 
-def _resolve_filter_precision(
+def resolve_filter_precision(
     corpus: torch.Tensor, filter_precision: FilterPrecision, corpus_chunk: int
 ) -> Literal["bfloat16", "float32"]:
     """``trainer.mips.resolved_filter_precision``: decided here so that its one-off timing runs
@@ -89,7 +89,7 @@ def _resolve_filter_precision(
     return "bfloat16"
 
 
-def _bfloat16_corpus(corpus: torch.Tensor) -> torch.Tensor:
+def bfloat16_corpus(corpus: torch.Tensor) -> torch.Tensor:
     """bf16 copy [N, D] of the corpus for the bf16 pre-filter."""
     _silence_sparse_csr_beta_warning()
     return corpus.bfloat16()
