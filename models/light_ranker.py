@@ -1,4 +1,4 @@
-"""The light ranking head inside retrieval (issue 5, part 3).
+"""The light ranking head inside retrieval.
 
 The user tower also emits NU ranker embeddings (a projection of its last hidden layer). For a
 candidate item, target-aware attention (softmax over NU of item . nu) pools them into one user

@@ -198,8 +198,9 @@ class TwoTowerModel(nn.Module):
         [stride, 1] dense counters (of ``dense``, default all); with the history encoder also
         ``item_id`` [stride, d] (one id per row) and the history encoding [rows, d_h] of the
         first ``rows`` rows (the ones with user features)."""
-        if self._ids_only:
-            # Every key is a plain pooled feature: no selection or weight stripping per step.
+        if self._ids_only and len(features.keys()) == len(self.pooled_features):
+            # Every key is a plain pooled feature: no selection or weight stripping per step
+            # (a batch that also carries a teacher's features takes the selecting path).
             return self.sparse_arch(features).to_dict()
         embeddings = self.sparse_arch(
             without_weights(select_keys(features, self.pooled_features))

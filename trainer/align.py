@@ -314,7 +314,11 @@ def _build(
         reference, store, corpus, calls, user_keys(manifest, config)
     )
     run_dir = Path(config.run.dir)
-    reward = reward if reward is not None else load_reward_model(config, manifest, store)
+    if reward is None:
+        # The ranker's own item side: every stored item feature, as it was trained on.
+        reward = load_reward_model(
+            config, manifest, ItemFeatureStore.load(config.data.path, manifest)
+        )
     dense_optimizer = build_dense_optimizer(policy, trained)
     return _AlignRun(
         config=config,

@@ -13,6 +13,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from config import ConfigError, ExperimentConfig
 from data_pipeline.batch import BatchBuilder
 from data_pipeline.derived import history_feature_tables, with_derived_features
+from data_pipeline.feature_encoding import FeatureEncoding
 from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.loader import LoaderSpec
 from data_pipeline.manifest import Manifest
@@ -107,6 +108,29 @@ def build_dense_optimizer(model: nn.Module, config: ExperimentConfig) -> KeyedOp
     )
 
 
+def teacher_reads_batch(config: ExperimentConfig) -> bool:
+    """A frozen ranker scores the training batch's users: the listwise distillation teacher,
+    or the reward model of alignment."""
+    return config.distillation.listwise.enabled or config.alignment.reward_checkpoint is not None
+
+
+def with_teacher_user_features(resolved: ResolvedFeatures, manifest: Manifest) -> ResolvedFeatures:
+    """The student's features plus the stored user features the ranker reads (every user
+    feature of the manifest, as the ranker trains on them): the training loader reads the union
+    of what the student and its teacher need. The student's model selects its own keys."""
+    have = {feature.name for feature in resolved.schema.features}
+    extra = [feature for feature in manifest.schema.user_features() if feature.name not in have]
+    if not extra:
+        return resolved
+    features = (*resolved.schema.features, *extra)
+    tables = {**{f.table: manifest.tables[f.table] for f in extra}, **resolved.tables}
+    encoding = FeatureEncoding.from_manifest(
+        manifest.counters, tables, features, resolved.encoding.mean_weighted
+    )
+    schema = replace(resolved.schema, features=features)
+    return replace(resolved, schema=schema, tables=tables, encoding=encoding)
+
+
 def label_weights(manifest: Manifest, config: ExperimentConfig) -> torch.Tensor:
     """[T] weights in the manifest's label order; unknown label names are config errors."""
     labels = list(manifest.schema.labels)
@@ -124,6 +148,8 @@ def loader_spec(
     """The loader of ``split``; with ``manifest``, it reads only the configured features."""
     data = config.data
     resolved = resolve_features(manifest, config) if manifest is not None else None
+    if resolved is not None and manifest is not None and teacher_reads_batch(config):
+        resolved = with_teacher_user_features(resolved, manifest)
     # Without the manifest the loader fits the encoding to the manifest's own features.
     encoding = resolved.encoding if resolved else None
     if resolved and encoding and train and resolved.dropout:

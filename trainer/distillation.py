@@ -38,7 +38,7 @@ from models.distillation import (
 from models.ranker import PAIR_CHUNK, Ranker, expected_net_user_value
 from models.retrieval_loss import ScoredCandidates, sample_negative_columns
 from models.two_tower import select_keys
-from trainer.build import item_store, label_weights, model_schema
+from trainer.build import label_weights
 from trainer.distributed import DistributedEnv
 from trainer.ranker_build import load_ranker, ranker_run_config
 
@@ -121,7 +121,8 @@ class Distillation:
         assert section.listwise.teacher is not None  # validated with the config
         check_teacher_features(config, manifest, section.listwise.teacher)
         teacher = load_ranker(section.listwise.teacher, manifest).to(env.device)
-        store = item_store(manifest, config)
+        # The ranker's own item side: every stored item feature, as it was trained on.
+        store = ItemFeatureStore.load(config.data.path, manifest)
         logger.info("distillation teacher %s", section.listwise.teacher)
         return Distillation(section, teacher, store, weights)
 
@@ -217,7 +218,9 @@ def teacher_value_weights(config: ExperimentConfig, manifest: Manifest) -> torch
 
 
 def check_teacher_features(config: ExperimentConfig, manifest: Manifest, teacher: str) -> None:
-    """The teacher's user features must be in the retrieval batch, computed the same way."""
+    """The teacher's derived user feature must be computed as it was in the ranker's training.
+    (Its stored user features ride along in the training batch: ``trainer.build``'s loader reads
+    the union of the student's and the teacher's.)"""
     teacher_config = ranker_run_config(teacher)
     ranker_history = teacher_config.data.recent_history
     if ranker_history > 0 and ranker_history != config.data.recent_history:
@@ -226,12 +229,4 @@ def check_teacher_features(config: ExperimentConfig, manifest: Manifest, teacher
             f"(distillation.listwise.teacher={teacher}) was trained with "
             f"data.recent_history={ranker_history}; the retrieval batch must derive the same "
             f"'{RECENT_HISTORY}' feature"
-        )
-    ranker_users = {f.name for f in manifest.schema.user_features()}
-    batch_users = {f.name for f in model_schema(manifest, config).user_features()}
-    missing = sorted(ranker_users - batch_users)
-    if missing:
-        raise ConfigError(
-            f"config key 'distillation.listwise.teacher': the batch lacks the teacher's user "
-            f"features {missing}"
         )

@@ -511,7 +511,11 @@ def test_alignment_rebuilds_the_start_runs_model_with_every_feature_kind(tmp_pat
         "alignment.steps=2",
         *job_keys,
     ]
+    from trainer.ranker_train import train_ranker
+
+    ranker = tmp_path / "ranker"
     try:
+        # The demo's shape: the retrieval run reads fewer features than the ranker (every one).
         train(
             load_config(
                 None,
@@ -520,13 +524,29 @@ def test_alignment_rebuilds_the_start_runs_model_with_every_feature_kind(tmp_pat
                     f"run.dir={base}",
                     "train.max_steps=4",
                     "data.recent_history=2",
+                    "features.groups=[id,history,categorical,text]",
                     *model_keys,
                     *job_keys,
                 ],
             )
         )
-        result = align(load_config(None, [*job, f"run.dir={tmp_path / 'aligned'}"]), KnownReward())
-        assert result.steps == 2
+        train_ranker(
+            load_config(
+                None,
+                [
+                    f"data.path={root}",
+                    f"run.dir={ranker}",
+                    "train.max_steps=4",
+                    "data.recent_history=2",
+                    "ranker.embedding_dim=8",
+                    "ranker.mlp=[16]",
+                    *job_keys,
+                ],
+            )
+        )
+        aligned = [*job, f"run.dir={tmp_path / 'aligned'}", f"alignment.reward_checkpoint={ranker}"]
+        result = align(load_config(None, aligned))
+        assert result.steps == 2 and result.reward_after > 0
         bad = load_config(None, [*job, f"run.dir={tmp_path / 'bad'}", "model.output_dim=24"])
         with pytest.raises(ConfigError, match="model.output_dim: 24 here, 16 in the start run"):
             align(bad, KnownReward())
@@ -535,4 +555,4 @@ def test_alignment_rebuilds_the_start_runs_model_with_every_feature_kind(tmp_pat
     trained = load_config(base / "config.yaml")
     saved = load_config(tmp_path / "aligned" / "config.yaml")
     assert saved.model == trained.model and saved.features == trained.features
-    assert saved.data.recent_history == 2
+    assert saved.data.recent_history == 2 and len(saved.features.groups) == 4

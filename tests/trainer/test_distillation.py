@@ -4,6 +4,7 @@ ranking toward the teacher's, sharded and unsharded runs agree, and config mista
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -265,3 +266,40 @@ def test_two_rank_training_with_a_trained_teacher_is_deterministic(tmp_path: Pat
         runs.append(_losses(tmp_path / name))
     assert len(runs[0]) == 6 and runs[0] == runs[1]
     assert runs[0] != runs[2]  # the teacher term changes the loss
+
+
+def test_student_reads_fewer_features_than_its_teacher(tmp_path: Path) -> None:
+    """The ranker trains on every user feature (context, search tokens, affinities); a student
+    configured with ids, history and categories only still distils from it: the training loader
+    reads the union, the student's model selects its own keys."""
+    from trainer.build import loader_spec, model_schema
+    from trainer.distributed import shutdown
+    from trainer.ranker_train import train_ranker
+    from trainer.train import train
+
+    root = write_tiny_dataset(tmp_path / "data", all_kinds=True)
+    teacher = tmp_path / "teacher"
+    ranker = [f"run.dir={teacher}", "train.max_steps=4", "eval.at_end=false", "data.batch_size=32"]
+    student = [
+        "features.groups=[id,history,categorical]",
+        "data.batch_size=32",
+        "train.max_steps=4",
+        "train.log_every_steps=1",
+        "eval.at_end=false",
+        "distillation.listwise.enabled=true",
+        f"distillation.listwise.teacher={teacher}",
+        "distillation.listwise.negatives_per_row=8",
+    ]
+    try:
+        train_ranker(_config(root, *ranker))
+        config = _config(root, *student, f"run.dir={tmp_path / 'student'}")
+        manifest = Manifest.load(root)
+        read = {f.name for f in loader_spec(config, "train", True, manifest).schema.features}
+        teacher_users = {f.name for f in manifest.schema.user_features()}
+        own = {f.name for f in model_schema(manifest, config).features}
+        assert teacher_users <= read and not teacher_users <= own
+        result = train(config)
+    finally:
+        shutdown()
+    assert result.steps == 4 and math.isfinite(result.final_loss)
+    assert len(_losses(tmp_path / "student")) == 4
