@@ -1,4 +1,4 @@
-"""Prepare-time cost of the issue-8 features (counters, title text, time context) per 10^6 events,
+"""Prepare-time cost of the extra feature kinds (counters, title text, time context) per 10^6 events,
 side by side with what prepare already does per event, in one run.
 
     OMP_NUM_THREADS=1 python -m bench.feature_prepare [--events 1000000] [--items 50000]

@@ -39,6 +39,7 @@ from models.temperature import Temperature
 from models.tower_outputs import TowerOutputs
 from models.towers import Tower, table_configs
 from trainer.build import label_weights, loader_spec, model_schema, model_tables
+from trainer.distillation import Distillation
 from trainer.distributed import DistributedEnv, init_distributed, seed_everything, shutdown
 from trainer.logs import configure_logging
 from trainer.negative_sampling import NegativeSampling
@@ -245,6 +246,7 @@ def step_context(
         manifest=manifest,
         config=config,
         env=env,
+        distillation=Distillation.build(config, manifest, env),
     )
 
 

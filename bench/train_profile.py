@@ -24,6 +24,7 @@ from config import ExperimentConfig, load_config
 from data_pipeline.loader import build_event_loader
 from data_pipeline.manifest import Manifest
 from trainer.build import build_dense_optimizer, build_sharded_model, label_weights, loader_spec
+from trainer.distillation import Distillation
 from trainer.distributed import DistributedEnv, init_distributed, seed_everything, shutdown
 from trainer.negative_sampling import NegativeSampling
 from trainer.step import StepContext, train_step
@@ -59,6 +60,7 @@ def _torchrec(
         manifest,
         config,
         env,
+        distillation=Distillation.build(config, manifest, env),
     )
     return model, context
 

@@ -42,8 +42,8 @@ class StepContext:
         env: this rank (seeds the step's random draws; device for the vote).
         stop: stop requests by signal (None: none caught).
         bad_batch_dir: where a batch with a non-finite loss is saved.
-        distillation: losses from the ranker; None builds them from ``config.distillation``
-            (every rank constructs its context, so a collective teacher load is safe).
+        distillation: losses from the ranker (``Distillation.build``, which loads the teacher:
+            the job builds it explicitly on every rank); None: no distillation.
     """
 
     dense_optimizer: torch.optim.Optimizer
@@ -55,10 +55,6 @@ class StepContext:
     stop: StopSignals | None = None
     bad_batch_dir: Path | None = None
     distillation: Distillation | None = None
-
-    def __post_init__(self) -> None:
-        if self.distillation is None:
-            self.distillation = Distillation.build(self.config, self.manifest, self.env)
 
 
 @dataclass(frozen=True)

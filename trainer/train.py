@@ -39,6 +39,7 @@ from trainer.checkpoint import (
     resolve_checkpoint,
 )
 from trainer.corpus import first_row_batch
+from trainer.distillation import Distillation
 from trainer.distributed import (
     DistributedEnv,
     init_distributed,
@@ -182,6 +183,8 @@ def _build(
         env=env,
         stop=stop,
         bad_batch_dir=run_dir / BAD_BATCHES_DIR,
+        # Collective when a teacher is loaded: every rank builds its context.
+        distillation=Distillation.build(config, manifest, env),
     )
     loader = build_event_loader(
         loader_spec(config, config.data.train_split, True, manifest),
