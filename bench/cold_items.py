@@ -23,11 +23,11 @@ from bench.table import print_table
 from data_pipeline.schema import ITEM_ID
 from data_pipeline.split_table import read_split_columns
 from trainer.build import batch_builder
-from trainer.corpus import embed_corpus
-from trainer.distributed import init_distributed
-from trainer.export import load_run_model
+from trainer.evaluation.corpus import embed_corpus
+from trainer.evaluation.metrics import cold_items
 from trainer.features import resolve_features
-from trainer.metrics import cold_items
+from trainer.runtime.distributed import init_distributed
+from trainer.serving.export import load_run_model
 
 KS = (10, 50, 100)
 

@@ -56,8 +56,8 @@ from launch.local import torchrun_command
 from models.debias import remove_estimate
 from models.losses import net_user_value
 from trainer.build import batch_builder, label_weights
-from trainer.export import load_run_model
-from trainer.run_files import CHECKPOINTS_DIR
+from trainer.runtime.run_files import CHECKPOINTS_DIR
+from trainer.serving.export import load_run_model
 
 COLUMNS = (
     "weights",

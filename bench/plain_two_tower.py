@@ -40,13 +40,13 @@ from models.tower_outputs import TowerOutputs
 from models.towers import Tower, table_configs
 from trainer.build import label_weights, loader_spec, model_schema, model_tables
 from trainer.distillation import Distillation
-from trainer.distributed import DistributedEnv, init_distributed, seed_everything, shutdown
-from trainer.logs import configure_logging
-from trainer.negative_sampling import NegativeSampling
-from trainer.run_files import METRICS_LOG_FILE
-from trainer.run_logger import RunLogger
+from trainer.negatives.negative_sampling import NegativeSampling
+from trainer.runtime.distributed import DistributedEnv, init_distributed, seed_everything, shutdown
+from trainer.runtime.logs import configure_logging
+from trainer.runtime.run_files import METRICS_LOG_FILE
+from trainer.runtime.run_logger import RunLogger
+from trainer.runtime.synchronized import synchronized
 from trainer.step import StepContext, train_step
-from trainer.synchronized import synchronized
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from bench.table import print_table
 from bench.train_profile import profile, run_overrides
 from launch.local import torchrun_command
-from trainer.run_logger import read_metrics
+from trainer.runtime.run_logger import read_metrics
 
 COLUMNS = ["implementation", "ranks", "samples/s", "ratio vs best plain PyTorch"]
 TORCHREC = "torchrec"

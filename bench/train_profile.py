@@ -25,8 +25,8 @@ from data_pipeline.loader import build_event_loader
 from data_pipeline.manifest import Manifest
 from trainer.build import build_dense_optimizer, build_sharded_model, label_weights, loader_spec
 from trainer.distillation import Distillation
-from trainer.distributed import DistributedEnv, init_distributed, seed_everything, shutdown
-from trainer.negative_sampling import NegativeSampling
+from trainer.negatives.negative_sampling import NegativeSampling
+from trainer.runtime.distributed import DistributedEnv, init_distributed, seed_everything, shutdown
 from trainer.step import StepContext, train_step
 
 WARMUP_STEPS = 10

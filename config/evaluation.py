@@ -10,7 +10,7 @@ from config.errors import Fail
 
 
 class ExcludeRule(enum.Enum):
-    """Items an evaluation query may not be recommended (``trainer.exclusion``); never
+    """Items an evaluation query may not be recommended (``trainer.evaluation.exclusion``); never
     depends on the query's target."""
 
     ENGAGED = "engaged"  # earlier events with positive net user value
@@ -20,7 +20,7 @@ class ExcludeRule(enum.Enum):
 
 @dataclass
 class FunnelConfig:
-    """Funnel consistency against a ranker (``trainer.funnel``): off while ``ranker`` is null.
+    """Funnel consistency against a ranker (``trainer.evaluation.funnel``): off while ``ranker`` is null.
 
     ``ranker``: a ranker run directory or checkpoint; ``ks``: overlap / NDCG cutoffs K;
     ``retrieve_n``: N, how many items retrieval passes on; ``max_queries``: eval rows scored

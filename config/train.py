@@ -46,7 +46,7 @@ class LRDecay(enum.Enum):
 
 @dataclass
 class LRScheduleConfig:
-    """The dense optimizer's learning rate per step (``trainer/lr_schedule.py``): linear warm-up
+    """The dense optimizer's learning rate per step (``trainer/runtime/lr_schedule.py``): linear warm-up
     from 0 over ``warmup_steps``, then ``decay`` to ``min_ratio`` x the base rate at
     ``decay_steps`` (null: ``train.max_steps``) and held there. A pure function of the global
     step, so a resumed run continues it exactly. The fused table optimizers keep their rate."""
@@ -75,7 +75,7 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Checkpoints under ``<run.dir>/checkpoints/step-N`` (see ``trainer.checkpoint``).
+    """Checkpoints under ``<run.dir>/checkpoints/step-N`` (see ``trainer.runtime.checkpoint``).
 
     ``every_n_steps`` null saves only at the end (and on a signal). ``resume`` picks up the
     latest complete checkpoint of ``run.dir`` automatically. ``signals`` are caught: every rank

@@ -67,7 +67,7 @@ def build_event_loader(
     """A StatefulDataLoader yielding ``Batch`` objects for this rank (``state_dict`` resumable).
 
     Empty files of the split are skipped; a rank whose share is empty yields no batch (callers
-    pad through ``trainer.synchronized``).
+    pad through ``trainer.runtime.synchronized``).
 
     Raises:
         SchemaError: the split has no rows at all (names the manifest and split), or a file of it

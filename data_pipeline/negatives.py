@@ -485,7 +485,7 @@ class CrossBatchMemory:
     item tower as training moves on, hence ``max_staleness_steps``. Entries are past in-batch
     rows, duplicates kept, so they follow the data distribution and share the in-batch items'
     logQ correction; the trainer routes their item-side gradient to each row's positive
-    (``trainer.negative_sampling.routed_memory_scores``). Call ``negatives(step)`` before
+    (``trainer.negatives.negative_sampling.routed_memory_scores``). Call ``negatives(step)`` before
     ``push``-ing the current batch, or the batch's own positives come back as negatives.
 
     Args:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trainer.logs import configure_logging
+from trainer.runtime.logs import configure_logging
 
 if TYPE_CHECKING:
     from data_pipeline.datasets.split import SplitConfig
@@ -500,9 +500,9 @@ def _align(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from trainer.distributed import shutdown
-    from trainer.eval_run import evaluate_run
-    from trainer.evaluate import format_table
+    from trainer.evaluation.eval_run import evaluate_run
+    from trainer.evaluation.evaluate import format_table
+    from trainer.runtime.distributed import shutdown
 
     try:
         overrides = list(args.overrides)
@@ -516,8 +516,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from trainer.distributed import shutdown
-    from trainer.export import export_run
+    from trainer.runtime.distributed import shutdown
+    from trainer.serving.export import export_run
 
     try:
         info = export_run(args.run, args.out, args.faiss, args.overrides)
@@ -534,7 +534,7 @@ def _export(args: argparse.Namespace) -> int:
 def _retrieve(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
-    from trainer.retrieve import format_rankings, retrieve
+    from trainer.serving.retrieve import format_rankings, retrieve
 
     table = retrieve(args.export, args.users, args.k)
     if args.out is None:

@@ -10,8 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from trainer.run_files import CURVES_FILE, METRICS_FILE
-from trainer.run_logger import read_metrics  # noqa: E402
+from trainer.runtime.run_files import CURVES_FILE, METRICS_FILE
+from trainer.runtime.run_logger import read_metrics  # noqa: E402
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:

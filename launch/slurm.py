@@ -194,8 +194,8 @@ class TrainTask(Checkpointable):
             )
         )
         from config import load_config
-        from trainer.distributed import shutdown
-        from trainer.logs import configure_logging
+        from trainer.runtime.distributed import shutdown
+        from trainer.runtime.logs import configure_logging
         from trainer.train import train
 
         configure_logging()

@@ -13,7 +13,7 @@ Usage::
 
 ``fn`` must be defined at module top level (spawn pickles it by name). Each rank runs with one
 intra-op thread, deterministic algorithms and the launcher variables (RANK, LOCAL_RANK,
-WORLD_SIZE, MASTER_ADDR, MASTER_PORT) set, so code calling ``trainer.distributed.init_distributed``
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT) set, so code calling ``trainer.runtime.distributed.init_distributed``
 joins the group already created. A failing or hanging rank fails the caller with every failing
 rank's traceback.
 """
@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer.distributed import free_port
+from trainer.runtime.distributed import free_port
 
 
 def run_distributed(

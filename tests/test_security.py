@@ -16,7 +16,7 @@ from config import ConfigError, load_config
 from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import write_tiny_dataset
 from tests.trainer.test_train import TINY
-from trainer.checkpoint import COMPLETE, load_model
+from trainer.runtime.checkpoint import COMPLETE, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("trainer", "models", "data_pipeline", "launch")

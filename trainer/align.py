@@ -13,7 +13,7 @@ Checkpoints use the training layout (``<run.dir>/checkpoints/step-N``), so ``two
 evaluates an aligned run like any other. The expected ranker reward of the policy's top
 ``alignment.eval_k`` on ``eval.split`` is measured before and after (``align_summary.json``), and,
 on a synthetic world, the same top-K's true expected reward and recall of the truly best items
-(``trainer/ground_truth.py``): the judge the policy does not optimise.
+(``trainer/evaluation/ground_truth.py``): the judge the policy does not optimise.
 
 Run as ``twotower align CONFIG [k=v ...]`` (``--nproc N`` for torchrun) or
 ``torchrun --nproc_per_node 2 -m trainer.align CONFIG [k=v ...]``.
@@ -58,17 +58,9 @@ from trainer.build import (
     label_weights,
     loader_spec,
 )
-from trainer.checkpoint import Checkpointer, Progress, load_model, model_checkpoint
-from trainer.corpus import first_row_batch
-from trainer.distributed import (
-    DistributedEnv,
-    any_rank_has,
-    init_distributed,
-    seed_everything,
-)
-from trainer.entry import run_job
-from trainer.evaluate import evaluate_model
-from trainer.ground_truth import (
+from trainer.evaluation.corpus import first_row_batch
+from trainer.evaluation.evaluate import evaluate_model
+from trainer.evaluation.ground_truth import (
     TopKRows,
     TopKTruth,
     TruthScorer,
@@ -76,15 +68,23 @@ from trainer.ground_truth import (
     load_truth_scorer,
     top_k_truth,
 )
-from trainer.lr_schedule import DenseLRSchedule
 from trainer.mips import distributed_topk
-from trainer.negative_sampling import step_generator
+from trainer.negatives.negative_sampling import step_generator
 from trainer.policy_corpus import embed_items, local_corpus, user_keys
 from trainer.ranker_build import load_ranker
-from trainer.run_files import ALIGN_SUMMARY_FILE, CONFIG_FILE
-from trainer.run_logger import RunLogger
+from trainer.runtime.checkpoint import Checkpointer, Progress, load_model, model_checkpoint
+from trainer.runtime.distributed import (
+    DistributedEnv,
+    any_rank_has,
+    init_distributed,
+    seed_everything,
+)
+from trainer.runtime.entry import run_job
+from trainer.runtime.lr_schedule import DenseLRSchedule
+from trainer.runtime.run_files import ALIGN_SUMMARY_FILE, CONFIG_FILE
+from trainer.runtime.run_logger import RunLogger
+from trainer.runtime.synchronized import synchronized
 from trainer.start_run import with_start_model
-from trainer.synchronized import synchronized
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class AlignResult:
     reward_gain_stderr: standard error of ``reward_after - reward_before`` (paired over rows).
     truth_reward_before, truth_reward_after, truth_recall_before, truth_recall_after,
         truth_oracle_reward, truth_reward_gain_stderr: the same top-K judged by a synthetic
-        world's ground truth (``trainer/ground_truth.py``); None (left out of the summary)
+        world's ground truth (``trainer/evaluation/ground_truth.py``); None (left out of the summary)
         on datasets without one.
     metrics: retrieval metrics after alignment (``eval.at_end``), as ``twotower eval``.
     """

@@ -19,10 +19,10 @@ from data_pipeline.loader import LoaderSpec
 from data_pipeline.manifest import Manifest
 from data_pipeline.schema import EventSchema
 from models.two_tower import TwoTowerModel
-from trainer.distributed import DistributedEnv
 from trainer.features import ResolvedFeatures, resolve_features
-from trainer.logs import quiet_libraries
-from trainer.sharding import attach_sparse_optimizer, shard_model
+from trainer.runtime.distributed import DistributedEnv
+from trainer.runtime.logs import quiet_libraries
+from trainer.runtime.sharding import attach_sparse_optimizer, shard_model
 
 
 def history_recency(config: ExperimentConfig) -> int:

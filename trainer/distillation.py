@@ -39,8 +39,8 @@ from models.ranker import PAIR_CHUNK, Ranker, expected_net_user_value
 from models.retrieval_loss import ScoredCandidates, sample_negative_columns
 from models.two_tower import select_keys
 from trainer.build import label_weights
-from trainer.distributed import DistributedEnv
 from trainer.ranker_build import load_ranker, ranker_run_config
+from trainer.runtime.distributed import DistributedEnv
 
 logger = logging.getLogger(__name__)
 

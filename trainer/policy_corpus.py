@@ -11,8 +11,8 @@ from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.manifest import Manifest
 from models.ranker import empty_features
 from trainer.build import model_schema
-from trainer.distributed import DistributedEnv
 from trainer.mips import shard_range
+from trainer.runtime.distributed import DistributedEnv
 
 
 def _item_batches(

@@ -30,10 +30,10 @@ from data_pipeline.reader import list_work_units, read_unit
 from data_pipeline.schema import EventSchema
 from models.ranker import Ranker
 from trainer.build import label_weights, loader_spec
-from trainer.checkpoint import COMPLETE, load_model, resolve_checkpoint
-from trainer.distributed import DistributedEnv
-from trainer.run_files import CONFIG_FILE
-from trainer.sharding import attach_sparse_optimizer, shard_model
+from trainer.runtime.checkpoint import COMPLETE, load_model, resolve_checkpoint
+from trainer.runtime.distributed import DistributedEnv
+from trainer.runtime.run_files import CONFIG_FILE
+from trainer.runtime.sharding import attach_sparse_optimizer, shard_model
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def ranker_loader_spec(config: ExperimentConfig, split: str, train: bool) -> Loa
 
 def ranker_first_row_batch(manifest: Manifest, config: ExperimentConfig, split: str) -> Batch:
     """A one-row batch of ``split`` with the ranker's features: padding for a rank that holds
-    no rows of it (``trainer.synchronized``)."""
+    no rows of it (``trainer.runtime.synchronized``)."""
     paths = manifest.split_paths(config.data.path, split)
     table = read_unit(list_work_units(paths)[0], None).slice(0, 1)
     schema = ranker_schema(manifest, config)

@@ -19,14 +19,14 @@ from config import ExperimentConfig
 from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.loader import build_event_loader
 from data_pipeline.manifest import Manifest
-from trainer.distributed import DistributedEnv
-from trainer.negative_sampling import step_generator
+from trainer.negatives.negative_sampling import step_generator
 from trainer.ranker_build import (
     ranker_first_row_batch,
     ranker_loader_spec,
     with_sampled_negatives,
 )
-from trainer.synchronized import synchronized
+from trainer.runtime.distributed import DistributedEnv
+from trainer.runtime.synchronized import synchronized
 
 # Seed offset of the evaluation negatives: fixed, and apart from the training draws.
 EVAL_SEED_OFFSET = 1_000_003

@@ -32,16 +32,7 @@ from data_pipeline.loader import build_event_loader
 from data_pipeline.manifest import Manifest
 from models.ranker import ranker_bce_loss
 from trainer.build import build_dense_optimizer
-from trainer.checkpoint import Checkpointer, Progress, resolve_checkpoint
-from trainer.distributed import (
-    DistributedEnv,
-    any_rank_has,
-    init_distributed,
-    seed_everything,
-)
-from trainer.entry import run_job
-from trainer.lr_schedule import DenseLRSchedule
-from trainer.negative_sampling import step_generator
+from trainer.negatives.negative_sampling import step_generator
 from trainer.ranker_build import (
     build_sharded_ranker,
     ranker_first_row_batch,
@@ -49,9 +40,18 @@ from trainer.ranker_build import (
     with_sampled_negatives,
 )
 from trainer.ranker_eval import evaluate_ranker, format_ranker_metrics
-from trainer.run_files import CONFIG_FILE, RANKER_METRICS_FILE, TRAIN_SUMMARY_FILE
-from trainer.run_logger import RunLogger
-from trainer.synchronized import synchronized
+from trainer.runtime.checkpoint import Checkpointer, Progress, resolve_checkpoint
+from trainer.runtime.distributed import (
+    DistributedEnv,
+    any_rank_has,
+    init_distributed,
+    seed_everything,
+)
+from trainer.runtime.entry import run_job
+from trainer.runtime.lr_schedule import DenseLRSchedule
+from trainer.runtime.run_files import CONFIG_FILE, RANKER_METRICS_FILE, TRAIN_SUMMARY_FILE
+from trainer.runtime.run_logger import RunLogger
+from trainer.runtime.synchronized import synchronized
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from config import ConfigError, ExperimentConfig, load_config, to_dict
-from trainer.checkpoint import COMPLETE
-from trainer.run_files import CHECKPOINTS_DIR, CONFIG_FILE
+from trainer.runtime.checkpoint import COMPLETE
+from trainer.runtime.run_files import CHECKPOINTS_DIR, CONFIG_FILE
 
 MODEL_SECTIONS = ("model", "features")
 MODEL_DATA_KEYS = ("path", "recent_history", "id_policy")

@@ -22,9 +22,9 @@ from models.light_ranker import light_head_loss
 from models.losses import net_user_value
 from models.retrieval_loss import retrieval_loss
 from trainer.distillation import Distillation
-from trainer.distributed import DistributedEnv
-from trainer.negative_sampling import NegativeSampling, step_generator
-from trainer.signals import StopSignals
+from trainer.negatives.negative_sampling import NegativeSampling, step_generator
+from trainer.runtime.distributed import DistributedEnv
+from trainer.runtime.signals import StopSignals
 
 logger = logging.getLogger(__name__)
 

@@ -31,33 +31,33 @@ from trainer.build import (
     label_weights,
     loader_spec,
 )
-from trainer.checkpoint import (
+from trainer.distillation import Distillation
+from trainer.evaluation.corpus import first_row_batch
+from trainer.evaluation.evaluate import evaluate_model
+from trainer.evaluation.validation import ValidationState, Validator, check_metric
+from trainer.evaluation.validation import enabled as validation_enabled
+from trainer.features import report, resolve_features
+from trainer.negatives.negative_sampling import NegativeSampling
+from trainer.runtime.checkpoint import (
     Checkpointer,
     Progress,
     best_checkpoint,
     load_model,
     resolve_checkpoint,
 )
-from trainer.corpus import first_row_batch
-from trainer.distillation import Distillation
-from trainer.distributed import (
+from trainer.runtime.distributed import (
     DistributedEnv,
     init_distributed,
     seed_everything,
 )
-from trainer.entry import run_job
-from trainer.evaluate import evaluate_model
-from trainer.faults import fire_if_due, planned_fault
-from trainer.features import report, resolve_features
-from trainer.lr_schedule import DenseLRSchedule
-from trainer.negative_sampling import NegativeSampling
-from trainer.run_files import BAD_BATCHES_DIR, CONFIG_FILE, TRAIN_SUMMARY_FILE
-from trainer.run_logger import RunLogger
-from trainer.signals import StopSignals
+from trainer.runtime.entry import run_job
+from trainer.runtime.faults import fire_if_due, planned_fault
+from trainer.runtime.lr_schedule import DenseLRSchedule
+from trainer.runtime.run_files import BAD_BATCHES_DIR, CONFIG_FILE, TRAIN_SUMMARY_FILE
+from trainer.runtime.run_logger import RunLogger
+from trainer.runtime.signals import StopSignals
+from trainer.runtime.synchronized import synchronized
 from trainer.step import StepContext, StepOutcome, train_step
-from trainer.synchronized import synchronized
-from trainer.validation import ValidationState, Validator, check_metric
-from trainer.validation import enabled as validation_enabled
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from launch.sweep.spec import (
     VariantSpec,
     slugify,
 )
-from trainer.run_files import (
+from trainer.runtime.run_files import (
     LOG_FILE,
     METRICS_FILE,
     TRAIN_SUMMARY_FILE,

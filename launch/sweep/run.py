@@ -19,7 +19,7 @@ from launch.local import torchrun_command
 from launch.sweep.plan import PlannedRun, RunOutcome, RunStatus, plan_sweep
 from launch.sweep.report import results_table, write_results
 from launch.sweep.spec import load_sweep
-from trainer.checkpoint import checkpoints_root
+from trainer.runtime.checkpoint import checkpoints_root
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from config import ConfigError
-from trainer.run_files import (
+from trainer.runtime.run_files import (
     ALIGN_SUMMARY_FILE,
     RANKER_METRICS_FILE,
     TRAIN_SUMMARY_FILE,

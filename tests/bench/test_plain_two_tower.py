@@ -18,8 +18,8 @@ from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import write_tiny_dataset
 from tests.trainer.test_sharded_vs_unsharded import copy_state_dict
 from trainer.build import batch_builder, build_dense_optimizer, build_sharded_model, label_weights
-from trainer.distributed import DistributedEnv, seed_everything
-from trainer.negative_sampling import NegativeSampling
+from trainer.negatives.negative_sampling import NegativeSampling
+from trainer.runtime.distributed import DistributedEnv, seed_everything
 from trainer.step import StepContext, train_step
 
 STEPS, ROWS = 3, 10  # 3 steps x 2 ranks x 10 rows fit the first 64-row group

@@ -163,7 +163,7 @@ def test_statistics_and_popularity_see_only_events_before_t1(temporal: Prepared)
     before = [r for r in temporal.data if r[3] < temporal.valid_start]
     for name in COUNTERS:
         assert temporal.manifest.counters[name]["count"] == len(before)
-    # The popularity baseline (trainer.evaluate.popularity_scores) counts train rows' items.
+    # The popularity baseline (trainer.evaluation.evaluate.popularity_scores) counts train rows' items.
     raw_items = pq.read_table(temporal.out / "raw_ids" / "items.parquet")["raw_item_id"]
     dense = {raw: dense for dense, raw in enumerate(raw_items.to_pylist())}
     num_items = len(dense)

@@ -29,8 +29,8 @@ from launch.slurm import (
     submit,
 )
 from tests.tiny_dataset import write_tiny_dataset
-from trainer.checkpoint import latest_checkpoint
-from trainer.run_logger import read_metrics
+from trainer.runtime.checkpoint import latest_checkpoint
+from trainer.runtime.run_logger import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SCRIPT = REPO / "launch" / "slurm_local_cluster.sh"

@@ -22,7 +22,7 @@ from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import write_tiny_dataset
 from tests.trainer.test_sharded_vs_unsharded import _batch, _config, copy_state_dict
 from trainer.build import build_dense_optimizer, build_sharded_model, build_unsharded_model
-from trainer.distributed import DistributedEnv, seed_everything
+from trainer.runtime.distributed import DistributedEnv, seed_everything
 
 POSITION = ["model.debias.position.enabled=true", "model.debias.position.buckets=6"]
 USER = ["model.debias.user.enabled=true", "model.debias.user.hidden_dim=8"]
@@ -281,7 +281,7 @@ def test_sharded_heads_match_unsharded(tiny_root: Path) -> None:
 
 
 def _train_rank(rank: int, world_size: int, overrides: list[str]) -> list[float]:
-    from trainer.run_logger import read_metrics
+    from trainer.runtime.run_logger import read_metrics
     from trainer.train import train
 
     config = load_config(None, overrides)

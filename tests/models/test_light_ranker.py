@@ -28,9 +28,9 @@ from trainer.build import (
     build_sharded_model,
     build_unsharded_model,
 )
-from trainer.distributed import DistributedEnv, seed_everything
-from trainer.evaluate import evaluate_model
-from trainer.light_rerank import candidate_embeddings
+from trainer.evaluation.evaluate import evaluate_model
+from trainer.evaluation.light_rerank import candidate_embeddings
+from trainer.runtime.distributed import DistributedEnv, seed_everything
 
 HEAD = ["model.light_head.enabled=true", "model.light_head.num_embeddings=3"]
 

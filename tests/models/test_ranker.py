@@ -14,7 +14,7 @@ from data_pipeline.manifest import Manifest
 from data_pipeline.reader import list_work_units, read_unit
 from models.ranker import Ranker, expected_net_user_value, ranker_bce_loss
 from tests.tiny_dataset import ITEMS, write_tiny_dataset
-from trainer.negative_sampling import step_generator
+from trainer.negatives.negative_sampling import step_generator
 from trainer.ranker_build import (
     build_unsharded_ranker,
     ranker_first_row_batch,

@@ -41,10 +41,10 @@ from trainer.align import (
     sample_candidates,
 )
 from trainer.build import loader_spec
-from trainer.distributed import shutdown
-from trainer.ground_truth import TruthScorer, paired_summary, top_k_truth
+from trainer.evaluation.ground_truth import TruthScorer, paired_summary, top_k_truth
 from trainer.policy_corpus import embed_items, user_keys
-from trainer.run_files import ALIGN_SUMMARY_FILE
+from trainer.runtime.distributed import shutdown
+from trainer.runtime.run_files import ALIGN_SUMMARY_FILE
 
 GROUPS = 5
 MODEL = [
@@ -115,7 +115,7 @@ def test_sampled_sets_mask_repeats_and_padding_rows() -> None:
 
 
 def _paired(rank: int, world_size: int, before: list[float], after: list[float]) -> tuple:
-    from trainer.distributed import init_distributed
+    from trainer.runtime.distributed import init_distributed
 
     env = init_distributed()
     rows = torch.tensor_split(torch.arange(len(before)), world_size)[rank]

@@ -23,8 +23,8 @@ from data_pipeline.manifest import Manifest
 from launch.local import torchrun_command
 from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import TINY_MODEL, write_tiny_dataset
-from trainer.checkpoint import COMPLETE, complete_checkpoints, latest_checkpoint
-from trainer.run_logger import read_metrics
+from trainer.runtime.checkpoint import COMPLETE, complete_checkpoints, latest_checkpoint
+from trainer.runtime.run_logger import read_metrics
 from trainer.train import DIGEST_MODULUS, NonFiniteLossError, train
 
 TINY = [

@@ -22,10 +22,10 @@ from tests.tiny_dataset import write_tiny_dataset
 from tests.trainer.test_sharded_vs_unsharded import copy_state_dict
 from trainer.build import batch_builder, build_sharded_model, build_unsharded_model
 from trainer.distillation import Distillation, row_candidates, teacher_value_weights
-from trainer.distributed import DistributedEnv, seed_everything
-from trainer.negative_sampling import NegativeSampling
+from trainer.negatives.negative_sampling import NegativeSampling
 from trainer.ranker_build import build_unsharded_ranker
-from trainer.run_logger import read_metrics
+from trainer.runtime.distributed import DistributedEnv, seed_everything
+from trainer.runtime.run_logger import read_metrics
 
 SMALL = [
     "model.embedding_dim=16",
@@ -238,8 +238,8 @@ def _losses(run_dir: Path) -> list[float]:
 
 @pytest.mark.slow
 def test_two_rank_training_with_a_trained_teacher_is_deterministic(tmp_path: Path) -> None:
-    from trainer.distributed import shutdown
     from trainer.ranker_train import train_ranker
+    from trainer.runtime.distributed import shutdown
 
     root = write_tiny_dataset(tmp_path / "data")
     teacher = tmp_path / "teacher"
@@ -273,8 +273,8 @@ def test_student_reads_fewer_features_than_its_teacher(tmp_path: Path) -> None:
     configured with ids, history and categories only still distils from it: the training loader
     reads the union, the student's model selects its own keys."""
     from trainer.build import loader_spec, model_schema
-    from trainer.distributed import shutdown
     from trainer.ranker_train import train_ranker
+    from trainer.runtime.distributed import shutdown
     from trainer.train import train
 
     root = write_tiny_dataset(tmp_path / "data", all_kinds=True)

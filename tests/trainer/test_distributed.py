@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from trainer.distributed import TIMEOUT_ENV, collective_timeout
+from trainer.runtime.distributed import TIMEOUT_ENV, collective_timeout
 
 
 def test_timeout_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,12 +13,12 @@ import torch
 
 from config import ExcludeRule
 from tests.dist_helpers import run_distributed
-from trainer.distributed import DistributedEnv
-from trainer.evaluate import _score_ranking, cutoffs_for, popularity_scores
-from trainer.exclusion import engaged_counts, excluded_pairs, user_item_lists
-from trainer.intervals import BootstrapConfig
-from trainer.metrics import cold_items, popularity_topk, retrieval_metrics, tail_items
+from trainer.evaluation.evaluate import _score_ranking, cutoffs_for, popularity_scores
+from trainer.evaluation.exclusion import engaged_counts, excluded_pairs, user_item_lists
+from trainer.evaluation.intervals import BootstrapConfig
+from trainer.evaluation.metrics import cold_items, popularity_topk, retrieval_metrics, tail_items
 from trainer.mips import ItemLists
+from trainer.runtime.distributed import DistributedEnv
 
 KS = (10, 20)
 NUM_ITEMS = 40

@@ -22,9 +22,10 @@ from launch.cli import main as cli_main
 from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import ITEMS, TINY_MODEL, USERS, write_tiny_dataset
 from trainer.build import batch_builder
-from trainer.corpus import rank_rows
-from trainer.distributed import init_distributed
-from trainer.export import (
+from trainer.evaluation.corpus import rank_rows
+from trainer.mips import exact_topk
+from trainer.runtime.distributed import init_distributed
+from trainer.serving.export import (
     EXAMPLE_INPUT,
     FAISS_INDEX,
     ITEM_INDEX,
@@ -32,8 +33,7 @@ from trainer.export import (
     load_run_model,
     read_item_index,
 )
-from trainer.mips import exact_topk
-from trainer.retrieve import embed_users, load_export, retrieve
+from trainer.serving.retrieve import embed_users, load_export, retrieve
 from trainer.train import train
 
 K = 20

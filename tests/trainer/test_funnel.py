@@ -12,8 +12,8 @@ import torch
 from config import ConfigError, load_config
 from data_pipeline.datasets.synthetic import prepare_synthetic
 from tests.dist_helpers import run_distributed
-from trainer.eval_run import evaluate_run
-from trainer.funnel import ndcg_against, overlap_at
+from trainer.evaluation.eval_run import evaluate_run
+from trainer.evaluation.funnel import ndcg_against, overlap_at
 from trainer.ranker_train import train_ranker
 from trainer.train import train
 

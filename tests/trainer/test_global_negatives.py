@@ -6,7 +6,7 @@ import torch
 
 from models.losses import in_batch_softmax_loss, sampled_softmax_loss
 from tests.dist_helpers import run_distributed
-from trainer.global_negatives import gather_candidates
+from trainer.negatives.global_negatives import gather_candidates
 
 SIZES = (5, 3)  # uneven: the last batch of an epoch differs across ranks
 IDS = torch.tensor([0, 1, 2, 3, 1, 4, 0, 5])  # items 0 and 1 repeat across ranks

@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from tests.dist_helpers import run_distributed
-from trainer.intervals import (
+from trainer.evaluation.intervals import (
     BootstrapConfig,
     percentile_interval,
     poisson_weights,
     reduce_query_means,
     replicate_sums,
 )
-from trainer.metrics import QueryValues
+from trainer.evaluation.metrics import QueryValues
 
 
 def _all(values: np.ndarray) -> dict[str, QueryValues]:

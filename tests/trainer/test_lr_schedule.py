@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from config import ConfigError, LRDecay, LRScheduleConfig, load_config
-from trainer.lr_schedule import DenseLRSchedule, lr_factor
+from trainer.runtime.lr_schedule import DenseLRSchedule, lr_factor
 
 
 def _reference(kind: str, step: int, warmup: int, end: int, floor: float) -> float:

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.metrics import (
+from trainer.evaluation.metrics import (
     MetricCutoffs,
     cold_items,
     popularity_topk,

@@ -22,8 +22,7 @@ from models.tower_outputs import TowerOutputs
 from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import write_tiny_dataset
 from trainer.build import build_sharded_model, loader_spec
-from trainer.distributed import DistributedEnv, init_distributed
-from trainer.negative_sampling import (
+from trainer.negatives.negative_sampling import (
     ExtraItems,
     NegativeSampling,
     check_supported,
@@ -31,6 +30,7 @@ from trainer.negative_sampling import (
     routed_memory_scores,
     step_generator,
 )
+from trainer.runtime.distributed import DistributedEnv, init_distributed
 from trainer.train import train
 
 TINY = [

@@ -15,11 +15,11 @@ from data_pipeline.manifest import Manifest
 from launch.cli import main as cli_main
 from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import write_tiny_dataset
-from trainer.distributed import DistributedEnv, init_distributed, shutdown
 from trainer.ranker_build import load_ranker, ranker_first_row_batch
 from trainer.ranker_eval import binary_auc, evaluate_ranker
 from trainer.ranker_train import train_ranker
-from trainer.run_files import RANKER_METRICS_FILE
+from trainer.runtime.distributed import DistributedEnv, init_distributed, shutdown
+from trainer.runtime.run_files import RANKER_METRICS_FILE
 
 FAST = [
     "ranker.embedding_dim=16",

@@ -22,7 +22,7 @@ from trainer.build import (
     build_unsharded_model,
     item_store,
 )
-from trainer.distributed import DistributedEnv, seed_everything
+from trainer.runtime.distributed import DistributedEnv, seed_everything
 
 
 def copy_state_dict(sharded: dict, full: dict) -> None:

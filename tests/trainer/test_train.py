@@ -10,7 +10,7 @@ import pytest
 from config import load_config
 from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import TINY_MODEL, write_tiny_dataset
-from trainer.run_logger import read_metrics
+from trainer.runtime.run_logger import read_metrics
 from trainer.train import train
 
 TINY = [

@@ -13,10 +13,10 @@ from data_pipeline.manifest import Manifest
 from launch.plot import plot_run
 from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import TINY_MODEL, write_tiny_dataset
-from trainer.checkpoint import best_checkpoint, latest_checkpoint, model_checkpoint
-from trainer.run_logger import read_metrics
+from trainer.evaluation.validation import check_metric
+from trainer.runtime.checkpoint import best_checkpoint, latest_checkpoint, model_checkpoint
+from trainer.runtime.run_logger import read_metrics
 from trainer.train import train
-from trainer.validation import check_metric
 
 # 640 training rows, 32 per rank and batch on 2 ranks: 10 steps per epoch.
 TINY = [

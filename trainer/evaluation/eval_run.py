@@ -11,10 +11,10 @@ from typing import Any
 from config import ConfigError, load_config
 from data_pipeline.manifest import Manifest
 from trainer.build import build_sharded_model
-from trainer.checkpoint import best_checkpoint, latest_checkpoint, load_model
-from trainer.distributed import init_distributed, seed_everything
-from trainer.evaluate import evaluate_model
-from trainer.run_files import CONFIG_FILE, eval_file
+from trainer.evaluation.evaluate import evaluate_model
+from trainer.runtime.checkpoint import best_checkpoint, latest_checkpoint, load_model
+from trainer.runtime.distributed import init_distributed, seed_everything
+from trainer.runtime.run_files import CONFIG_FILE, eval_file
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 from data_pipeline.batch import Batch
-from trainer.distributed import DistributedEnv, any_rank_has
+from trainer.runtime.distributed import DistributedEnv, any_rank_has
 
 
 def synchronized(

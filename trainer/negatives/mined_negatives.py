@@ -14,9 +14,9 @@ import torch
 from config import ExperimentConfig, MinedNegativesConfig
 from data_pipeline.batch import Batch
 from data_pipeline.manifest import Manifest
-from trainer.corpus import embed_corpus
-from trainer.distributed import DistributedEnv
+from trainer.evaluation.corpus import embed_corpus
 from trainer.mips import distributed_topk
+from trainer.runtime.distributed import DistributedEnv
 
 
 class CorpusMiner:

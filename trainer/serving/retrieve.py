@@ -1,5 +1,5 @@
 """``twotower retrieve --export DIR --users FILE --k K [--out FILE]``: top-K items for user rows
-from an export folder (``trainer.export``), with no training code or checkpoint involved.
+from an export folder (``trainer.serving.export``), with no training code or checkpoint involved.
 
 User rows (a Parquet file or folder with the user-side columns of the event data, e.g. a split)
 become user features through the data pipeline's ``BatchBuilder``, go through the exported user
@@ -26,9 +26,9 @@ from data_pipeline.batch import BatchBuilder
 from data_pipeline.manifest import Manifest
 from data_pipeline.schema import ITEM_ID, USER_ID, SchemaError
 from trainer.build import batch_builder
-from trainer.export import EXPORT_MANIFEST, program_inputs, read_item_index
 from trainer.mips import exact_topk
-from trainer.run_files import CONFIG_FILE
+from trainer.runtime.run_files import CONFIG_FILE
+from trainer.serving.export import EXPORT_MANIFEST, program_inputs, read_item_index
 
 ROW = "row"
 

@@ -12,8 +12,8 @@ from typing import Any
 import torch.distributed as dist
 
 from config import ExperimentConfig, load_config
-from trainer.distributed import shutdown
-from trainer.logs import configure_logging
+from trainer.runtime.distributed import shutdown
+from trainer.runtime.logs import configure_logging
 
 logger = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 
 from config import CheckpointConfig
-from trainer.run_files import CHECKPOINTS_DIR
+from trainer.runtime.run_files import CHECKPOINTS_DIR
 
 logger = logging.getLogger(__name__)
 

@@ -51,9 +51,9 @@ from data_pipeline.schema import IMPRESSION_NEGATIVES
 from models.retrieval_loss import ScoredCandidates
 from models.tower_outputs import TowerOutputs
 from trainer.build import item_store
-from trainer.distributed import DistributedEnv
-from trainer.global_negatives import gather_candidates
-from trainer.mined_negatives import CorpusMiner
+from trainer.negatives.global_negatives import gather_candidates
+from trainer.negatives.mined_negatives import CorpusMiner
+from trainer.runtime.distributed import DistributedEnv
 
 # Losses of score differences (shift-invariant in the item embeddings), for which a memory
 # column's item gradient is routed to the row's positive (see ``routed_memory_scores``).

@@ -31,10 +31,10 @@ from data_pipeline.feature_encoding import FeatureEncoding
 from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.manifest import Manifest
 from data_pipeline.split_table import read_split_columns
-from trainer.corpus import rank_rows
-from trainer.distributed import DistributedEnv
+from trainer.evaluation.corpus import rank_rows
 from trainer.mips import shard_range
 from trainer.ranker_build import load_ranker, ranker_run_config, ranker_schema
+from trainer.runtime.distributed import DistributedEnv
 
 logger = logging.getLogger(__name__)
 

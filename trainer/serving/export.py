@@ -4,7 +4,7 @@ The run's latest complete checkpoint is loaded into the unsharded model in one p
 distributed run of size 1; DCP reshards whatever world size saved it). The export folder holds:
 
 - ``items.parquet``: ``item_id`` int64 and ``embedding`` fixed_size_list<float32>[D] for the whole
-  item corpus in id order, computed by ``trainer.evaluate.embed_corpus`` (what evaluation ranks).
+  item corpus in id order, computed by ``trainer.evaluation.evaluate.embed_corpus`` (what evaluation ranks).
 - ``items.faiss`` (``--faiss``): the same vectors in a faiss ``IndexFlatIP`` wrapped in an
   ``IndexIDMap`` (searches return item ids).
 - ``user_tower.pt2``: the user tower as a ``torch.export`` program. TorchRec's KeyedJaggedTensor
@@ -39,10 +39,10 @@ from data_pipeline.manifest import Manifest
 from data_pipeline.schema import ITEM_ID
 from models.two_tower import TwoTowerModel
 from trainer.build import batch_builder, build_unsharded_model
-from trainer.checkpoint import best_checkpoint, latest_checkpoint, load_model
-from trainer.corpus import embed_corpus
-from trainer.distributed import init_distributed
-from trainer.run_files import CONFIG_FILE
+from trainer.evaluation.corpus import embed_corpus
+from trainer.runtime.checkpoint import best_checkpoint, latest_checkpoint, load_model
+from trainer.runtime.distributed import init_distributed
+from trainer.runtime.run_files import CONFIG_FILE
 
 logger = logging.getLogger(__name__)
 

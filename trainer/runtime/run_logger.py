@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from trainer.run_files import METRICS_LOG_FILE
+from trainer.runtime.run_files import METRICS_LOG_FILE
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from data_pipeline.reader import list_work_units, read_unit
 from data_pipeline.schema import ITEM_ID, Side
 from data_pipeline.split_table import read_split_columns
 from trainer.build import batch_builder, loader_spec
-from trainer.distributed import DistributedEnv
 from trainer.mips import distributed_topk, shard_range
-from trainer.synchronized import synchronized
+from trainer.runtime.distributed import DistributedEnv
+from trainer.runtime.synchronized import synchronized
 
 
 @torch.no_grad()

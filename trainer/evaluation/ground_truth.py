@@ -31,7 +31,7 @@ from data_pipeline.datasets.synthetic_truth import (
     pair_values,
 )
 from data_pipeline.manifest import Manifest
-from trainer.distributed import DistributedEnv
+from trainer.runtime.distributed import DistributedEnv
 
 logger = logging.getLogger(__name__)
 

@@ -2,17 +2,17 @@
 baseline computed the same way (same queries, same exclusions, same metrics).
 
 Protocol: one query per row of the eval split (user features and history as of that event); the
-target is the row's item. ``eval.exclude`` (``trainer.exclusion``) names the user's earlier items
+target is the row's item. ``eval.exclude`` (``trainer.evaluation.exclusion``) names the user's earlier items
 removed from every ranking, the target included when the rule says so (it then counts as a miss).
 Every metric is a mean over queries with a percentile-bootstrap interval over users
-(``trainer.intervals``);
+(``trainer.evaluation.intervals``);
 ``metrics.json`` holds the means, the intervals, the query count and the protocol.
 
 Tail recall (``tail_recall@K`` for every K in ``eval.ks``, plus the ``tail_queries`` fraction) is
 recall over the queries whose target is a long-tail item: outside the ``HEAD_FRACTION`` (20%)
-most popular of the items with any training interaction (``trainer.metrics.tail_items``).
+most popular of the items with any training interaction (``trainer.evaluation.metrics.tail_items``).
 Cold recall (``cold_recall@K``, ``cold_queries``) is the same over the queries whose target has
-fewer than ``eval.cold_item_max_events`` training events (``trainer.metrics.cold_items``).
+fewer than ``eval.cold_item_max_events`` training events (``trainer.evaluation.metrics.cold_items``).
 ``tail_rows`` and ``cold_rows`` count those queries over all ranks.
 """
 
@@ -37,19 +37,18 @@ from data_pipeline.schema import ITEM_ID, USER_ID
 from data_pipeline.split_table import read_split_columns
 from models.light_ranker import head_module
 from trainer.build import label_weights
-from trainer.corpus import Queries, embed_corpus, embed_queries
-from trainer.distributed import DistributedEnv
-from trainer.exclusion import (
+from trainer.evaluation.corpus import Queries, embed_corpus, embed_queries
+from trainer.evaluation.exclusion import (
     columns_for,
     earlier_splits,
     engaged_counts,
     excluded_pairs,
     user_item_lists,
 )
-from trainer.funnel import funnel_metrics
-from trainer.intervals import BootstrapConfig, reduce_query_means
-from trainer.light_rerank import pad_columns, reranked_topk
-from trainer.metrics import (
+from trainer.evaluation.funnel import funnel_metrics
+from trainer.evaluation.intervals import BootstrapConfig, reduce_query_means
+from trainer.evaluation.light_rerank import pad_columns, reranked_topk
+from trainer.evaluation.metrics import (
     HEAD_FRACTION,
     MetricCutoffs,
     cold_items,
@@ -58,7 +57,8 @@ from trainer.metrics import (
     tail_items,
 )
 from trainer.mips import ItemLists, distributed_topk
-from trainer.run_files import METRICS_FILE
+from trainer.runtime.distributed import DistributedEnv
+from trainer.runtime.run_files import METRICS_FILE
 
 logger = logging.getLogger(__name__)
 

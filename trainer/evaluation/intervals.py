@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer.metrics import QueryValues
+from trainer.evaluation.metrics import QueryValues
 
 # Queries weighted per block: a [R, block] float64 weight matrix at a time.
 QUERY_BLOCK = 4096

@@ -18,10 +18,10 @@ import torch
 
 from config import ConfigError, ExperimentConfig
 from data_pipeline.manifest import Manifest
-from trainer.distributed import DistributedEnv
-from trainer.evaluate import cutoffs_for, evaluate_model
-from trainer.intervals import BootstrapConfig
-from trainer.run_logger import RunLogger
+from trainer.evaluation.evaluate import cutoffs_for, evaluate_model
+from trainer.evaluation.intervals import BootstrapConfig
+from trainer.runtime.distributed import DistributedEnv
+from trainer.runtime.run_logger import RunLogger
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Serving: ``twotower export`` (item index and user tower program) and ``twotower retrieve``."""
