@@ -1,10 +1,9 @@
 """A plain-PyTorch two-tower, the baseline the TorchRec trainer is benchmarked against.
 
-Same architecture as :class:`models.two_tower.TwoTowerModel` without the history encoder: one
-``nn.EmbeddingBag`` per table (pooling, sizes and initialization from the same table configs),
-the same :class:`models.towers.Tower` dense layers and
-:class:`models.temperature.Temperature`. Parameter names match the TorchRec model's state dict, so
-weights copy across. Trained by the trainer's own step and loop (same loss, same logging) with
+The trainer's own :class:`models.two_tower.TwoTowerModel` (towers, temperature, forward) over a
+plain-PyTorch sparse part: one ``nn.EmbeddingBag`` per table (pooling, sizes and initialization
+from the same table configs) instead of TorchRec collections, no history encoder. Parameter
+names match the TorchRec model's state dict, so weights copy across. Trained by the trainer's own step and loop (same loss, same logging) with
 AdamW on the dense layers and the plain-PyTorch counterpart of ``train.sparse_optimizer`` on the
 tables; DDP averages every gradient across ranks.
 
@@ -29,15 +28,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torchrec import KeyedJaggedTensor, PoolingType
+from torchrec import KeyedJaggedTensor, KeyedTensor, PoolingType
 
 from config import ExperimentConfig, ModelConfig, SparseOptimizer, load_config, to_dict
 from data_pipeline.loader import build_event_loader
 from data_pipeline.manifest import Manifest
 from data_pipeline.schema import EventSchema, FeatureKind
-from models.temperature import Temperature
-from models.tower_outputs import TowerOutputs
-from models.towers import Tower, table_configs
+from models.sparse_part import SparsePart
+from models.towers import table_configs
+from models.two_tower import TwoTowerModel
 from trainer.build import label_weights, loader_spec, model_schema, model_tables
 from trainer.distillation import Distillation
 from trainer.negatives.negative_sampling import NegativeSampling
@@ -93,71 +92,20 @@ class PlainEmbeddingBags(nn.Module):
             self.embedding_bags[table.name] = bag
             self.feature_tables.update(dict.fromkeys(table.feature_names, table.name))
         self.dims = {name: c.embedding_dim for c in configs for name in c.feature_names}
+        self.feature_order = [name for c in configs for name in c.feature_names]
 
-    def forward(self, features: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
-        """Jagged ``[sum(lengths)]`` ids per key -> feature -> pooled ``[B, d_f]``."""
-        return {
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """Jagged ``[sum(lengths)]`` ids per key -> pooled ``[B, d_f]`` per feature, as a
+        ``KeyedTensor`` like an ``EmbeddingBagCollection``'s output."""
+        jagged = features.to_dict()
+        pooled = [
             # offsets without the final total: the plain (include_last_offset=False) layout
-            key: self.embedding_bags[self.feature_tables[key]](
-                jagged.values(), jagged.offsets()[:-1]
+            self.embedding_bags[self.feature_tables[key]](
+                jagged[key].values(), jagged[key].offsets()[:-1]
             )
-            for key, jagged in features.to_dict().items()
-        }
-
-
-class PlainTwoTower(nn.Module):
-    """Args:
-    schema: event schema (features per side).
-    tables: table name -> rows, from the manifest.
-    config: model configuration (``history.enabled`` must be false).
-    sparse_gradients: see :class:`PlainEmbeddingBags`.
-    """
-
-    def __init__(
-        self,
-        schema: EventSchema,
-        tables: dict[str, int],
-        config: ModelConfig,
-        sparse_gradients: bool = True,
-    ) -> None:
-        super().__init__()
-        if config.history.enabled:
-            raise ValueError("the plain baseline has no history encoder: model.history.enabled")
-        self.sparse_arch = PlainEmbeddingBags(schema, tables, config, sparse_gradients)
-        dims = self.sparse_arch.dims
-        user_features = [f.name for f in schema.user_features()]
-        item_features = [f.name for f in schema.item_features()]
-        self.user_tower = Tower(
-            user_features,
-            sum(dims[f] for f in user_features),
-            config.user_mlp,
-            config.output_dim,
-            config.l2_normalize,
-        )
-        self.item_tower = Tower(
-            item_features,
-            sum(dims[f] for f in item_features),
-            config.item_mlp,
-            config.output_dim,
-            config.l2_normalize,
-        )
-        low, high = config.temperature_range
-        self.temperature = Temperature(config.temperature, config.learn_temperature, low, high)
-
-    def forward(
-        self,
-        user_features: KeyedJaggedTensor,
-        item_features: KeyedJaggedTensor,
-        extra_item_features: KeyedJaggedTensor | None = None,
-        position: torch.Tensor | None = None,
-    ) -> TowerOutputs:
-        """Both KJTs have stride B; returns user and item embeddings [B, D] (``position`` is
-        accepted like the TorchRec model's and unused: no debias heads here)."""
-        if extra_item_features is not None:
-            raise ValueError("the plain baseline embeds in-batch items only (no extra negatives)")
-        user = self.user_tower(self.sparse_arch(user_features))
-        item = self.item_tower(self.sparse_arch(item_features))
-        return TowerOutputs(user, item, item.new_zeros(0, item.shape[1]), self.temperature())
+            for key in self.feature_order
+        ]
+        return KeyedTensor.from_tensor_list(self.feature_order, pooled)
 
 
 class RowWiseAdagrad(torch.optim.Optimizer):
@@ -226,13 +174,17 @@ class PlainOptimizers:
 
 def build_plain_model(
     manifest: Manifest, config: ExperimentConfig, sparse_gradients: bool = True
-) -> PlainTwoTower:
-    return PlainTwoTower(
-        model_schema(manifest, config),
-        model_tables(manifest, config),
-        config.model,
-        sparse_gradients,
+) -> TwoTowerModel:
+    """The trainer's own :class:`TwoTowerModel` (towers, temperature, heads, forward) over
+    plain-PyTorch bags instead of TorchRec collections."""
+    if config.model.history.enabled:
+        raise ValueError("the plain baseline has no history encoder: model.history.enabled")
+    schema = model_schema(manifest, config)
+    bags = PlainEmbeddingBags(
+        schema, model_tables(manifest, config), config.model, sparse_gradients
     )
+    sparse = SparsePart(bags=bags, pooled_features=list(bags.feature_order), dims=bags.dims)
+    return TwoTowerModel(schema, sparse, config.model)
 
 
 def step_context(

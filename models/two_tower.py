@@ -1,16 +1,15 @@
-"""The two-tower retrieval model: one sharded embedding collection, a user tower and an item tower.
-
-Optional parts (history encoder, heads) join by configuration in later issues, not by subclassing.
+"""The two-tower retrieval model: the sparse part it receives (embedding collections and key
+routing), a user tower and an item tower. Optional parts (history encoder, light ranking head,
+debias heads) join by configuration, not by subclassing.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingCollection, KeyedJaggedTensor
+from torchrec import KeyedJaggedTensor
 
 from config import ModelConfig
-from data_pipeline.derived import history_feature_tables
 from data_pipeline.schema import ITEM_ID, EventSchema
 from models.debias import DebiasEstimates, build_example_debias
 from models.feature_layout import FeatureLayout
@@ -23,10 +22,11 @@ from models.kjt_ops import (
     without_weights,
 )
 from models.light_ranker import LightRankingHead
-from models.sequence_arch import HistoryArch, sequence_feature_names, sequence_table_configs
+from models.sequence_arch import HistoryArch
+from models.sparse_part import SparsePart
 from models.temperature import Temperature
 from models.tower_outputs import TowerOutputs
-from models.towers import Tower, bag_table_configs
+from models.towers import Tower
 
 __all__ = ["TwoTowerModel", "select_keys", "stack_rows", "dense_key"]
 
@@ -38,13 +38,14 @@ DENSE_SUFFIX = "_value"
 class TwoTowerModel(nn.Module):
     """Args:
     schema: event schema (features per side).
-    tables: table name -> rows, from the manifest.
+    sparse: the embedding collections and their key routing (``models.sparse_part``), built by
+        the caller: TorchRec collections (``build_sparse_part``, sharded by DMP), or the plain
+        baseline's bags.
     config: model configuration.
-    device: where the embedding tables are created (``meta`` before sharding).
     layout: per-table pooling, weights and dimension, and the dense counters
         (``trainer.features``); default: :meth:`FeatureLayout.from_schema`.
 
-    Embedding tables live in ``sparse_arch`` (unweighted bags), ``weighted_arch`` (tables read
+    The collections become ``sparse_arch`` (unweighted bags), ``weighted_arch`` (tables read
     with per-id weights: text idf, affinities; sum pooling of weights that are normalized per row
     for mean-pooled features) and ``sequence_arch`` (the history encoder's sequences). A counter
     feature is embedded by its bucket id and, when dense, its normalized value (the KJT weight)
@@ -54,54 +55,31 @@ class TwoTowerModel(nn.Module):
     def __init__(
         self,
         schema: EventSchema,
-        tables: dict[str, int],
+        sparse: SparsePart,
         config: ModelConfig,
-        device: torch.device | None = None,
         layout: FeatureLayout | None = None,
     ) -> None:
         super().__init__()
         layout = layout or FeatureLayout.from_schema(schema)
-        self.sequence_features: list[str] = []
-        self.sequence_arch: EmbeddingCollection | None = None
+        self.sparse_arch = sparse.bags
+        self.weighted_arch = sparse.weighted
+        self.sequence_arch = sparse.sequences
+        self.pooled_features = sparse.pooled_features
+        self.weighted_features = sparse.weighted_features
+        self.sequence_features = sparse.sequence_features
         self.history: HistoryArch | None = None
-        dims: dict[str, int] = {}
+        dims = dict(sparse.dims)
         user_features = [f.name for f in schema.user_features()]
         if config.history.enabled:
-            history_tables = history_feature_tables(schema, config.history.recency_buckets)
-            item_dim = config.table_dims.get(ITEM_ID, config.embedding_dim)
-            self.sequence_features = sequence_feature_names(history_tables)
-            self.sequence_arch = EmbeddingCollection(
-                tables=sequence_table_configs(tables, history_tables, item_dim), device=device
-            )
-            self.history = HistoryArch(history_tables, config.history, item_dim)
-            dims[ITEM_ID] = item_dim
+            if self.sequence_arch is None:
+                raise ValueError("model.history.enabled needs the sparse part's sequences")
+            item_dim = dims[ITEM_ID]
+            self.history = HistoryArch(sparse.history_tables, config.history, item_dim)
             dims[HISTORY_OUTPUT] = self.history.output_dim
             user_features = [f for f in user_features if f not in self.sequence_features]
             user_features.append(HISTORY_OUTPUT)
         self.dense_features = [f for f in layout.dense if f in {x.name for x in schema.features}]
         dims.update({dense_key(f): 1 for f in self.dense_features})
-        pooled = [
-            f
-            for f in schema.features
-            if f.name not in self.sequence_features and f.name not in layout.not_embedded
-        ]
-        configs, weighted_configs = bag_table_configs(
-            pooled, tables, config.embedding_dim, config.table_dims, layout
-        )
-        self.pooled_features = [name for c in configs for name in c.feature_names]
-        self.weighted_features = [name for c in weighted_configs for name in c.feature_names]
-        unknown = sorted(set(config.table_dims) - {f.table for f in schema.features})
-        if unknown:
-            raise ValueError(f"model.table_dims names tables {unknown} that no feature uses")
-        dims.update(
-            {name: c.embedding_dim for c in configs + weighted_configs for name in c.feature_names}
-        )
-        self.sparse_arch = EmbeddingBagCollection(tables=configs, device=device)
-        self.weighted_arch: EmbeddingBagCollection | None = None
-        if weighted_configs:
-            self.weighted_arch = EmbeddingBagCollection(
-                tables=weighted_configs, is_weighted=True, device=device
-            )
         # Plain ids only (no weighted table, dense counter or sequence): the batch's KJT is
         # exactly the pooled features, so a lookup needs no key selection.
         self._ids_only = (

@@ -18,6 +18,7 @@ from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.loader import LoaderSpec
 from data_pipeline.manifest import Manifest
 from data_pipeline.schema import EventSchema
+from models.sparse_part import build_sparse_part
 from models.two_tower import TwoTowerModel
 from trainer.features import ResolvedFeatures, resolve_features
 from trainer.runtime.distributed import DistributedEnv
@@ -76,13 +77,11 @@ def build_unsharded_model(
 ) -> TwoTowerModel:
     resolved = resolve_features(manifest, config)
     try:
-        return TwoTowerModel(
-            _derived_schema(resolved, config),
-            model_tables(manifest, config),
-            config.model,
-            device=device,
-            layout=resolved.layout,
+        schema = _derived_schema(resolved, config)
+        sparse = build_sparse_part(
+            schema, model_tables(manifest, config), config.model, resolved.layout, device
         )
+        return TwoTowerModel(schema, sparse, config.model, layout=resolved.layout)
     except ValueError as error:
         raise ConfigError(f"model: {error}") from error
 
