@@ -171,6 +171,13 @@ def _add_slurm_parser(launchers: argparse._SubParsersAction) -> None:
     slurm.add_argument(
         "--dry-run", action="store_true", help="print the sbatch script, submit nothing"
     )
+    slurm.add_argument(
+        "--job",
+        default="train",
+        choices=["train", "train-ranker", "align"],
+        help="what every task runs; each resumes from its run directory when requeued "
+        "(default: %(default)s)",
+    )
     _add_job_arguments(slurm)
 
 
@@ -277,7 +284,7 @@ def _launch_slurm(args: argparse.Namespace) -> int:
         cpus_per_task=args.cpus_per_task,
         log_dir=args.log_dir,
     )
-    task = make_task(options, args.config, args.overrides)
+    task = make_task(options, args.config, args.overrides, args.job)
     if args.dry_run:
         print(sbatch_script(options, task))
         return 0

@@ -50,7 +50,6 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 if TYPE_CHECKING:
     import submitit
 
-    from trainer.train import TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -167,21 +166,31 @@ def _exit_without_teardown() -> None:
     os._exit(0)
 
 
+# ``--job`` -> (module, function) every task runs; each resumes from its run directory.
+JOBS = {
+    "train": ("trainer.train", "train"),
+    "train-ranker": ("trainer.ranker_train", "train_ranker"),
+    "align": ("trainer.align", "align"),
+}
+
+
 @dataclass(frozen=True)
 class TrainTask(Checkpointable):
-    """What every SLURM task runs: one trainer rank of ``config`` with ``overrides``.
+    """What every SLURM task runs: one rank of ``job`` on ``config`` with ``overrides``.
 
     Args:
         config: absolute path of the experiment YAML.
         overrides: ``key=value`` config overrides.
-        cpu_only: hide GPUs so the trainer runs on CPU with gloo (``--cpu-ranks``).
+        cpu_only: hide GPUs so the job runs on CPU with gloo (``--cpu-ranks``).
+        job: a key of :data:`JOBS` (retrieval training, ranker training, alignment).
     """
 
     config: str
     overrides: tuple[str, ...]
     cpu_only: bool
+    job: str = "train"
 
-    def __call__(self) -> TrainResult:
+    def __call__(self) -> Any:
         import submitit
 
         if self.cpu_only:
@@ -193,10 +202,14 @@ class TrainTask(Checkpointable):
                 job.job_id, job.global_rank, job.local_rank, job.num_tasks, job.hostnames
             )
         )
+        import importlib
+
         from config import load_config
         from trainer.runtime.distributed import shutdown
         from trainer.runtime.logs import configure_logging
-        from trainer.train import train
+
+        module, function = JOBS[self.job]
+        run = getattr(importlib.import_module(module), function)
 
         configure_logging()
         logger.info(
@@ -211,7 +224,7 @@ class TrainTask(Checkpointable):
             os.environ.get("SLURM_RESTART_COUNT", "0"),
         )
         try:
-            result = train(load_config(self.config, list(self.overrides)))
+            result = run(load_config(self.config, list(self.overrides)))
         finally:
             shutdown()
         # Runs after submitit has written this task's result and logged success.
@@ -224,16 +237,22 @@ class TrainTask(Checkpointable):
         return DelayedSubmission(self)
 
 
-def make_task(options: SlurmOptions, config: str, overrides: list[str]) -> TrainTask:
+def make_task(
+    options: SlurmOptions, config: str, overrides: list[str], job: str = "train"
+) -> TrainTask:
     """The task for ``config``; loads it once here so a bad key fails before anything is queued.
 
     Raises:
         ConfigError: unknown key, wrong type or inconsistent values (names the key and the file).
+        ValueError: ``job`` is not one of :data:`JOBS`.
     """
     from config import load_config
 
+    if job not in JOBS:
+        raise ValueError(f"--job {job!r}: choose one of {sorted(JOBS)}")
     load_config(config, overrides)
-    return TrainTask(str(Path(config).absolute()), tuple(overrides), cpu_only=options.on_cpu)
+    absolute = str(Path(config).absolute())
+    return TrainTask(absolute, tuple(overrides), cpu_only=options.on_cpu, job=job)
 
 
 def job_folder(options: SlurmOptions, task: TrainTask) -> Path:
@@ -279,9 +298,9 @@ def sbatch_script(options: SlurmOptions, task: TrainTask) -> str:
     return _make_sbatch_string(command=command, folder=folder, **sbatch_parameters(options))
 
 
-def submit(options: SlurmOptions, task: TrainTask) -> submitit.Job[TrainResult]:
+def submit(options: SlurmOptions, task: TrainTask) -> submitit.Job[Any]:
     """Queues ``task`` on ``options.nodes * options.tasks_per_node`` SLURM tasks; the job's
-    ``results()`` waits for them and returns every rank's ``TrainResult``."""
+    ``results()`` waits for them and returns every rank's result (the job's result type)."""
     import submitit
 
     executor = submitit.AutoExecutor(folder=job_folder(options, task), cluster="slurm")

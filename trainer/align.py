@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -74,14 +75,16 @@ from trainer.policy_corpus import embed_items, local_corpus, user_keys
 from trainer.runtime.checkpoint import Checkpointer, Progress, load_model
 from trainer.runtime.distributed import (
     DistributedEnv,
-    any_rank_has,
     init_distributed,
     seed_everything,
 )
 from trainer.runtime.entry import run_job
+from trainer.runtime.faults import fire_if_due, planned_fault
 from trainer.runtime.lr_schedule import DenseLRSchedule
-from trainer.runtime.run_files import ALIGN_SUMMARY_FILE, CONFIG_FILE
+from trainer.runtime.run_files import ALIGN_SUMMARY_FILE, BAD_BATCHES_DIR, CONFIG_FILE
 from trainer.runtime.run_logger import RunLogger
+from trainer.runtime.signals import StopSignals
+from trainer.runtime.step_guard import StepGuard, count_skip
 from trainer.runtime.synchronized import synchronized
 from trainer.start_run import with_start_model
 
@@ -105,6 +108,8 @@ class AlignResult:
         world's ground truth (``trainer/evaluation/ground_truth.py``); None (left out of the summary)
         on datasets without one.
     metrics: retrieval metrics after alignment (``eval.at_end``), as ``twotower eval``.
+    stopped_by_signal: the signal that stopped the run early (saved first; the after
+        measurements are then not taken), or None.
     """
 
     steps: int
@@ -123,10 +128,15 @@ class AlignResult:
     truth_oracle_reward: float | None = None
     truth_reward_gain_stderr: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    stopped_by_signal: int | None = None
 
     def summary(self) -> dict[str, Any]:
-        """The fields that were measured (None ones left out), for JSON."""
-        return {key: value for key, value in asdict(self).items() if value is not None}
+        """The fields that were measured (None and NaN ones left out), for JSON."""
+        return {
+            key: value
+            for key, value in asdict(self).items()
+            if value is not None and not (isinstance(value, float) and math.isnan(value))
+        }
 
     def measures(self) -> dict[str, float]:
         """The before/after measures that were taken, for the run log."""
@@ -152,6 +162,7 @@ class _AlignRun:
     checkpointer: Checkpointer
     run_log: RunLogger
     truth: TruthScorer | None  # a synthetic world's ground truth, None without one
+    guard: StepGuard  # the pre-update vote: non-finite losses, stop signals
     schedule: DenseLRSchedule | None = None
     progress: Progress = field(default_factory=Progress)
 
@@ -192,6 +203,7 @@ def _build(
     env: DistributedEnv,
     reward: RewardFn | None,
     reference_path: Path,
+    stop: StopSignals,
 ) -> _AlignRun:
     alignment = config.alignment
     trained = replace(
@@ -243,6 +255,7 @@ def _build(
         schedule=DenseLRSchedule(
             dense_optimizer, alignment.lr, config.train.lr_schedule, alignment.steps
         ),
+        guard=StepGuard(env, stop, Path(config.run.dir) / BAD_BATCHES_DIR),
     )
 
 
@@ -281,8 +294,9 @@ def _save(run: _AlignRun, sources: dict[str, str]) -> Path:
     return run.checkpointer.save(_state_parts(run), {}, run.progress, run.loader.state_dict(), meta)
 
 
-def _step(run: _AlignRun, batch: Batch) -> AlignmentLoss | None:
-    """One collective alignment step; None when some rank's loss was not finite (no update)."""
+def _step(run: _AlignRun, batch: Batch) -> tuple[AlignmentLoss | None, bool]:
+    """One collective alignment step: its losses (None when some rank's loss was not finite:
+    no update) and whether some rank was asked to stop."""
     alignment, env = run.config.alignment, run.env
     run.dense_optimizer.zero_grad()
     generator = step_generator(run.config.seed, env.rank, run.progress.step, env.device)
@@ -313,11 +327,12 @@ def _step(run: _AlignRun, batch: Batch) -> AlignmentLoss | None:
         alignment.dpo_beta,
     )
     # The fused table optimizer updates inside backward: decide before it, on every rank.
-    if any_rank_has(not bool(torch.isfinite(result.loss.detach())), env.device):
-        return None
+    verdict = run.guard.vote(result.loss, batch, run.progress.step)
+    if verdict.skip:
+        return None, verdict.stop
     result.loss.backward()
     run.dense_optimizer.step()
-    return result
+    return result, verdict.stop
 
 
 @torch.no_grad()
@@ -369,31 +384,29 @@ def _window(run: _AlignRun, sums: dict[str, float], steps: int) -> dict[str, flo
     return means
 
 
-def _loop(run: _AlignRun, sources: dict[str, str]) -> list[dict[str, float]]:
-    """Steps (cycling over epochs of the train split) until ``alignment.steps``."""
+def _loop(run: _AlignRun, sources: dict[str, str]) -> tuple[list[dict[str, float]], int | None]:
+    """Steps (cycling over epochs of the train split) until ``alignment.steps`` or a stop
+    signal (saved by the caller); the logged windows and the stopping signal."""
     total, env = run.config.alignment.steps, run.env
+    fault = planned_fault(env.rank)
+    stopped_by: int | None = None
     fallback = lambda: first_row_batch(run.manifest, run.config, run.config.data.train_split)  # noqa: E731
     windows: list[dict[str, float]] = []
     sums: dict[str, float] = {}
     steps = 0
     run.policy.train()
     for epoch in itertools.count(run.progress.epoch):
-        if run.progress.step >= total:
+        if run.progress.step >= total or stopped_by is not None:
             break
         run.progress.epoch = epoch
         run.loader.dataset.set_epoch(epoch)
         for batch in synchronized(run.loader, env, fallback):
             if run.schedule is not None:
                 run.schedule.apply(run.progress.step)
-            result = _step(run, batch)
+            result, stop = _step(run, batch)
             run.progress.step += 1
             if result is None:
-                run.progress.skipped_steps += 1
-                if run.progress.skipped_steps > run.config.train.max_skipped_steps:
-                    raise RuntimeError(
-                        f"alignment: {run.progress.skipped_steps} steps with a non-finite loss "
-                        f"(train.max_skipped_steps={run.config.train.max_skipped_steps})"
-                    )
+                count_skip(run.progress, run.config.train, run.guard.bad_batch_dir)
             else:
                 steps += 1
                 for key, value in zip(result._fields, result, strict=True):
@@ -401,13 +414,16 @@ def _loop(run: _AlignRun, sources: dict[str, str]) -> list[dict[str, float]]:
             if run.progress.step % run.config.train.log_every_steps == 0 and steps:
                 windows.append(_window(run, sums, steps))
                 sums, steps = {}, 0
-            if run.progress.step >= total:
+            if stop:
+                stopped_by = (run.guard.stop.received if run.guard.stop else None) or 15
+            if run.progress.step >= total or stopped_by is not None:
                 break
             if run.checkpointer.due(run.progress.step):
                 _save(run, sources)
+            fire_if_due(fault, run.progress.step)
     if steps:
         windows.append(_window(run, sums, steps))
-    return windows
+    return windows, stopped_by
 
 
 def align(config: ExperimentConfig, reward: RewardFn | None = None) -> AlignResult:
@@ -426,19 +442,22 @@ def align(config: ExperimentConfig, reward: RewardFn | None = None) -> AlignResu
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / CONFIG_FILE).write_text(to_yaml(config))
     dist.barrier()
-    run = _build(config, manifest, env, reward, reference_path)
-    _restore_or_start(run, start)
-    sources = {"start": str(start), "reference": str(reference_path)}
-    sources["reward"] = str(config.alignment.reward_checkpoint)
-    before = top_k_rows(run.policy, run.reward, run.truth, run.store, manifest, config, env)
-    run.run_log.start(run.progress.step or None)
-    windows = _loop(run, sources)
+    stop = StopSignals(config.checkpoint.signals)
+    try:
+        run = _build(config, manifest, env, reward, reference_path, stop)
+        _restore_or_start(run, start)
+        sources = {"start": str(start), "reference": str(reference_path)}
+        sources["reward"] = str(config.alignment.reward_checkpoint)
+        before = top_k_rows(run.policy, run.reward, run.truth, run.store, manifest, config, env)
+        run.run_log.start(run.progress.step or None)
+        windows, stopped_by = _loop(run, sources)
+    finally:
+        stop.close()
     run.checkpointer.finish()
     latest = run.checkpointer.latest()
     done = latest is not None and latest.name == f"step-{run.progress.step}"
     checkpoint = latest if done and latest is not None else _save(run, sources)
     run.checkpointer.finish()
-    after = top_k_rows(run.policy, run.reward, run.truth, run.store, manifest, config, env)
     result = AlignResult(
         steps=run.progress.step,
         start_checkpoint=str(start),
@@ -446,9 +465,13 @@ def align(config: ExperimentConfig, reward: RewardFn | None = None) -> AlignResu
         checkpoint=str(checkpoint),
         first=windows[0] if windows else {},
         final=windows[-1] if windows else {},
-        **compare_top_k(before, after, env)._asdict(),
+        stopped_by_signal=stopped_by,
     )
-    if config.eval.at_end:
+    if stopped_by is None:
+        after = top_k_rows(run.policy, run.reward, run.truth, run.store, manifest, config, env)
+        for name, value in compare_top_k(before, after, env)._asdict().items():
+            setattr(result, name, value)
+    if config.eval.at_end and stopped_by is None:
         result.metrics = evaluate_model(run.policy, manifest, config, env, run_dir)["model"]
     run.run_log.log({"step": result.steps, **result.measures()})
     if env.is_main:
@@ -467,7 +490,13 @@ def _log_measures(config: ExperimentConfig, result: AlignResult) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job("trainer.align", align, argv)
+    # Stopped by a signal after saving: exit as the signal would have (a scheduler requeues).
+    return run_job(
+        "trainer.align",
+        align,
+        argv,
+        lambda result: 128 + result.stopped_by_signal if result.stopped_by_signal else 0,
+    )
 
 
 if __name__ == "__main__":

@@ -43,14 +43,21 @@ from trainer.ranker_eval import evaluate_ranker, format_ranker_metrics
 from trainer.runtime.checkpoint import Checkpointer, Progress, resolve_checkpoint
 from trainer.runtime.distributed import (
     DistributedEnv,
-    any_rank_has,
     init_distributed,
     seed_everything,
 )
 from trainer.runtime.entry import run_job
+from trainer.runtime.faults import fire_if_due, planned_fault
 from trainer.runtime.lr_schedule import DenseLRSchedule
-from trainer.runtime.run_files import CONFIG_FILE, RANKER_METRICS_FILE, TRAIN_SUMMARY_FILE
+from trainer.runtime.run_files import (
+    BAD_BATCHES_DIR,
+    CONFIG_FILE,
+    RANKER_METRICS_FILE,
+    TRAIN_SUMMARY_FILE,
+)
 from trainer.runtime.run_logger import RunLogger
+from trainer.runtime.signals import StopSignals
+from trainer.runtime.step_guard import StepGuard, count_skip
 from trainer.runtime.synchronized import synchronized
 
 logger = logging.getLogger(__name__)
@@ -66,8 +73,9 @@ class RankerTrainResult:
     samples_per_second: logged rows per second over all ranks.
     checkpoint: the last checkpoint written.
     metrics: per-task evaluation metrics (``trainer.ranker_eval``); empty with
-        ``eval.at_end=false``.
+        ``eval.at_end=false`` or after a stop signal.
     resumed_from: the checkpoint this process started from, or None.
+    stopped_by_signal: the signal that stopped the run early (saved first), or None.
     """
 
     steps: int
@@ -78,6 +86,7 @@ class RankerTrainResult:
     checkpoint: str
     metrics: dict[str, float] = field(default_factory=dict)
     resumed_from: str | None = None
+    stopped_by_signal: int | None = None
 
 
 @dataclass
@@ -93,6 +102,7 @@ class _RankerRun:
     loader: Any
     checkpointer: Checkpointer
     run_log: RunLogger
+    guard: StepGuard
     schedule: DenseLRSchedule
     progress: Progress = field(default_factory=Progress)
 
@@ -109,11 +119,15 @@ def train_ranker(config: ExperimentConfig) -> RankerTrainResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / CONFIG_FILE).write_text(to_yaml(config))
     dist.barrier()
-    run = _build(config, manifest, env, run_dir)
-    resumed = _restore(run)
-    run.run_log.start(run.progress.step if resumed else None)
-    start_rows, start = run.progress.rows, time.perf_counter()
-    first_loss, final_loss = _loop(run)
+    stop = StopSignals(config.checkpoint.signals)
+    try:
+        run = _build(config, manifest, env, run_dir, stop)
+        resumed = _restore(run)
+        run.run_log.start(run.progress.step if resumed else None)
+        start_rows, start = run.progress.rows, time.perf_counter()
+        first_loss, final_loss, stopped_by = _loop(run)
+    finally:
+        stop.close()
     seconds = time.perf_counter() - start
     latest = run.checkpointer.latest()
     if latest is not None and latest.name == f"step-{run.progress.step}":
@@ -128,8 +142,9 @@ def train_ranker(config: ExperimentConfig) -> RankerTrainResult:
         samples_per_second=(run.progress.rows - start_rows) / max(seconds, 1e-9),
         checkpoint=str(checkpoint),
         resumed_from=resumed,
+        stopped_by_signal=stopped_by,
     )
-    if config.eval.at_end:
+    if config.eval.at_end and stopped_by is None:
         result.metrics = evaluate_ranker(run.model, manifest, config, env)
         run.run_log.log(
             {"step": result.steps, **{f"eval/{k}": v for k, v in result.metrics.items()}}
@@ -148,7 +163,11 @@ def train_ranker(config: ExperimentConfig) -> RankerTrainResult:
 
 
 def _build(
-    config: ExperimentConfig, manifest: Manifest, env: DistributedEnv, run_dir: Path
+    config: ExperimentConfig,
+    manifest: Manifest,
+    env: DistributedEnv,
+    run_dir: Path,
+    stop: StopSignals,
 ) -> _RankerRun:
     model = build_sharded_ranker(manifest, config, env)
     if env.is_main:
@@ -183,6 +202,7 @@ def _build(
         loader=loader,
         checkpointer=Checkpointer(run_dir, config.checkpoint, env.rank, env.world_size),
         run_log=run_log,
+        guard=StepGuard(env, stop, run_dir / BAD_BATCHES_DIR),
         schedule=DenseLRSchedule(
             dense_optimizer,
             config.train.dense_lr,
@@ -230,9 +250,10 @@ def _save(run: _RankerRun) -> Path:
     return run.checkpointer.save(_state_parts(run), {}, run.progress, run.loader.state_dict(), meta)
 
 
-def _step(run: _RankerRun, batch: Batch) -> torch.Tensor | None:
+def _step(run: _RankerRun, batch: Batch) -> tuple[torch.Tensor | None, bool]:
     """One collective BCE step on ``batch`` (plus its sampled negatives). Returns the detached
-    loss, or None when some rank's loss was not finite (then no rank updates anything)."""
+    loss (None when some rank's loss was not finite: then no rank updates anything) and whether
+    some rank was asked to stop."""
     run.dense_optimizer.zero_grad()
     generator = step_generator(run.config.seed, run.env.rank, run.progress.step, run.env.device)
     examples = with_sampled_negatives(
@@ -246,54 +267,56 @@ def _step(run: _RankerRun, batch: Batch) -> torch.Tensor | None:
     )
     loss = ranker_bce_loss(logits, examples.labels, examples.weights)
     # The fused table optimizer updates inside backward: decide before it, on every rank.
-    if any_rank_has(not bool(torch.isfinite(loss.detach())), run.env.device):
-        return None
+    verdict = run.guard.vote(loss, batch, run.progress.step)
+    if verdict.skip:
+        return None, verdict.stop
     loss.backward()
     run.dense_optimizer.step()
-    return loss.detach()
+    return loss.detach(), verdict.stop
 
 
-def _loop(run: _RankerRun) -> tuple[float, float]:
-    """Epochs until ``train.epochs`` or ``train.max_steps``; (first, last) window mean loss."""
+def _loop(run: _RankerRun) -> tuple[float, float, int | None]:
+    """Epochs until ``train.epochs`` or ``train.max_steps``, or a stop signal (saved, then
+    stop); (first, last) window mean loss and the stopping signal."""
     config, env = run.config.train, run.env
     fallback = functools.partial(
         ranker_first_row_batch, run.manifest, run.config, run.config.data.train_split
     )
     windows: list[float] = []
     window_loss, window_steps = 0.0, 0
+    fault = planned_fault(env.rank)
+    stopped_by: int | None = None
     run.model.train()
     for epoch in range(run.progress.epoch, config.epochs):
-        if _finished(run):
+        if _finished(run) or stopped_by is not None:
             break
         run.progress.epoch = epoch
         run.loader.dataset.set_epoch(epoch)
         for batch in synchronized(run.loader, env, fallback):
             run.schedule.apply(run.progress.step)
-            loss = _step(run, batch)
+            loss, stop = _step(run, batch)
             run.progress.step += 1
             if loss is None:
-                run.progress.skipped_steps += 1
-                if run.progress.skipped_steps > config.max_skipped_steps:
-                    raise RuntimeError(
-                        f"ranker: {run.progress.skipped_steps} steps with a non-finite loss "
-                        f"(train.max_skipped_steps={config.max_skipped_steps})"
-                    )
+                count_skip(run.progress, config, run.guard.bad_batch_dir)
             else:
                 run.progress.rows += _all_ranks_sum(int((batch.weight > 0).sum()), env)
                 window_loss, window_steps = window_loss + float(loss), window_steps + 1
             if run.progress.step % config.log_every_steps == 0 and window_steps:
                 windows.append(_log_window(run, window_loss / window_steps))
                 window_loss, window_steps = 0.0, 0
-            if _finished(run):
+            if stop:
+                stopped_by = (run.guard.stop.received if run.guard.stop else None) or 15
+            if _finished(run) or stopped_by is not None:
                 break
             if run.checkpointer.due(run.progress.step):
                 _save(run)
+            fire_if_due(fault, run.progress.step)
     if window_steps:
         windows.append(_log_window(run, window_loss / window_steps))
     run.checkpointer.finish()
     if not windows:
-        return float("nan"), float("nan")
-    return windows[0], windows[-1]
+        return float("nan"), float("nan"), stopped_by
+    return windows[0], windows[-1], stopped_by
 
 
 def _log_window(run: _RankerRun, local_mean: float) -> float:
@@ -318,7 +341,13 @@ def _finished(run: _RankerRun) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job("trainer.ranker_train", train_ranker, argv)
+    # Stopped by a signal after saving: exit as the signal would have (a scheduler requeues).
+    return run_job(
+        "trainer.ranker_train",
+        train_ranker,
+        argv,
+        lambda result: 128 + result.stopped_by_signal if result.stopped_by_signal else 0,
+    )
 
 
 if __name__ == "__main__":

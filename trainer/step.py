@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from config import ExperimentConfig
 from data_pipeline.batch import Batch
@@ -25,6 +24,7 @@ from trainer.distillation import Distillation
 from trainer.negatives.negative_sampling import NegativeSampling, step_generator
 from trainer.runtime.distributed import DistributedEnv
 from trainer.runtime.signals import StopSignals
+from trainer.runtime.step_guard import StepGuard
 
 logger = logging.getLogger(__name__)
 
@@ -87,45 +87,10 @@ def train_step(model: torch.nn.Module, batch: Batch, step: int, ctx: StepContext
     if ctx.distillation is not None:
         loss = loss + ctx.distillation.loss(batch, scored, outputs.temperature, generator)
     loss = loss + debiased.aux_loss  # the heads' MSE: gradient reaches only the heads
-    local_bad = not bool(torch.isfinite(loss.detach()))
-    any_bad, stop = _vote(local_bad, ctx.stop is not None and ctx.stop.requested, ctx.env)
-    if any_bad:
-        if local_bad and ctx.bad_batch_dir is not None:
-            name = f"step-{step + 1}-rank-{ctx.env.rank}.pt"
-            saved = save_batch(batch, ctx.bad_batch_dir / name)
-            logger.error(
-                "step %d: loss %s on rank %d; batch saved to %s",
-                step + 1,
-                float(loss),
-                ctx.env.rank,
-                saved,
-            )
-        return StepOutcome(loss.detach(), True, stop)
+    verdict = StepGuard(ctx.env, ctx.stop, ctx.bad_batch_dir).vote(loss, batch, step)
+    if verdict.skip:
+        return StepOutcome(loss.detach(), True, verdict.stop)
     loss.backward()
     ctx.dense_optimizer.step()
     ctx.negatives.remember(in_batch, step)
-    return StepOutcome(loss.detach(), False, stop)
-
-
-def _vote(bad: bool, stop: bool, env: DistributedEnv) -> tuple[bool, bool]:
-    """(any rank bad, any rank stopping): one small all-reduce."""
-    flags = torch.tensor([int(bad), int(stop)], device=env.device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return bool(flags[0]), bool(flags[1])
-
-
-def save_batch(batch: Batch, path: Path) -> Path:
-    """Writes a batch as plain tensors (readable with ``torch.load(weights_only=True)``)."""
-    tensors: dict[str, object] = {}
-    for side, features in (("user", batch.user_features), ("item", batch.item_features)):
-        tensors[f"{side}_keys"] = list(features.keys())
-        tensors[f"{side}_values"] = features.values().cpu()
-        tensors[f"{side}_lengths"] = features.lengths().cpu()
-        if features.weights_or_none() is not None:
-            tensors[f"{side}_weights"] = features.weights().cpu()
-    for name in ("labels", "position", "user_ids", "item_ids", "ranker_score", "weight"):
-        tensors[name] = getattr(batch, name).cpu()
-    tensors["impression_negatives"] = batch.impression_negatives.cpu()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(tensors, path)
-    return path
+    return StepOutcome(loss.detach(), False, verdict.stop)

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from config import ExperimentConfig, NonFinitePolicy, to_dict, to_yaml
+from config import ExperimentConfig, to_dict, to_yaml
 from data_pipeline.batch import Batch
 from data_pipeline.loader import build_event_loader
 from data_pipeline.manifest import Manifest
@@ -56,14 +56,11 @@ from trainer.runtime.lr_schedule import DenseLRSchedule
 from trainer.runtime.run_files import BAD_BATCHES_DIR, CONFIG_FILE, TRAIN_SUMMARY_FILE
 from trainer.runtime.run_logger import RunLogger
 from trainer.runtime.signals import StopSignals
+from trainer.runtime.step_guard import count_skip
 from trainer.runtime.synchronized import synchronized
 from trainer.step import StepContext, StepOutcome, train_step
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training stopped on non-finite losses (``train.non_finite_loss`` / ``max_skipped_steps``)."""
 
 
 @dataclass
@@ -350,17 +347,7 @@ def _after_step(run: _Run, outcome: StepOutcome, batch: Batch, tally: _Tally) ->
     """Counts a finished step; a skipped step is counted, and fatal per the policy."""
     config = run.context.config.train
     if outcome.skipped:
-        run.progress.skipped_steps += 1
-        if (
-            config.non_finite_loss is NonFinitePolicy.HALT
-            or run.progress.skipped_steps > config.max_skipped_steps
-        ):
-            raise NonFiniteLossError(
-                f"step {run.progress.step}: non-finite loss ({run.progress.skipped_steps} "
-                f"skipped so far; train.non_finite_loss={config.non_finite_loss.value}, "
-                f"train.max_skipped_steps={config.max_skipped_steps}); the batch is in "
-                f"{run.context.bad_batch_dir}"
-            )
+        count_skip(run.progress, config, run.context.bad_batch_dir)
         return
     tally.rows += int((batch.weight > 0).sum())
     tally.digest = (tally.digest + row_digest(batch)) % DIGEST_MODULUS

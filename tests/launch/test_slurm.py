@@ -144,6 +144,16 @@ def test_checkpoint_requeues_the_same_task() -> None:
     assert pickle.loads(pickle.dumps(task)) == task
 
 
+def test_every_job_can_be_submitted(tmp_path: Path) -> None:
+    config = _config(tmp_path, write_tiny_dataset(tmp_path / "data"))
+    options = SlurmOptions(nodes=1, cpu_ranks=2)
+    for job in ("train", "train-ranker", "align"):
+        task = make_task(options, str(config), [], job)
+        assert task.job == job and pickle.loads(pickle.dumps(task)) == task
+    with pytest.raises(ValueError, match="--job 'rank'"):
+        make_task(options, str(config), [], "rank")
+
+
 # -- on a one-node SLURM cluster on this machine ------------------------------------------------
 
 
@@ -224,6 +234,19 @@ def test_two_cpu_ranks_train_through_slurm(tmp_path: Path, slurm_cluster: None) 
     results = _finish(job)
     _check_run(tmp_path / "run", 1, results)
     assert {r.steps for r in results} == {TRAIN_ROWS // (32 * 2)}
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_train_the_ranker_through_slurm(tmp_path: Path, slurm_cluster: None) -> None:
+    """Any job runs through SLURM: the ranker's two tasks train one model together."""
+    config = _config(tmp_path, write_tiny_dataset(tmp_path / "data"))
+    options = SlurmOptions(nodes=1, cpu_ranks=2, time_min=10, job_name="twotower-ranker")
+    overrides = ["ranker.embedding_dim=8", "ranker.mlp=[16]", "eval.at_end=false"]
+    results = _finish(submit(options, make_task(options, str(config), overrides, "train-ranker")))
+    assert len(results) == 2 and results[0].steps == results[1].steps == TRAIN_ROWS // 64
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["steps"] == TRAIN_ROWS // 64 and summary["stopped_by_signal"] is None
+    assert latest_checkpoint(tmp_path / "run") is not None
 
 
 @pytest.mark.slow

@@ -25,7 +25,8 @@ from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import TINY_MODEL, write_tiny_dataset
 from trainer.runtime.checkpoint import COMPLETE, complete_checkpoints, latest_checkpoint
 from trainer.runtime.run_logger import read_metrics
-from trainer.train import DIGEST_MODULUS, NonFiniteLossError, train
+from trainer.runtime.step_guard import NonFiniteLossError
+from trainer.train import DIGEST_MODULUS, train
 
 TINY = [
     *TINY_MODEL,
