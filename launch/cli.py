@@ -30,6 +30,14 @@ def _parser() -> argparse.ArgumentParser:
 
     add_prepare_parsers(commands)
 
+    _add_job_parsers(commands)
+    _add_serving_parsers(commands)
+    _add_launch_parsers(commands)
+    _add_sweep_and_plot_parsers(commands)
+    return parser
+
+
+def _add_job_parsers(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train", help="train in this process (world size 1)")
     _add_job_arguments(train)
 
@@ -58,8 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("overrides", nargs="*", help=EVAL_OVERRIDES_HELP)
 
-    _add_serving_parsers(commands)
 
+def _add_launch_parsers(commands: argparse._SubParsersAction) -> None:
     launch = commands.add_parser("launch", help="multi-process launchers")
     launchers = launch.add_subparsers(dest="launcher", required=True)
     local = launchers.add_parser("local", help="torchrun on this machine")
@@ -76,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_job_arguments(local)
     _add_slurm_parser(launchers)
 
+
+def _add_sweep_and_plot_parsers(commands: argparse._SubParsersAction) -> None:
     sweep = commands.add_parser(
         "sweep", help="train every variant of an experiment file, compare them in tables"
     )
@@ -103,7 +113,6 @@ def _parser() -> argparse.ArgumentParser:
     plot = commands.add_parser("plot", help="loss and Recall@K curves of a run as PNG")
     plot.add_argument("--run", required=True, type=Path, help=RUN_HELP)
     plot.add_argument("--out", type=Path, default=None, help="PNG path (default: <run>/curves.png)")
-    return parser
 
 
 def _add_serving_parsers(commands: argparse._SubParsersAction) -> None:

@@ -20,6 +20,11 @@ def add_prepare_parsers(commands: argparse._SubParsersAction) -> None:
         description="Convert raw data into Parquet shards (train/ valid/ test/ items/ users/).",
     )
     datasets = prepare.add_subparsers(dest="dataset", required=True)
+    _add_movielens_parser(datasets)
+    _add_synthetic_parser(datasets)
+
+
+def _add_movielens_parser(datasets: argparse._SubParsersAction) -> None:
     movielens = datasets.add_parser(
         "movielens", help="GroupLens MovieLens ratings", description="GroupLens MovieLens ratings."
     )
@@ -63,6 +68,9 @@ def add_prepare_parsers(commands: argparse._SubParsersAction) -> None:
         "held-out event a query",
         "event-time",
     )
+
+
+def _add_synthetic_parser(datasets: argparse._SubParsersAction) -> None:
     synthetic = datasets.add_parser(
         "synthetic",
         help="latent-factor world with a logged feed",

@@ -88,28 +88,9 @@ class TwoTowerModel(nn.Module):
             and self.sequence_arch is None
             and set(self.pooled_features) == {f.name for f in schema.features}
         )
-        user_features = [
-            key for f in user_features for key in _tower_keys(f, layout, self.dense_features)
-        ]
-        item_features = [
-            key
-            for f in schema.item_features()
-            for key in _tower_keys(f.name, layout, self.dense_features)
-        ]
-        self.user_tower = Tower(
-            user_features,
-            sum(dims[f] for f in user_features),
-            config.user_mlp,
-            config.output_dim,
-            config.l2_normalize,
-        )
-        self.item_tower = Tower(
-            item_features,
-            sum(dims[f] for f in item_features),
-            config.item_mlp,
-            config.output_dim,
-            config.l2_normalize,
-        )
+        items = [f.name for f in schema.item_features()]
+        self.user_tower = _tower(user_features, layout, self.dense_features, dims, config, True)
+        self.item_tower = _tower(items, layout, self.dense_features, dims, config, False)
         low, high = config.temperature_range
         self.temperature = Temperature(config.temperature, config.learn_temperature, low, high)
         self.light_head: LightRankingHead | None = None
@@ -203,6 +184,20 @@ class TwoTowerModel(nn.Module):
 def dense_key(feature: str) -> str:
     """Tower input key of a counter's dense value."""
     return f"{feature}{DENSE_SUFFIX}"
+
+
+def _tower(
+    features: list[str],
+    layout: FeatureLayout,
+    dense: list[str],
+    dims: dict[str, int],
+    config: ModelConfig,
+    user: bool,
+) -> Tower:
+    """The user (``user``) or item tower over ``features``' embeddings and dense values."""
+    keys = [key for feature in features for key in _tower_keys(feature, layout, dense)]
+    hidden = config.user_mlp if user else config.item_mlp
+    return Tower(keys, sum(dims[k] for k in keys), hidden, config.output_dim, config.l2_normalize)
 
 
 def _tower_keys(feature: str, layout: FeatureLayout, dense: list[str]) -> list[str]:
