@@ -163,7 +163,7 @@ class _AlignRun:
     run_log: RunLogger
     truth: TruthScorer | None  # a synthetic world's ground truth, None without one
     guard: StepGuard  # the pre-update vote: non-finite losses, stop signals
-    schedule: DenseLRSchedule | None = None
+    schedule: DenseLRSchedule
     progress: Progress = field(default_factory=Progress)
 
 
@@ -401,8 +401,7 @@ def _loop(run: _AlignRun, sources: dict[str, str]) -> tuple[list[dict[str, float
         run.progress.epoch = epoch
         run.loader.dataset.set_epoch(epoch)
         for batch in synchronized(run.loader, env, fallback):
-            if run.schedule is not None:
-                run.schedule.apply(run.progress.step)
+            run.schedule.apply(run.progress.step)
             result, stop = _step(run, batch)
             run.progress.step += 1
             if result is None:

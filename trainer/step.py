@@ -56,6 +56,9 @@ class StepContext:
     bad_batch_dir: Path | None = None
     distillation: Distillation | None = None
 
+    def __post_init__(self) -> None:
+        self.guard = StepGuard(self.env, self.stop, self.bad_batch_dir)
+
 
 @dataclass(frozen=True)
 class StepOutcome:
@@ -87,7 +90,7 @@ def train_step(model: torch.nn.Module, batch: Batch, step: int, ctx: StepContext
     if ctx.distillation is not None:
         loss = loss + ctx.distillation.loss(batch, scored, outputs.temperature, generator)
     loss = loss + debiased.aux_loss  # the heads' MSE: gradient reaches only the heads
-    verdict = StepGuard(ctx.env, ctx.stop, ctx.bad_batch_dir).vote(loss, batch, step)
+    verdict = ctx.guard.vote(loss, batch, step)
     if verdict.skip:
         return StepOutcome(loss.detach(), True, verdict.stop)
     loss.backward()

@@ -118,9 +118,9 @@ class _Run:
     checkpointer: Checkpointer
     progress: Progress
     fallback: Any
+    schedule: DenseLRSchedule
     validator: Validator | None = None
     window: tuple[float, int] = (0.0, 0)  # restored logging window: loss sum, steps
-    schedule: DenseLRSchedule | None = None
 
 
 def train(config: ExperimentConfig) -> TrainResult:
@@ -213,13 +213,13 @@ def _build(
         checkpointer,
         Progress(),
         lambda: first_row_batch(manifest, config, split),
-        validator,
-        schedule=DenseLRSchedule(
+        DenseLRSchedule(
             context.dense_optimizer,
             config.train.dense_lr,
             config.train.lr_schedule,
             config.train.max_steps,
         ),
+        validator,
     )
 
 
@@ -377,8 +377,7 @@ def _loop(run: _Run, rows_per_epoch: int) -> TrainResult:
         run.progress.epoch = epoch
         run.loader.dataset.set_epoch(epoch)
         for batch in synchronized(run.loader, env, run.fallback):
-            if run.schedule is not None:
-                run.schedule.apply(run.progress.step)
+            run.schedule.apply(run.progress.step)
             outcome = train_step(run.model, batch, run.progress.step, run.context)
             run.progress.step += 1
             _after_step(run, outcome, batch, tally)

@@ -12,7 +12,6 @@ from typing import Any, TypeVar
 
 from config import ConfigError, load_config
 from launch.sweep.spec import (
-    RANKER_METRICS,
     RANKER_MODULE,
     RANKER_PLACEHOLDER,
     STAGE_MODULES,
@@ -26,6 +25,7 @@ from launch.sweep.spec import (
 from trainer.runtime.run_files import (
     LOG_FILE,
     METRICS_FILE,
+    RANKER_METRICS_FILE,
     TRAIN_SUMMARY_FILE,
 )
 
@@ -174,8 +174,8 @@ def _plan_ranker(dataset: str, ranker: RankerSpec, run_dir: Path) -> PlannedRun:
         run_dir,
         config.seed,
         module=RANKER_MODULE,
-        metrics_file=RANKER_METRICS,
-        summary_file=RANKER_METRICS,
+        metrics_file=RANKER_METRICS_FILE,
+        summary_file=RANKER_METRICS_FILE,
         in_table=False,
     )
 

@@ -16,7 +16,6 @@ from omegaconf.errors import OmegaConfBaseException
 from config import ConfigError
 from trainer.runtime.run_files import (
     ALIGN_SUMMARY_FILE,
-    RANKER_METRICS_FILE,
     TRAIN_SUMMARY_FILE,
 )
 
@@ -37,7 +36,7 @@ class Stage(enum.Enum):
 
 STAGE_MODULES = {Stage.TRAIN: "trainer.train", Stage.ALIGN: "trainer.align"}
 STAGE_SUMMARIES = {Stage.TRAIN: TRAIN_SUMMARY_FILE, Stage.ALIGN: ALIGN_SUMMARY_FILE}
-RANKER_MODULE, RANKER_METRICS = "trainer.ranker_train", RANKER_METRICS_FILE
+RANKER_MODULE = "trainer.ranker_train"
 RANKER_PLACEHOLDER = "{ranker}"
 
 
