@@ -3,9 +3,10 @@
 The trainer's own :class:`models.two_tower.TwoTowerModel` (towers, temperature, forward) over a
 plain-PyTorch sparse part: one ``nn.EmbeddingBag`` per table (pooling, sizes and initialization
 from the same table configs) instead of TorchRec collections, no history encoder. Parameter
-names match the TorchRec model's state dict, so weights copy across. Trained by the trainer's own step and loop (same loss, same logging) with
-AdamW on the dense layers and the plain-PyTorch counterpart of ``train.sparse_optimizer`` on the
-tables; DDP averages every gradient across ranks.
+names match the TorchRec model's state dict, so weights copy across. Trained by the trainer's own
+step and loop (``trainer.runtime.loop``: same loss, logging, checkpoints, signals) with AdamW on
+the dense layers and the plain-PyTorch counterpart of ``train.sparse_optimizer`` on the tables;
+DDP averages every gradient across ranks.
 
     torchrun --nproc_per_node 2 -m bench.plain_two_tower CONFIG [key=value ...]
         [--dense-table-gradients]
@@ -20,17 +21,17 @@ import argparse
 import logging
 import math
 import sys
-import time
-from pathlib import Path
-from typing import cast
+from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchrec import KeyedJaggedTensor, KeyedTensor, PoolingType
+from torchrec.optim.keyed import KeyedOptimizerWrapper
 
-from config import ExperimentConfig, ModelConfig, SparseOptimizer, load_config, to_dict
+from config import ExperimentConfig, ModelConfig, SparseOptimizer, load_config
+from data_pipeline.batch import Batch
 from data_pipeline.loader import build_event_loader
 from data_pipeline.manifest import Manifest
 from data_pipeline.schema import EventSchema, FeatureKind
@@ -39,12 +40,14 @@ from models.towers import table_configs
 from models.two_tower import TwoTowerModel
 from trainer.build import label_weights, loader_spec, model_schema, model_tables
 from trainer.distillation import Distillation
+from trainer.evaluation.corpus import first_row_batch
 from trainer.negatives.negative_sampling import NegativeSampling
-from trainer.runtime.distributed import DistributedEnv, init_distributed, seed_everything, shutdown
+from trainer.runtime.distributed import DistributedEnv, shutdown
 from trainer.runtime.logs import configure_logging
-from trainer.runtime.run_files import METRICS_LOG_FILE
-from trainer.runtime.run_logger import RunLogger
-from trainer.runtime.synchronized import synchronized
+from trainer.runtime.loop import LoopResult, LoopSpec, TrainingLoop
+from trainer.runtime.session import Session
+from trainer.runtime.state import CheckpointState, StatePart, module_part, optimizer_part
+from trainer.runtime.step_guard import StepGuard, StepOutcome
 from trainer.step import StepContext, train_step
 
 logger = logging.getLogger(__name__)
@@ -151,25 +154,54 @@ def table_optimizer(
 
 
 class PlainOptimizers:
-    """AdamW on the dense layers and the table optimizer on the embedding bags, stepped
-    together (the trainer's step calls ``zero_grad`` and ``step`` once each)."""
+    """AdamW on the dense layers and the table optimizer on the embedding bags, both torchrec
+    ``KeyedOptimizerWrapper`` (state keyed by parameter name, as the trainer's), stepped
+    together: the trainer's step calls ``zero_grad`` and ``step`` once each. The loop's
+    learning-rate schedule drives the dense one (``param_groups``); the tables keep their rate,
+    as the fused table optimizers do."""
 
     def __init__(self, model: nn.Module, config: ExperimentConfig) -> None:
-        tables = [p for n, p in model.named_parameters() if ".embedding_bags." in n]
-        dense = [p for n, p in model.named_parameters() if ".embedding_bags." not in n]
+        named = dict(model.named_parameters())
+        tables = {n: p for n, p in named.items() if ".embedding_bags." in n}
+        dense = {n: p for n, p in named.items() if ".embedding_bags." not in n}
         train = config.train
-        self.optimizers = [
-            torch.optim.AdamW(dense, lr=train.dense_lr, weight_decay=train.dense_weight_decay),
-            table_optimizer(tables, train.sparse_optimizer, train.sparse_lr),
-        ]
+        self.dense = KeyedOptimizerWrapper(
+            dense,
+            lambda params: torch.optim.AdamW(
+                params, lr=train.dense_lr, weight_decay=train.dense_weight_decay
+            ),
+        )
+        self.tables = KeyedOptimizerWrapper(
+            tables,
+            lambda params: table_optimizer(list(params), train.sparse_optimizer, train.sparse_lr),
+        )
+        self.sparse_tables = {
+            f"{name}.weight"
+            for name, module in model.named_modules()
+            if isinstance(module, nn.EmbeddingBag) and module.sparse
+        }
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.dense.param_groups
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=set_to_none)
+        self.dense.zero_grad(set_to_none=set_to_none)
+        self.tables.zero_grad(set_to_none=set_to_none)
 
     def step(self) -> None:
-        for optimizer in self.optimizers:
-            optimizer.step()
+        self.dense.step()
+        self.tables.step()
+
+    def init_state(self) -> None:
+        """State tensors for a checkpoint to load into (zero-gradient steps; a sparse table's
+        gradient is row-sparse, as ``nn.EmbeddingBag`` makes it)."""
+        self.dense.init_state()
+        for name, param in self.tables.params.items():
+            zeros = torch.zeros_like(param)
+            param.grad = zeros.to_sparse(sparse_dim=1) if name in self.sparse_tables else zeros
+        self.tables.step()
+        self.tables.zero_grad()
 
 
 def build_plain_model(
@@ -188,9 +220,13 @@ def build_plain_model(
 
 
 def step_context(
-    model: nn.Module, manifest: Manifest, config: ExperimentConfig, env: DistributedEnv
+    model: nn.Module,
+    manifest: Manifest,
+    config: ExperimentConfig,
+    env: DistributedEnv,
+    guard: StepGuard | None = None,
 ) -> StepContext:
-    """What :func:`trainer.train.train_step` needs, with the plain optimizers."""
+    """What :func:`trainer.step.train_step` needs, with the plain optimizers."""
     return StepContext(
         dense_optimizer=cast(torch.optim.Optimizer, PlainOptimizers(model, config)),
         label_weights=label_weights(manifest, config).to(env.device),
@@ -198,56 +234,77 @@ def step_context(
         manifest=manifest,
         config=config,
         env=env,
+        guard=guard,
         distillation=Distillation.build(config, manifest, env),
     )
 
 
-def train_plain(config: ExperimentConfig, sparse_gradients: bool) -> None:
-    """The trainer's loop on the plain model (no checkpoint, no evaluation)."""
-    env = init_distributed()
-    seed_everything(config.seed)
-    run_dir = Path(config.run.dir)
+@dataclass
+class PlainTask:
+    """The plain baseline in the trainer's loop (same step, logging, checkpoints)."""
+
+    model: DistributedDataParallel
+    context: StepContext
+    loader: Any
+
+    @property
+    def dense_optimizer(self) -> PlainOptimizers:
+        return cast(PlainOptimizers, self.context.dense_optimizer)
+
+    @classmethod
+    def build(
+        cls, config: ExperimentConfig, manifest: Manifest, session: Session, sparse: bool
+    ) -> PlainTask:
+        env = session.env
+        plain = build_plain_model(manifest, config, sparse)
+        model = DistributedDataParallel(plain.to(env.device))
+        context = step_context(model, manifest, config, env, session.guard())
+        loader = build_event_loader(
+            loader_spec(config, config.data.train_split, True, manifest),
+            manifest,
+            env.rank,
+            env.world_size,
+        )
+        return cls(model, context, loader)
+
+    def step(self, batch: Batch, step: int) -> StepOutcome:
+        return train_step(self.model, batch, step, self.context)
+
+    def fallback_batch(self) -> Batch:
+        config = self.context.config
+        return first_row_batch(self.context.manifest, config, config.data.train_split)
+
+    def checkpoint_state(self) -> CheckpointState:
+        negatives = self.context.negatives
+        return CheckpointState(
+            shared={
+                "model": module_part(self.model),
+                "dense_optimizer": optimizer_part(self.dense_optimizer.dense),
+                "table_optimizer": optimizer_part(self.dense_optimizer.tables),
+                "samplers": negatives,
+            },
+            rank={"samplers": StatePart(negatives.rank_state_dict, negatives.load_rank_state_dict)},
+        )
+
+    def meta(self) -> dict[str, Any]:
+        return {"model": "plain"}
+
+
+def train_plain(config: ExperimentConfig, sparse_gradients: bool) -> LoopResult:
+    """The trainer's loop on the plain model (no evaluation): samples/s in metrics.jsonl every
+    ``train.log_every_steps``, as the trainer logs it."""
     manifest = Manifest.load(config.data.path)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / METRICS_LOG_FILE).unlink(missing_ok=True)
-    dist.barrier()
-    plain = build_plain_model(manifest, config, sparse_gradients)
-    model = DistributedDataParallel(plain.to(env.device))
-    context = step_context(model, manifest, config, env)
-    loader = build_event_loader(
-        loader_spec(config, config.data.train_split, True, manifest),
-        manifest,
-        env.rank,
-        env.world_size,
-    )
-    run_log = RunLogger(run_dir, env.is_main, False, "", config.run.name, to_dict(config))
-    steps = _plain_loop(model, context, loader, env, run_log)
-    if env.is_main:
-        logger.info("plain baseline done: %d steps", steps)
-
-
-def _plain_loop(
-    model: nn.Module, context: StepContext, loader: object, env: DistributedEnv, run_log: RunLogger
-) -> int:
-    """The trainer's step over the epochs, logging samples/s every ``train.log_every_steps`` to
-    metrics.jsonl as the trainer does (no checkpoints: the comparison favours the baseline)."""
-    config = context.config.train
-    step, window_steps, window_start = 0, 0, time.perf_counter()
-    model.train()
-    for epoch in range(config.epochs):
-        loader.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
-        for batch in synchronized(loader, env):  # type: ignore[arg-type]
-            train_step(model, batch, step, context)
-            step, window_steps = step + 1, window_steps + 1
-            if step % config.log_every_steps == 0:
-                elapsed = time.perf_counter() - window_start
-                rate = window_steps * batch.size * env.world_size / max(elapsed, 1e-9)
-                run_log.log({"step": step, "epoch": epoch, "samples_per_s": rate})
-                window_steps, window_start = 0, time.perf_counter()
-            if config.max_steps is not None and step >= config.max_steps:
-                return step
-    return step
+    session = Session.open(config)
+    try:
+        task = PlainTask.build(config, manifest, session, sparse_gradients)
+        loop = TrainingLoop(session, task, LoopSpec.of(config.train))
+        loop.restore(config.checkpoint.resume_from)
+        result = loop.run()
+    finally:
+        session.close()
+    if session.env.is_main:
+        logger.info("plain baseline done: %d steps", result.steps)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,10 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         config = load_config(args.config, args.overrides)
-        train_plain(config, sparse_gradients=not args.dense_table_gradients)
+        result = train_plain(config, sparse_gradients=not args.dense_table_gradients)
     finally:
         shutdown()
-    return 0
+    return 128 + result.stopped_by_signal if result.stopped_by_signal else 0
 
 
 if __name__ == "__main__":

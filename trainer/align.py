@@ -5,7 +5,7 @@ values, held near a frozen copy of itself (reference). Losses: ``models/alignmen
                                                -> reference, one frozen unsharded replica
     alignment.reward_checkpoint                -> reward model, one frozen unsharded ranker
 
-Each step takes a batch of the train split (one user row per event), embeds the corpus with the
+A task of the one training loop (``trainer.runtime.loop``). Each step takes a batch of the train split (one user row per event), embeds the corpus with the
 policy (no gradient) for its exact top-``top_n`` (``trainer.mips.distributed_topk``), adds
 ``k - top_n`` exploration draws (``step_generator``: reproducible per seed, rank and step), scores
 the K items with policy, reference and ranker, and takes one optimizer step on the alignment loss.
@@ -21,7 +21,6 @@ Run as ``twotower align CONFIG [k=v ...]`` (``--nproc N`` for torchrun) or
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
@@ -31,15 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torchrec.distributed import DistributedModelParallel
 
-from config import (
-    CorpusDistribution,
-    ExperimentConfig,
-    to_dict,
-    to_yaml,
-)
+from config import CorpusDistribution, ExperimentConfig
 from data_pipeline.batch import Batch
 from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.loader import build_event_loader
@@ -72,19 +65,14 @@ from trainer.evaluation.ground_truth import (
 from trainer.mips import distributed_topk
 from trainer.negatives.negative_sampling import step_generator
 from trainer.policy_corpus import embed_items, local_corpus, user_keys
-from trainer.runtime.checkpoint import Checkpointer, Progress, load_model
-from trainer.runtime.distributed import (
-    DistributedEnv,
-    init_distributed,
-    seed_everything,
-)
+from trainer.runtime.checkpoint import load_model
+from trainer.runtime.distributed import DistributedEnv
 from trainer.runtime.entry import run_job
-from trainer.runtime.faults import fire_if_due, planned_fault
-from trainer.runtime.lr_schedule import DenseLRSchedule
-from trainer.runtime.run_files import ALIGN_SUMMARY_FILE, BAD_BATCHES_DIR, CONFIG_FILE
-from trainer.runtime.run_logger import RunLogger
-from trainer.runtime.signals import StopSignals
-from trainer.runtime.step_guard import StepGuard, count_skip
+from trainer.runtime.loop import LoopResult, LoopSpec, TrainingLoop
+from trainer.runtime.run_files import ALIGN_SUMMARY_FILE
+from trainer.runtime.session import Session
+from trainer.runtime.state import CheckpointState, module_part, optimizer_part
+from trainer.runtime.step_guard import StepGuard, StepOutcome, Verdict
 from trainer.runtime.synchronized import synchronized
 from trainer.start_run import with_start_model
 
@@ -110,6 +98,7 @@ class AlignResult:
     metrics: retrieval metrics after alignment (``eval.at_end``), as ``twotower eval``.
     stopped_by_signal: the signal that stopped the run early (saved first; the after
         measurements are then not taken), or None.
+    resumed_from: the alignment checkpoint this process resumed from, or None.
     """
 
     steps: int
@@ -129,6 +118,20 @@ class AlignResult:
     truth_reward_gain_stderr: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     stopped_by_signal: int | None = None
+    resumed_from: str | None = None
+
+    @classmethod
+    def of(cls, loop: LoopResult, sources: dict[str, str]) -> AlignResult:
+        return cls(
+            steps=loop.steps,
+            start_checkpoint=sources["start"],
+            reference_checkpoint=sources["reference"],
+            checkpoint=loop.checkpoint,
+            first=loop.first_window,
+            final=loop.final_window,
+            stopped_by_signal=loop.stopped_by_signal,
+            resumed_from=loop.resumed_from,
+        )
 
     def summary(self) -> dict[str, Any]:
         """The fields that were measured (None and NaN ones left out), for JSON."""
@@ -145,13 +148,14 @@ class AlignResult:
 
 
 @dataclass
-class _AlignRun:
-    """The live objects of one alignment run (one rank)."""
+class AlignTask:
+    """The alignment job in the loop: the policy (DMP-sharded, trainable), its frozen reference
+    and the frozen reward model."""
 
     config: ExperimentConfig
     manifest: Manifest
     env: DistributedEnv
-    policy: DistributedModelParallel
+    model: DistributedModelParallel  # the policy
     dense_optimizer: Any
     reference: TwoTowerModel
     reference_items: torch.Tensor  # [num_items, D] by item id (0 where no corpus row)
@@ -159,12 +163,36 @@ class _AlignRun:
     store: ItemFeatureStore
     explorer: CorpusSampler
     loader: Any
-    checkpointer: Checkpointer
-    run_log: RunLogger
     truth: TruthScorer | None  # a synthetic world's ground truth, None without one
     guard: StepGuard  # the pre-update vote: non-finite losses, stop signals
-    schedule: DenseLRSchedule
-    progress: Progress = field(default_factory=Progress)
+    sources: dict[str, str]  # start, reference and reward checkpoints (in each checkpoint)
+
+    def step(self, batch: Batch, step: int) -> StepOutcome:
+        result, verdict = _step(self, batch, step)
+        losses = {key: value.detach() for key, value in zip(result._fields, result, strict=True)}
+        return StepOutcome(losses, verdict.skip, verdict.stop)
+
+    def fallback_batch(self) -> Batch:
+        return first_row_batch(self.manifest, self.config, self.config.data.train_split)
+
+    def checkpoint_state(self) -> CheckpointState:
+        fused: Any = self.model.fused_optimizer
+        return CheckpointState(
+            shared={
+                "model": module_part(self.model),
+                "sparse_optimizer": optimizer_part(fused),
+                "dense_optimizer": optimizer_part(self.dense_optimizer),
+            }
+        )
+
+    def meta(self) -> dict[str, Any]:
+        return {"alignment": self.sources}
+
+    def top_k_rows(self) -> TopKRows:
+        """The policy's top-K judged by the reward model (and ground truth) on ``eval.split``."""
+        return top_k_rows(
+            self.model, self.reward, self.truth, self.store, self.manifest, self.config, self.env
+        )
 
 
 def sample_candidates(
@@ -200,121 +228,73 @@ def _explorer(config: ExperimentConfig, manifest: Manifest, store: ItemFeatureSt
 def _build(
     config: ExperimentConfig,
     manifest: Manifest,
-    env: DistributedEnv,
+    session: Session,
     reward: RewardFn | None,
-    reference_path: Path,
-    stop: StopSignals,
-) -> _AlignRun:
-    alignment = config.alignment
+    sources: dict[str, str],
+) -> AlignTask:
+    alignment, env = config.alignment, session.env
     trained = replace(
         config, train=replace(config.train, dense_lr=alignment.lr, sparse_lr=alignment.sparse_lr)
     )
     policy = build_sharded_model(manifest, trained, env)
     store = item_store(manifest, config)
-    reference = load_reference(manifest, config, reference_path, env.device)
+    reference = load_reference(manifest, config, Path(sources["reference"]), env.device)
     corpus = store.corpus_ids()
     calls = max(1, -(-len(corpus) // config.data.eval_batch_size))
     reference_items = torch.zeros(store.num_items, config.model.output_dim, device=env.device)
     reference_items[corpus.to(env.device)] = embed_items(
         reference, store, corpus, calls, user_keys(manifest, config)
     )
-    run_dir = Path(config.run.dir)
     if reward is None:
         # The ranker's own item side: every stored item feature, as it was trained on.
         reward = load_reward_model(
             config, manifest, ItemFeatureStore.load(config.data.path, manifest)
         )
-    dense_optimizer = build_dense_optimizer(policy, trained)
-    return _AlignRun(
+    loader = build_event_loader(
+        loader_spec(config, config.data.train_split, True, manifest),
+        manifest,
+        env.rank,
+        env.world_size,
+    )
+    return AlignTask(
         config=config,
         manifest=manifest,
         env=env,
-        policy=policy,
-        dense_optimizer=dense_optimizer,
+        model=policy,
+        dense_optimizer=build_dense_optimizer(policy, trained),
         reference=reference,
         reference_items=reference_items,
         reward=reward,
         store=store,
         explorer=_explorer(config, manifest, store),
-        loader=build_event_loader(
-            loader_spec(config, config.data.train_split, True, manifest),
-            manifest,
-            env.rank,
-            env.world_size,
-        ),
-        checkpointer=Checkpointer(run_dir, config.checkpoint, env.rank, env.world_size),
-        run_log=RunLogger(
-            run_dir,
-            env.is_main,
-            config.logging.wandb,
-            config.logging.wandb_project,
-            config.run.name,
-            to_dict(config),
-        ),
+        loader=loader,
         truth=load_truth(config, manifest, store, reward, env),
-        schedule=DenseLRSchedule(
-            dense_optimizer, alignment.lr, config.train.lr_schedule, alignment.steps
-        ),
-        guard=StepGuard(env, stop, Path(config.run.dir) / BAD_BATCHES_DIR),
+        guard=session.guard(),
+        sources=sources,
     )
 
 
-def _state_parts(run: _AlignRun) -> dict[str, Any]:
-    fused: Any = run.policy.fused_optimizer
-    return {
-        "model": run.policy.state_dict(),
-        "sparse_optimizer": fused.state_dict()["state"],
-        "dense_optimizer": run.dense_optimizer.state_dict()["state"],
-    }
-
-
-def _restore_or_start(run: _AlignRun, start: Path) -> None:
-    """Resumes this run's latest checkpoint (model, optimizers, loader, step), else loads the
-    start checkpoint's weights only: alignment is a new phase with fresh optimizers."""
-    latest = run.checkpointer.latest()
-    if latest is None or not run.config.checkpoint.resume:
-        meta = load_model(start, run.policy)
-        if run.env.is_main:
-            logger.info("aligning from %s (step %s)", start, meta.get("step"))
-        return
-    run.dense_optimizer.init_state()  # optimizer tensors for DCP to load into
-    parts = _state_parts(run)
-    restored = run.checkpointer.restore(parts, {}, latest)
-    assert restored is not None
-    run.policy.load_state_dict(parts["model"])
-    if restored.loader_state is not None:
-        run.loader.load_state_dict(restored.loader_state)
-    run.progress = restored.progress
-    if run.env.is_main:
-        logger.info("resumed alignment from %s at step %d", latest, run.progress.step)
-
-
-def _save(run: _AlignRun, sources: dict[str, str]) -> Path:
-    meta = {"config": to_dict(run.config), "alignment": sources}
-    return run.checkpointer.save(_state_parts(run), {}, run.progress, run.loader.state_dict(), meta)
-
-
-def _step(run: _AlignRun, batch: Batch) -> tuple[AlignmentLoss | None, bool]:
-    """One collective alignment step: its losses (None when some rank's loss was not finite:
-    no update) and whether some rank was asked to stop."""
-    alignment, env = run.config.alignment, run.env
-    run.dense_optimizer.zero_grad()
-    generator = step_generator(run.config.seed, env.rank, run.progress.step, env.device)
+def _step(task: AlignTask, batch: Batch, step: int) -> tuple[AlignmentLoss, Verdict]:
+    """One collective alignment step: its losses and the vote (no update when some rank's
+    loss was not finite)."""
+    alignment, env = task.config.alignment, task.env
+    task.dense_optimizer.zero_grad()
+    generator = step_generator(task.config.seed, env.rank, step, env.device)
     with torch.no_grad():
-        corpus_ids, corpus = local_corpus(run.policy, run.store, run.manifest, run.config, env)
-        users = run.policy(batch.user_features, batch.item_features).user.float()
+        corpus_ids, corpus = local_corpus(task.model, task.store, task.manifest, task.config, env)
+        users = task.model(batch.user_features, batch.item_features).user.float()
         _, top_ids = distributed_topk(users, corpus, corpus_ids, alignment.top_n)
-        explore, _ = run.explorer.sample(batch.size * (alignment.k - alignment.top_n), generator)
+        explore, _ = task.explorer.sample(batch.size * (alignment.k - alignment.top_n), generator)
         ids, mask = sample_candidates(
             top_ids, explore.view(batch.size, -1).to(env.device), batch.weight > 0
         )
-        rewards = run.reward(batch.user_features, ids)
-        reference_users = run.reference.user_embeddings(batch.user_features)
+        rewards = task.reward(batch.user_features, ids)
+        reference_users = task.reference.user_embeddings(batch.user_features)
         reference_scores = (
-            torch.einsum("ud,ukd->uk", reference_users, run.reference_items[ids])
-            / run.reference.temperature()
+            torch.einsum("ud,ukd->uk", reference_users, task.reference_items[ids])
+            / task.reference.temperature()
         )
-    out = run.policy(batch.user_features, batch.item_features, run.store.lookup(ids.reshape(-1)))
+    out = task.model(batch.user_features, batch.item_features, task.store.lookup(ids.reshape(-1)))
     items = out.extra_items.view(batch.size, alignment.k, -1)
     scores = torch.einsum("ud,ukd->uk", out.user, items) / out.temperature
     result = alignment_loss(
@@ -327,12 +307,11 @@ def _step(run: _AlignRun, batch: Batch) -> tuple[AlignmentLoss | None, bool]:
         alignment.dpo_beta,
     )
     # The fused table optimizer updates inside backward: decide before it, on every rank.
-    verdict = run.guard.vote(result.loss, batch, run.progress.step)
-    if verdict.skip:
-        return None, verdict.stop
-    result.loss.backward()
-    run.dense_optimizer.step()
-    return result, verdict.stop
+    verdict = task.guard.vote(result.loss, batch, step)
+    if not verdict.skip:
+        result.loss.backward()
+        task.dense_optimizer.step()
+    return result, verdict
 
 
 @torch.no_grad()
@@ -370,61 +349,6 @@ def top_k_rows(
     return TopKRows(torch.cat([empty, *rewards]), joined if truth is not None else None)
 
 
-def _window(run: _AlignRun, sums: dict[str, float], steps: int) -> dict[str, float]:
-    """Means over the window's steps and over ranks; logged."""
-    keys = sorted(sums)
-    values = torch.tensor([sums[k] / steps for k in keys], dtype=torch.float64)
-    dist.all_reduce(values)
-    means = dict(zip(keys, (values / run.env.world_size).tolist(), strict=True))
-    run.run_log.log({"step": run.progress.step, "epoch": run.progress.epoch, **means})
-    if run.env.is_main:
-        logger.info(
-            "step %d: %s", run.progress.step, " ".join(f"{k} {v:.4f}" for k, v in means.items())
-        )
-    return means
-
-
-def _loop(run: _AlignRun, sources: dict[str, str]) -> tuple[list[dict[str, float]], int | None]:
-    """Steps (cycling over epochs of the train split) until ``alignment.steps`` or a stop
-    signal (saved by the caller); the logged windows and the stopping signal."""
-    total, env = run.config.alignment.steps, run.env
-    fault = planned_fault(env.rank)
-    stopped_by: int | None = None
-    fallback = lambda: first_row_batch(run.manifest, run.config, run.config.data.train_split)  # noqa: E731
-    windows: list[dict[str, float]] = []
-    sums: dict[str, float] = {}
-    steps = 0
-    run.policy.train()
-    for epoch in itertools.count(run.progress.epoch):
-        if run.progress.step >= total or stopped_by is not None:
-            break
-        run.progress.epoch = epoch
-        run.loader.dataset.set_epoch(epoch)
-        for batch in synchronized(run.loader, env, fallback):
-            run.schedule.apply(run.progress.step)
-            result, stop = _step(run, batch)
-            run.progress.step += 1
-            if result is None:
-                count_skip(run.progress, run.config.train, run.guard.bad_batch_dir)
-            else:
-                steps += 1
-                for key, value in zip(result._fields, result, strict=True):
-                    sums[key] = sums.get(key, 0.0) + float(value.detach())
-            if run.progress.step % run.config.train.log_every_steps == 0 and steps:
-                windows.append(_window(run, sums, steps))
-                sums, steps = {}, 0
-            if stop:
-                stopped_by = (run.guard.stop.received if run.guard.stop else None) or 15
-            if run.progress.step >= total or stopped_by is not None:
-                break
-            if run.checkpointer.due(run.progress.step):
-                _save(run, sources)
-            fire_if_due(fault, run.progress.step)
-    if steps:
-        windows.append(_window(run, sums, steps))
-    return windows, stopped_by
-
-
 def align(config: ExperimentConfig, reward: RewardFn | None = None) -> AlignResult:
     """Aligns (or resumes aligning) the retrieval model of ``checkpoint.resume_from`` to the
     ranker of ``alignment.reward_checkpoint`` (or to ``reward``, any callable of the same
@@ -433,53 +357,45 @@ def align(config: ExperimentConfig, reward: RewardFn | None = None) -> AlignResu
     config = with_start_model(config, start, "checkpoint.resume_from")
     if config.alignment.reference_checkpoint is not None:
         with_start_model(config, reference_path, "alignment.reference_checkpoint")
-    env = init_distributed()
-    seed_everything(config.seed)
-    run_dir = Path(config.run.dir)
     manifest = Manifest.load(config.data.path)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_FILE).write_text(to_yaml(config))
-    dist.barrier()
-    stop = StopSignals(config.checkpoint.signals)
+    sources = {
+        "start": str(start),
+        "reference": str(reference_path),
+        "reward": str(config.alignment.reward_checkpoint),
+    }
+    session = Session.open(config)
     try:
-        run = _build(config, manifest, env, reward, reference_path, stop)
-        _restore_or_start(run, start)
-        sources = {"start": str(start), "reference": str(reference_path)}
-        sources["reward"] = str(config.alignment.reward_checkpoint)
-        before = top_k_rows(run.policy, run.reward, run.truth, run.store, manifest, config, env)
-        run.run_log.start(run.progress.step or None)
-        windows, stopped_by = _loop(run, sources)
+        task = _build(config, manifest, session, reward, sources)
+        loop = TrainingLoop(session, task, _loop_spec(config))
+        if loop.restore() is None:
+            # A new phase: the start checkpoint's weights, fresh optimizers.
+            meta = load_model(start, task.model)
+            if session.env.is_main:
+                logger.info("aligning from %s (step %s)", start, meta.get("step"))
+        before = task.top_k_rows()
+        result = AlignResult.of(loop.run(), sources)
+        if result.stopped_by_signal is None:
+            after = task.top_k_rows()
+            for name, value in compare_top_k(before, after, session.env)._asdict().items():
+                setattr(result, name, value)
+            if config.eval.at_end:
+                metrics = evaluate_model(task.model, manifest, config, session.env, session.run_dir)
+                result.metrics = metrics["model"]
+        session.run_log.log({"step": result.steps, **result.measures()})
+        if session.env.is_main:
+            summary = json.dumps(result.summary(), indent=2, default=float)
+            (session.run_dir / ALIGN_SUMMARY_FILE).write_text(summary)
+            _log_measures(config, result)
     finally:
-        stop.close()
-    run.checkpointer.finish()
-    latest = run.checkpointer.latest()
-    done = latest is not None and latest.name == f"step-{run.progress.step}"
-    checkpoint = latest if done and latest is not None else _save(run, sources)
-    run.checkpointer.finish()
-    result = AlignResult(
-        steps=run.progress.step,
-        start_checkpoint=str(start),
-        reference_checkpoint=str(reference_path),
-        checkpoint=str(checkpoint),
-        first=windows[0] if windows else {},
-        final=windows[-1] if windows else {},
-        stopped_by_signal=stopped_by,
-    )
-    if stopped_by is None:
-        after = top_k_rows(run.policy, run.reward, run.truth, run.store, manifest, config, env)
-        for name, value in compare_top_k(before, after, env)._asdict().items():
-            setattr(result, name, value)
-    if config.eval.at_end and stopped_by is None:
-        result.metrics = evaluate_model(run.policy, manifest, config, env, run_dir)["model"]
-    run.run_log.log({"step": result.steps, **result.measures()})
-    if env.is_main:
-        (run_dir / ALIGN_SUMMARY_FILE).write_text(
-            json.dumps(result.summary(), indent=2, default=float)
-        )
-        _log_measures(config, result)
-    run.run_log.close()
+        session.close()
     return result
+
+
+def _loop_spec(config: ExperimentConfig) -> LoopSpec:
+    """``alignment.steps`` steps (cycling over the train split) at ``alignment.lr``; the rest
+    of the loop's behaviour (logging, non-finite policy, schedule) from ``train``."""
+    alignment = config.alignment
+    return LoopSpec.of(config.train, epochs=None, max_steps=alignment.steps, lr=alignment.lr)
 
 
 def _log_measures(config: ExperimentConfig, result: AlignResult) -> None:

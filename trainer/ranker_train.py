@@ -1,10 +1,11 @@
-"""Trains the ranking model: build -> restore -> for each batch: BCE step -> log, checkpoint ->
-per-task AUC on ``eval.split``.
+"""Trains the ranking model, a task of the one training loop (``trainer.runtime.loop``):
+build -> restore -> for each batch: BCE step -> log, checkpoint -> per-task AUC on
+``eval.split``.
 
-The distributed path is the retrieval trainer's: ``init_distributed``, DMP-sharded tables with
-the fused sparse optimizer, ``build_dense_optimizer`` for the cross layers and MLP, the
-``synchronized`` loader (zero-weight padding on uneven data) and ``Checkpointer`` folders
-``<run.dir>/checkpoints/step-N`` that ``trainer.ranker_build.load_ranker`` reads.
+The distributed path is the retrieval job's: DMP-sharded tables with the fused sparse
+optimizer, ``build_dense_optimizer`` for the cross layers and MLP, the loop's padding of uneven
+data, signals, non-finite policy and checkpoint folders ``<run.dir>/checkpoints/step-N`` that
+``trainer.ranker_build.load_ranker`` reads.
 
 Run as ``twotower train-ranker CONFIG [k=v ...]`` (``--nproc N`` for torchrun) or
 ``torchrun --nproc_per_node 2 -m trainer.ranker_train CONFIG [k=v ...]``.
@@ -12,20 +13,15 @@ Run as ``twotower train-ranker CONFIG [k=v ...]`` (``--nproc N`` for torchrun) o
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
-import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
 from torchrec.distributed import DistributedModelParallel
 
-from config import ExperimentConfig, to_dict, to_yaml
+from config import ExperimentConfig
 from data_pipeline.batch import Batch
 from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.loader import build_event_loader
@@ -40,25 +36,12 @@ from trainer.ranker_build import (
     with_sampled_negatives,
 )
 from trainer.ranker_eval import evaluate_ranker, format_ranker_metrics
-from trainer.runtime.checkpoint import Checkpointer, Progress, resolve_checkpoint
-from trainer.runtime.distributed import (
-    DistributedEnv,
-    init_distributed,
-    seed_everything,
-)
 from trainer.runtime.entry import run_job
-from trainer.runtime.faults import fire_if_due, planned_fault
-from trainer.runtime.lr_schedule import DenseLRSchedule
-from trainer.runtime.run_files import (
-    BAD_BATCHES_DIR,
-    CONFIG_FILE,
-    RANKER_METRICS_FILE,
-    TRAIN_SUMMARY_FILE,
-)
-from trainer.runtime.run_logger import RunLogger
-from trainer.runtime.signals import StopSignals
-from trainer.runtime.step_guard import StepGuard, count_skip
-from trainer.runtime.synchronized import synchronized
+from trainer.runtime.loop import LoopResult, LoopSpec, TrainingLoop
+from trainer.runtime.run_files import RANKER_METRICS_FILE, TRAIN_SUMMARY_FILE
+from trainer.runtime.session import Session
+from trainer.runtime.state import CheckpointState, module_part, optimizer_part
+from trainer.runtime.step_guard import StepGuard, StepOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +59,8 @@ class RankerTrainResult:
         ``eval.at_end=false`` or after a stop signal.
     resumed_from: the checkpoint this process started from, or None.
     stopped_by_signal: the signal that stopped the run early (saved first), or None.
+    rows_trained, row_digest: live rows trained over all ranks and epochs, and their
+        order-free digest (as the retrieval job's).
     """
 
     steps: int
@@ -87,257 +72,131 @@ class RankerTrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
     resumed_from: str | None = None
     stopped_by_signal: int | None = None
+    rows_trained: int = 0
+    row_digest: int = 0
+
+    @classmethod
+    def of(cls, loop: LoopResult) -> RankerTrainResult:
+        return cls(
+            steps=loop.steps,
+            first_loss=loop.first_window.get("loss", float("nan")),
+            final_loss=loop.final_window.get("loss", float("nan")),
+            skipped_steps=loop.skipped_steps,
+            samples_per_second=loop.samples_per_second,
+            checkpoint=loop.checkpoint,
+            resumed_from=loop.resumed_from,
+            stopped_by_signal=loop.stopped_by_signal,
+            rows_trained=loop.rows_trained,
+            row_digest=loop.row_digest,
+        )
 
 
 @dataclass
-class _RankerRun:
-    """The live objects of one ranker training run (one rank)."""
+class RankerTask:
+    """The ranker job in the loop: BCE on logged labels (plus sampled negatives)."""
 
     config: ExperimentConfig
     manifest: Manifest
-    env: DistributedEnv
     model: DistributedModelParallel
     dense_optimizer: Any
-    store: ItemFeatureStore | None
+    store: ItemFeatureStore | None  # the corpus for sampled negatives
     loader: Any
-    checkpointer: Checkpointer
-    run_log: RunLogger
     guard: StepGuard
-    schedule: DenseLRSchedule
-    progress: Progress = field(default_factory=Progress)
+
+    @classmethod
+    def build(cls, config: ExperimentConfig, manifest: Manifest, session: Session) -> RankerTask:
+        env = session.env
+        model = build_sharded_ranker(manifest, config, env)
+        if env.is_main:
+            logger.info("sharding plan:\n%s", model.plan)
+        store = (
+            ItemFeatureStore.load(config.data.path, manifest)
+            if config.ranker.sampled_negatives
+            else None
+        )
+        loader = build_event_loader(
+            ranker_loader_spec(config, config.data.train_split, train=True),
+            manifest,
+            env.rank,
+            env.world_size,
+        )
+        dense_optimizer = build_dense_optimizer(model, config)
+        return cls(config, manifest, model, dense_optimizer, store, loader, session.guard())
+
+    def step(self, batch: Batch, step: int) -> StepOutcome:
+        """One collective BCE step on ``batch`` plus its sampled negatives."""
+        self.dense_optimizer.zero_grad()
+        env = self.guard.env
+        generator = step_generator(self.config.seed, env.rank, step, env.device)
+        examples = with_sampled_negatives(
+            batch, self.store, self.config.ranker.sampled_negatives, generator
+        )
+        logits = self.model(
+            examples.user_features,
+            examples.item_features,
+            examples.extra_item_features,
+            examples.extra_rows,
+        )
+        loss = ranker_bce_loss(logits, examples.labels, examples.weights)
+        # The fused table optimizer updates inside backward: decide before it, on every rank.
+        verdict = self.guard.vote(loss, batch, step)
+        if not verdict.skip:
+            loss.backward()
+            self.dense_optimizer.step()
+        return StepOutcome({"loss": loss.detach()}, verdict.skip, verdict.stop)
+
+    def fallback_batch(self) -> Batch:
+        return ranker_first_row_batch(self.manifest, self.config, self.config.data.train_split)
+
+    def checkpoint_state(self) -> CheckpointState:
+        fused: Any = self.model.fused_optimizer
+        return CheckpointState(
+            shared={
+                "model": module_part(self.model),
+                "sparse_optimizer": optimizer_part(fused),
+                "dense_optimizer": optimizer_part(self.dense_optimizer),
+            }
+        )
+
+    def meta(self) -> dict[str, Any]:
+        return {"model": "ranker"}
 
 
 def train_ranker(config: ExperimentConfig) -> RankerTrainResult:
     """Trains (or resumes) the ranker of ``config`` in the current process group; collective."""
-    env = init_distributed()
-    seed_everything(config.seed)
-    run_dir = Path(config.run.dir)
     manifest = Manifest.load(config.data.path)
-    if config.data.verify_checksums and env.is_main:
-        manifest.verify_checksums(config.data.path, config.data.train_split)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_FILE).write_text(to_yaml(config))
-    dist.barrier()
-    stop = StopSignals(config.checkpoint.signals)
+    session = Session.open(config)
+    env = session.env
     try:
-        run = _build(config, manifest, env, run_dir, stop)
-        resumed = _restore(run)
-        run.run_log.start(run.progress.step if resumed else None)
-        start_rows, start = run.progress.rows, time.perf_counter()
-        first_loss, final_loss, stopped_by = _loop(run)
-    finally:
-        stop.close()
-    seconds = time.perf_counter() - start
-    latest = run.checkpointer.latest()
-    if latest is not None and latest.name == f"step-{run.progress.step}":
-        checkpoint = latest
-    else:
-        checkpoint = _save(run)
-    result = RankerTrainResult(
-        steps=run.progress.step,
-        first_loss=first_loss,
-        final_loss=final_loss,
-        skipped_steps=run.progress.skipped_steps,
-        samples_per_second=(run.progress.rows - start_rows) / max(seconds, 1e-9),
-        checkpoint=str(checkpoint),
-        resumed_from=resumed,
-        stopped_by_signal=stopped_by,
-    )
-    if config.eval.at_end and stopped_by is None:
-        result.metrics = evaluate_ranker(run.model, manifest, config, env)
-        run.run_log.log(
-            {"step": result.steps, **{f"eval/{k}": v for k, v in result.metrics.items()}}
-        )
+        if config.data.verify_checksums and env.is_main:
+            manifest.verify_checksums(config.data.path, config.data.train_split)
+        task = RankerTask.build(config, manifest, session)
+        loop = TrainingLoop(session, task, LoopSpec.of(config.train))
+        loop.restore(config.checkpoint.resume_from)
+        result = RankerTrainResult.of(loop.run())
+        if config.eval.at_end and result.stopped_by_signal is None:
+            result.metrics = _evaluate(task, session, result.steps)
         if env.is_main:
-            (run_dir / RANKER_METRICS_FILE).write_text(json.dumps(result.metrics, indent=2))
-            logger.info(
-                "ranker on %s:\n%s",
-                config.eval.split,
-                format_ranker_metrics(result.metrics, tuple(manifest.schema.labels)),
-            )
-    if env.is_main:
-        (run_dir / TRAIN_SUMMARY_FILE).write_text(json.dumps(asdict(result), indent=2))
-    run.run_log.close()
+            summary = json.dumps(asdict(result), indent=2)
+            (session.run_dir / TRAIN_SUMMARY_FILE).write_text(summary)
+    finally:
+        session.close()
     return result
 
 
-def _build(
-    config: ExperimentConfig,
-    manifest: Manifest,
-    env: DistributedEnv,
-    run_dir: Path,
-    stop: StopSignals,
-) -> _RankerRun:
-    model = build_sharded_ranker(manifest, config, env)
+def _evaluate(task: RankerTask, session: Session, step: int) -> dict[str, float]:
+    """Per-task metrics on ``eval.split``: logged, and written to ranker_metrics.json."""
+    config, env = task.config, session.env
+    metrics = evaluate_ranker(task.model, task.manifest, config, env)
+    session.run_log.log({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
     if env.is_main:
-        logger.info("sharding plan:\n%s", model.plan)
-    store = (
-        ItemFeatureStore.load(config.data.path, manifest)
-        if config.ranker.sampled_negatives
-        else None
-    )
-    loader = build_event_loader(
-        ranker_loader_spec(config, config.data.train_split, train=True),
-        manifest,
-        env.rank,
-        env.world_size,
-    )
-    run_log = RunLogger(
-        run_dir,
-        env.is_main,
-        config.logging.wandb,
-        config.logging.wandb_project,
-        config.run.name,
-        to_dict(config),
-    )
-    dense_optimizer = build_dense_optimizer(model, config)
-    return _RankerRun(
-        config=config,
-        manifest=manifest,
-        env=env,
-        model=model,
-        dense_optimizer=dense_optimizer,
-        store=store,
-        loader=loader,
-        checkpointer=Checkpointer(run_dir, config.checkpoint, env.rank, env.world_size),
-        run_log=run_log,
-        guard=StepGuard(env, stop, run_dir / BAD_BATCHES_DIR),
-        schedule=DenseLRSchedule(
-            dense_optimizer,
-            config.train.dense_lr,
-            config.train.lr_schedule,
-            config.train.max_steps,
-        ),
-    )
-
-
-def _state_parts(run: _RankerRun) -> dict[str, Any]:
-    """The live (DCP loads in place) model and optimizer states."""
-    fused: Any = run.model.fused_optimizer
-    return {
-        "model": run.model.state_dict(),
-        "sparse_optimizer": fused.state_dict()["state"],
-        "dense_optimizer": run.dense_optimizer.state_dict()["state"],
-    }
-
-
-def _restore(run: _RankerRun) -> str | None:
-    """Loads the run directory's latest complete checkpoint (or ``checkpoint.resume_from``)."""
-    config = run.config.checkpoint
-    if not config.resume:
-        return None
-    path = run.checkpointer.latest()
-    if path is None and config.resume_from is not None:
-        path = resolve_checkpoint(config.resume_from)
-    if path is None:
-        return None
-    run.dense_optimizer.init_state()  # optimizer tensors for DCP to load into
-    parts = _state_parts(run)
-    restored = run.checkpointer.restore(parts, {}, path)
-    assert restored is not None
-    run.model.load_state_dict(parts["model"])
-    if restored.loader_state is not None:
-        run.loader.load_state_dict(restored.loader_state)
-    run.progress = restored.progress
-    if run.env.is_main:
-        logger.info("resumed ranker from %s at step %d", restored.path, run.progress.step)
-    return str(restored.path)
-
-
-def _save(run: _RankerRun) -> Path:
-    meta = {"config": to_dict(run.config), "model": "ranker"}
-    return run.checkpointer.save(_state_parts(run), {}, run.progress, run.loader.state_dict(), meta)
-
-
-def _step(run: _RankerRun, batch: Batch) -> tuple[torch.Tensor | None, bool]:
-    """One collective BCE step on ``batch`` (plus its sampled negatives). Returns the detached
-    loss (None when some rank's loss was not finite: then no rank updates anything) and whether
-    some rank was asked to stop."""
-    run.dense_optimizer.zero_grad()
-    generator = step_generator(run.config.seed, run.env.rank, run.progress.step, run.env.device)
-    examples = with_sampled_negatives(
-        batch, run.store, run.config.ranker.sampled_negatives, generator
-    )
-    logits = run.model(
-        examples.user_features,
-        examples.item_features,
-        examples.extra_item_features,
-        examples.extra_rows,
-    )
-    loss = ranker_bce_loss(logits, examples.labels, examples.weights)
-    # The fused table optimizer updates inside backward: decide before it, on every rank.
-    verdict = run.guard.vote(loss, batch, run.progress.step)
-    if verdict.skip:
-        return None, verdict.stop
-    loss.backward()
-    run.dense_optimizer.step()
-    return loss.detach(), verdict.stop
-
-
-def _loop(run: _RankerRun) -> tuple[float, float, int | None]:
-    """Epochs until ``train.epochs`` or ``train.max_steps``, or a stop signal (saved, then
-    stop); (first, last) window mean loss and the stopping signal."""
-    config, env = run.config.train, run.env
-    fallback = functools.partial(
-        ranker_first_row_batch, run.manifest, run.config, run.config.data.train_split
-    )
-    windows: list[float] = []
-    window_loss, window_steps = 0.0, 0
-    fault = planned_fault(env.rank)
-    stopped_by: int | None = None
-    run.model.train()
-    for epoch in range(run.progress.epoch, config.epochs):
-        if _finished(run) or stopped_by is not None:
-            break
-        run.progress.epoch = epoch
-        run.loader.dataset.set_epoch(epoch)
-        for batch in synchronized(run.loader, env, fallback):
-            run.schedule.apply(run.progress.step)
-            loss, stop = _step(run, batch)
-            run.progress.step += 1
-            if loss is None:
-                count_skip(run.progress, config, run.guard.bad_batch_dir)
-            else:
-                run.progress.rows += _all_ranks_sum(int((batch.weight > 0).sum()), env)
-                window_loss, window_steps = window_loss + float(loss), window_steps + 1
-            if run.progress.step % config.log_every_steps == 0 and window_steps:
-                windows.append(_log_window(run, window_loss / window_steps))
-                window_loss, window_steps = 0.0, 0
-            if stop:
-                stopped_by = (run.guard.stop.received if run.guard.stop else None) or 15
-            if _finished(run) or stopped_by is not None:
-                break
-            if run.checkpointer.due(run.progress.step):
-                _save(run)
-            fire_if_due(fault, run.progress.step)
-    if window_steps:
-        windows.append(_log_window(run, window_loss / window_steps))
-    run.checkpointer.finish()
-    if not windows:
-        return float("nan"), float("nan"), stopped_by
-    return windows[0], windows[-1], stopped_by
-
-
-def _log_window(run: _RankerRun, local_mean: float) -> float:
-    mean = _all_ranks_sum(local_mean, run.env) / run.env.world_size
-    record = {"step": run.progress.step, "epoch": run.progress.epoch, "loss": mean}
-    run.run_log.log(record)
-    if run.env.is_main:
-        logger.info("step %d epoch %d loss %.4f", run.progress.step, run.progress.epoch, mean)
-    return mean
-
-
-def _all_ranks_sum(value: float, env: DistributedEnv) -> Any:
-    tensor = torch.tensor([value], dtype=torch.float64, device=env.device)
-    dist.all_reduce(tensor)
-    result = tensor.item()
-    return int(result) if isinstance(value, int) else result
-
-
-def _finished(run: _RankerRun) -> bool:
-    max_steps = run.config.train.max_steps
-    return max_steps is not None and run.progress.step >= max_steps
+        (session.run_dir / RANKER_METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        logger.info(
+            "ranker on %s:\n%s",
+            config.eval.split,
+            format_ranker_metrics(metrics, tuple(task.manifest.schema.labels)),
+        )
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:

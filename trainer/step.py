@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -23,8 +22,7 @@ from models.retrieval_loss import retrieval_loss
 from trainer.distillation import Distillation
 from trainer.negatives.negative_sampling import NegativeSampling, step_generator
 from trainer.runtime.distributed import DistributedEnv
-from trainer.runtime.signals import StopSignals
-from trainer.runtime.step_guard import StepGuard
+from trainer.runtime.step_guard import StepGuard, StepOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +38,8 @@ class StepContext:
         manifest: the dataset manifest (corpus for mined negatives).
         config: the experiment configuration.
         env: this rank (seeds the step's random draws; device for the vote).
-        stop: stop requests by signal (None: none caught).
-        bad_batch_dir: where a batch with a non-finite loss is saved.
+        guard: the pre-update vote (``Session.guard()``: stop signals, bad batches saved
+            under the run); None: a vote without either.
         distillation: losses from the ranker (``Distillation.build``, which loads the teacher:
             the job builds it explicitly on every rank); None: no distillation.
     """
@@ -52,25 +50,12 @@ class StepContext:
     manifest: Manifest
     config: ExperimentConfig
     env: DistributedEnv
-    stop: StopSignals | None = None
-    bad_batch_dir: Path | None = None
+    guard: StepGuard | None = None
     distillation: Distillation | None = None
 
     def __post_init__(self) -> None:
-        self.guard = StepGuard(self.env, self.stop, self.bad_batch_dir)
-
-
-@dataclass(frozen=True)
-class StepOutcome:
-    """Args:
-    loss: scalar (detached) loss of this rank's batch.
-    skipped: some rank's loss was not finite; no rank updated anything.
-    stop: some rank received a stop signal; the loop saves and stops after this step.
-    """
-
-    loss: torch.Tensor
-    skipped: bool
-    stop: bool
+        if self.guard is None:
+            self.guard = StepGuard(self.env)
 
 
 def train_step(model: torch.nn.Module, batch: Batch, step: int, ctx: StepContext) -> StepOutcome:
@@ -90,10 +75,11 @@ def train_step(model: torch.nn.Module, batch: Batch, step: int, ctx: StepContext
     if ctx.distillation is not None:
         loss = loss + ctx.distillation.loss(batch, scored, outputs.temperature, generator)
     loss = loss + debiased.aux_loss  # the heads' MSE: gradient reaches only the heads
+    assert ctx.guard is not None
     verdict = ctx.guard.vote(loss, batch, step)
     if verdict.skip:
-        return StepOutcome(loss.detach(), True, verdict.stop)
+        return StepOutcome({"loss": loss.detach()}, True, verdict.stop)
     loss.backward()
     ctx.dense_optimizer.step()
     ctx.negatives.remember(in_batch, step)
-    return StepOutcome(loss.detach(), False, verdict.stop)
+    return StepOutcome({"loss": loss.detach()}, False, verdict.stop)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from config import load_config
 from launch.cli import main
 from launch.slurm import (
     PORT_BASE,
@@ -29,8 +30,11 @@ from launch.slurm import (
     submit,
 )
 from tests.tiny_dataset import write_tiny_dataset
+from trainer.ranker_train import train_ranker
 from trainer.runtime.checkpoint import latest_checkpoint
+from trainer.runtime.distributed import shutdown
 from trainer.runtime.run_logger import read_metrics
+from trainer.train import train
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SCRIPT = REPO / "launch" / "slurm_local_cluster.sh"
@@ -236,40 +240,76 @@ def test_two_cpu_ranks_train_through_slurm(tmp_path: Path, slurm_cluster: None) 
     assert {r.steps for r in results} == {TRAIN_ROWS // (32 * 2)}
 
 
-@pytest.mark.slow
-def test_two_cpu_ranks_train_the_ranker_through_slurm(tmp_path: Path, slurm_cluster: None) -> None:
-    """Any job runs through SLURM: the ranker's two tasks train one model together."""
-    config = _config(tmp_path, write_tiny_dataset(tmp_path / "data"))
-    options = SlurmOptions(nodes=1, cpu_ranks=2, time_min=10, job_name="twotower-ranker")
-    overrides = ["ranker.embedding_dim=8", "ranker.mlp=[16]", "eval.at_end=false"]
-    results = _finish(submit(options, make_task(options, str(config), overrides, "train-ranker")))
-    assert len(results) == 2 and results[0].steps == results[1].steps == TRAIN_ROWS // 64
-    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
-    assert summary["steps"] == TRAIN_ROWS // 64 and summary["stopped_by_signal"] is None
-    assert latest_checkpoint(tmp_path / "run") is not None
-
-
-@pytest.mark.slow
-def test_requeued_job_finishes(tmp_path: Path, slurm_cluster: None) -> None:
-    """Requeued mid-run by an administrator (`scontrol requeue`); the second attempt resumes
-    from the latest complete checkpoint and runs the run to its end."""
-    epochs = 10
-    config = _config(tmp_path, write_tiny_dataset(tmp_path / "data"), epochs)
-    options = SlurmOptions(nodes=1, cpu_ranks=2, time_min=30, job_name="twotower-requeue")
-    job = submit(options, make_task(options, str(config), []))
+def _requeue_once_saved(job, run: Path) -> list:
+    """Requeues ``job`` (`scontrol requeue`, as an administrator would) once its run saved a
+    complete checkpoint; the results of the second attempt."""
     deadline = time.monotonic() + 300
-    while latest_checkpoint(tmp_path / "run") is None:
+    while latest_checkpoint(run) is None:
         assert _job_state(job.job_id)[0] in {"PENDING", "RUNNING"}, _job_state(job.job_id)
-        assert time.monotonic() < deadline, "training never saved a checkpoint"
+        assert time.monotonic() < deadline, "the job never saved a checkpoint"
         time.sleep(0.5)
     subprocess.run(["scontrol", "requeue", job.job_id], check=True)
     assert _wait_until(job.job_id, {"PENDING"}, 120) == "PENDING"
     results = _finish(job)
+    first_rank_log = (Path(job.paths.folder) / f"{job.job_id}_0_log.err").read_text()
+    assert "restart 1" in first_rank_log
+    return results
+
+
+@pytest.mark.slow
+def test_requeued_job_finishes(tmp_path: Path, slurm_cluster: None) -> None:
+    """Retrieval training requeued mid-run; the second attempt resumes from the latest
+    complete checkpoint and runs the run to its end."""
+    epochs = 10
+    config = _config(tmp_path, write_tiny_dataset(tmp_path / "data"), epochs)
+    options = SlurmOptions(nodes=1, cpu_ranks=2, time_min=30, job_name="twotower-requeue")
+    job = submit(options, make_task(options, str(config), []))
+    results = _requeue_once_saved(job, tmp_path / "run")
     run = tmp_path / "run"
     _check_run(run, epochs, results)
     logged = [record["step"] for record in read_metrics(run) if "loss" in record]
     assert logged == list(range(2, results[0].steps + 1, 2))  # each step logged once
-    first_rank_log = (Path(job.paths.folder) / f"{job.job_id}_0_log.err").read_text()
-    assert "restart 1" in first_rank_log
     resumed = json.loads((run / "train_summary.json").read_text())["resumed_from"]
     assert resumed is not None and "checkpoints/step-" in resumed
+
+
+SMALL_RANKER = ["ranker.embedding_dim=8", "ranker.mlp=[16]", "ranker.cross_layers=1"]
+
+
+def _start_runs(tmp_path: Path, config: Path) -> list[str]:
+    """A retrieval run and a ranker run (in this process) for alignment to start from."""
+    short = ["train.max_steps=4", "eval.at_end=false", *SMALL_RANKER]
+    try:
+        train(load_config(config, [*short, f"run.dir={tmp_path / 'base'}"]))
+        train_ranker(load_config(config, [*short, f"run.dir={tmp_path / 'ranker'}"]))
+    finally:
+        shutdown()
+    return [
+        f"checkpoint.resume_from={tmp_path / 'base'}",
+        f"alignment.reward_checkpoint={tmp_path / 'ranker'}",
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", ["train-ranker", "align"])
+def test_requeued_ranker_and_alignment_jobs_finish(
+    job: str, tmp_path: Path, slurm_cluster: None
+) -> None:
+    """Any job runs through SLURM on two tasks and survives a requeue: the ranker and
+    alignment resume from their latest checkpoint and finish, each step logged once."""
+    config = _config(tmp_path, write_tiny_dataset(tmp_path / "data"), epochs=6)
+    overrides = [*SMALL_RANKER, "eval.at_end=false"]
+    if job == "align":
+        overrides += [*_start_runs(tmp_path, config), "alignment.steps=40", "alignment.k=8"]
+        overrides += ["alignment.top_n=3"]
+    options = SlurmOptions(nodes=1, cpu_ranks=2, time_min=30, job_name=f"twotower-{job}")
+    submitted = submit(options, make_task(options, str(config), overrides, job))
+    results = _requeue_once_saved(submitted, tmp_path / "run")
+    steps = 40 if job == "align" else 6 * TRAIN_ROWS // 64
+    assert len(results) == 2 and results[0].steps == results[1].steps == steps
+    summary_file = "align_summary.json" if job == "align" else "train_summary.json"
+    summary = json.loads((tmp_path / "run" / summary_file).read_text())
+    assert summary["steps"] == steps and summary.get("stopped_by_signal") is None
+    assert "checkpoints/step-" in summary["resumed_from"]
+    logged = [r["step"] for r in read_metrics(tmp_path / "run") if "samples_per_s" in r]
+    assert logged == list(range(2, steps + 1, 2))

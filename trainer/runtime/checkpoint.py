@@ -9,8 +9,11 @@ It holds everything a run needs to continue as if it had never stopped:
 - ``dense_optimizer``: the data-parallel optimizer's state (replicated);
 - ``samplers``: replicated sampler state (the logQ frequency estimator);
 - ``rank<r>``: per-rank state: RNG states and the cross-batch memory;
-- ``meta.json``: step, epoch, rows trained, skipped steps, world size, every rank's data-loader
-  position (as of the last trained step) and the resolved config.
+- ``meta.json``: step, epoch, rows trained, skipped steps, world size, every rank's positions
+  (data loader as of the last trained step, the open logging window) and the resolved config.
+
+The parts come from the job and the loop as named ``Stateful`` objects
+(``trainer.runtime.state.CheckpointState``).
 
 DCP reshards tables and replicated state to any world size; per-rank state (RNG, loader
 position, memory) applies only at the world size it was saved with. Loading reads tensors only
@@ -41,6 +44,7 @@ from torch.distributed.checkpoint.planner import ReadItem
 
 from config import CheckpointConfig
 from trainer.runtime.run_files import CHECKPOINTS_DIR
+from trainer.runtime.state import CheckpointState
 
 logger = logging.getLogger(__name__)
 
@@ -74,14 +78,13 @@ class Restored:
     Args:
         path: the checkpoint folder.
         progress: step, epoch and rows at save time.
-        loader_state: this rank's data-loader state, None when the world size changed.
-        rank_state: this rank's own state as loaded (None when the world size changed).
+        same_world_size: saved at this world size (per-rank parts were restored too).
+        meta: the checkpoint's meta.json.
     """
 
     path: Path
     progress: Progress
-    loader_state: dict[str, Any] | None
-    rank_state: dict[str, Any] | None
+    same_world_size: bool
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -279,10 +282,8 @@ class Checkpointer:
 
     def save(
         self,
-        parts: dict[str, Any],
-        rank_parts: dict[str, Any],
+        state: CheckpointState,
         progress: Progress,
-        loader_state: dict[str, Any],
         extra_meta: dict[str, Any],
         best: bool = False,
     ) -> Path:
@@ -291,21 +292,21 @@ class Checkpointer:
         ``best``, writes the best-validation checkpoint instead (:meth:`_save_best`).
 
         Args:
-            parts: replicated or sharded state (same keys on every rank), e.g. ``model``.
-            rank_parts: this rank's own state (stored under ``rank<r>``).
+            state: the parts (``trainer.runtime.state``): shared tensors, this rank's tensors
+                (stored under ``rank<r>`` with its RNG states), this rank's JSON positions.
             progress: step, epoch, rows, skipped steps.
-            loader_state: this rank's data-loader state as of the last trained step.
             extra_meta: JSON-safe additions to meta.json (e.g. the resolved config).
         """
         self.finish()
-        state = _without_empty({**parts, f"rank{self.rank}": {**rank_parts, "rng": rng_state()}})
+        tensors = _without_empty(_tensor_state(state, self.rank))
+        positions = {name: part.state_dict() for name, part in state.positions.items()}
+        meta = {**extra_meta, **self._meta(progress, positions)}
         if best:
-            return self._save_best(state, {**extra_meta, **self._meta(progress, loader_state)})
+            return self._save_best(tensors, meta)
         path = checkpoint_dir(self.run_dir, progress.step)
         if self.rank == 0 and path.exists():
             shutil.rmtree(path)  # an interrupted save of the same step
         dist.barrier()
-        meta = {**extra_meta, **self._meta(progress, loader_state)}
         if self.config.async_save:
             # Writes from a copy in a background thread, over a process group of its own so its
             # collectives never interleave with training's.
@@ -314,11 +315,11 @@ class Checkpointer:
                 self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
             assert self._writer is not None
             future = self._writer.submit(
-                dcp.save, _snapshot(state), checkpoint_id=str(path), process_group=self._group
+                dcp.save, _snapshot(tensors), checkpoint_id=str(path), process_group=self._group
             )
             self._pending = (future, path, meta)
         else:
-            dcp.save(state, checkpoint_id=str(path))
+            dcp.save(tensors, checkpoint_id=str(path))
             self._mark_complete(path, meta)
         return path
 
@@ -341,7 +342,7 @@ class Checkpointer:
         dist.barrier()
         return best
 
-    def _meta(self, progress: Progress, loader_state: dict[str, Any]) -> dict[str, Any]:
+    def _meta(self, progress: Progress, positions: dict[str, Any]) -> dict[str, Any]:
         return {
             "step": progress.step,
             "epoch": progress.epoch,
@@ -349,7 +350,7 @@ class Checkpointer:
             "skipped_steps": progress.skipped_steps,
             "row_digest": progress.row_digest,
             "world_size": self.world_size,
-            "loader": _gather_json(loader_state, self.world_size),
+            "positions": _gather_json(positions, self.world_size),
         }
 
     def finish(self) -> None:
@@ -378,27 +379,28 @@ class Checkpointer:
             if not (partial / COMPLETE).exists() and _step_of(partial) < keep_from:
                 shutil.rmtree(partial, ignore_errors=True)
 
-    def restore(
-        self, parts: dict[str, Any], rank_parts: dict[str, Any], path: Path | None = None
-    ) -> Restored | None:
-        """Loads the latest complete checkpoint (or ``path``) in place into ``parts`` and, at
-        the saved world size, ``rank_parts`` and the RNG. None when there is none.
-
-        ``parts`` values must be state dicts whose tensors are the live ones (DCP loads in
-        place); the caller re-applies ``parts["model"]`` with ``load_state_dict``.
-        """
+    def restore(self, state: CheckpointState, path: Path | None = None) -> Restored | None:
+        """Loads the latest complete checkpoint (or ``path``) into ``state``'s parts: the shared
+        ones always, this rank's tensors, RNG and positions only at the saved world size. None
+        when there is none."""
         path = path or latest_checkpoint(self.run_dir)
         if path is None:
             return None
         meta = json.loads((path / META).read_text())
         same = int(meta["world_size"]) == self.world_size
-        state: dict[str, Any] = dict(parts)
+        tensors = _tensor_state(state, self.rank, with_rank=same)
+        _load(_without_empty(tensors), path)
+        for name, part in state.shared.items():
+            part.load_state_dict(tensors[name])
         if same:
-            state[f"rank{self.rank}"] = {**rank_parts, "rng": rng_state()}
-        _load(_without_empty(state), path)
-        rank_state = state.get(f"rank{self.rank}")
-        if rank_state is not None:
-            set_rng_state(rank_state["rng"])
+            rank_tensors = tensors[f"rank{self.rank}"]
+            set_rng_state(rank_tensors["rng"])
+            for name, part in state.rank.items():
+                part.load_state_dict(rank_tensors[name])
+            positions = meta["positions"][self.rank]
+            for name, part in state.positions.items():
+                if name in positions:
+                    part.load_state_dict(positions[name])
         else:
             logger.warning(
                 "%s was saved by %s ranks, resuming with %s: tables and optimizer state "
@@ -416,8 +418,18 @@ class Checkpointer:
             skipped_steps=int(meta.get("skipped_steps", 0)),
             row_digest=int(meta.get("row_digest", 0)),
         )
-        loader = meta["loader"][self.rank] if same else None
-        return Restored(path, progress, loader, rank_state, meta)
+        return Restored(path, progress, same, meta)
+
+
+def _tensor_state(state: CheckpointState, rank: int, with_rank: bool = True) -> dict[str, Any]:
+    """The tensors DCP saves or loads: every shared part's state dict and (``with_rank``) this
+    rank's parts with its RNG states under ``rank<r>``."""
+    tensors: dict[str, Any] = {name: part.state_dict() for name, part in state.shared.items()}
+    if not with_rank:
+        return tensors
+    rank_tensors = {name: part.state_dict() for name, part in state.rank.items()}
+    tensors[f"rank{rank}"] = {**rank_tensors, "rng": rng_state()}
+    return tensors
 
 
 def _without_empty(state: dict[str, Any]) -> dict[str, Any]:

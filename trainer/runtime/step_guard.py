@@ -5,7 +5,8 @@ every rank before any rank calls backward. One small all-reduce answers both que
 boundary has: is some rank's loss not finite (then no rank updates; the batch that produced it
 is saved under ``<run>/bad_batches``), and has some rank been asked to stop by a signal (then
 every rank finishes this step, the job saves and stops). What a skipped step means for the run
-is ``train.non_finite_loss`` (skip or halt) and ``train.max_skipped_steps``: :func:`count_skip`.
+is ``train.non_finite_loss`` (skip or halt) and ``train.max_skipped_steps``: :func:`count_skip`,
+which the training loop applies to every job's :class:`StepOutcome`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from config import NonFinitePolicy, TrainConfig
+from config import NonFinitePolicy
 from data_pipeline.batch import Batch
 from trainer.runtime.checkpoint import Progress
 from trainer.runtime.distributed import DistributedEnv
@@ -39,6 +40,26 @@ class Verdict:
 
     skip: bool
     stop: bool
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What a job's step reports to the loop.
+
+    Args:
+        losses: scalar (detached) losses of this rank's batch by name, ``loss`` the optimised
+            one (alignment adds its KL and sampled reward); averaged per logging window.
+        skipped: some rank's loss was not finite; no rank updated anything.
+        stop: some rank received a stop signal; the loop saves and stops after this step.
+    """
+
+    losses: dict[str, torch.Tensor]
+    skipped: bool
+    stop: bool
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.losses["loss"]
 
 
 @dataclass
@@ -73,18 +94,18 @@ class StepGuard:
         return Verdict(skip, stop)
 
 
-def count_skip(progress: Progress, train: TrainConfig, where: Path | None) -> None:
-    """Counts a skipped step; raises :class:`NonFiniteLossError` when the policy says halt
-    or too many steps were skipped (``where``: the bad-batch folder, for the message)."""
+def count_skip(
+    progress: Progress, policy: NonFinitePolicy, max_skipped: int, where: Path | None
+) -> None:
+    """Counts a skipped step; raises :class:`NonFiniteLossError` when ``policy`` says halt or
+    more than ``max_skipped`` steps were skipped (``where``: the bad-batch folder, for the
+    message)."""
     progress.skipped_steps += 1
-    if (
-        train.non_finite_loss is NonFinitePolicy.HALT
-        or progress.skipped_steps > train.max_skipped_steps
-    ):
+    if policy is NonFinitePolicy.HALT or progress.skipped_steps > max_skipped:
         raise NonFiniteLossError(
             f"step {progress.step}: non-finite loss ({progress.skipped_steps} skipped so far; "
-            f"train.non_finite_loss={train.non_finite_loss.value}, "
-            f"train.max_skipped_steps={train.max_skipped_steps}); the batch is in {where}"
+            f"train.non_finite_loss={policy.value}, "
+            f"train.max_skipped_steps={max_skipped}); the batch is in {where}"
         )
 
 
