@@ -41,6 +41,7 @@ from models.two_tower import TwoTowerModel
 from trainer.build import label_weights, loader_spec, model_schema, model_tables
 from trainer.distillation import Distillation
 from trainer.evaluation.corpus import first_row_batch
+from trainer.features import ResolvedFeatures, resolve_features
 from trainer.negatives.negative_sampling import NegativeSampling
 from trainer.runtime.distributed import DistributedEnv, shutdown
 from trainer.runtime.logs import configure_logging
@@ -205,16 +206,18 @@ class PlainOptimizers:
 
 
 def build_plain_model(
-    manifest: Manifest, config: ExperimentConfig, sparse_gradients: bool = True
+    manifest: Manifest,
+    config: ExperimentConfig,
+    sparse_gradients: bool = True,
+    features: ResolvedFeatures | None = None,
 ) -> TwoTowerModel:
     """The trainer's own :class:`TwoTowerModel` (towers, temperature, heads, forward) over
     plain-PyTorch bags instead of TorchRec collections."""
     if config.model.history.enabled:
         raise ValueError("the plain baseline has no history encoder: model.history.enabled")
-    schema = model_schema(manifest, config)
-    bags = PlainEmbeddingBags(
-        schema, model_tables(manifest, config), config.model, sparse_gradients
-    )
+    schema = model_schema(manifest, config, features)
+    tables = model_tables(manifest, config, features)
+    bags = PlainEmbeddingBags(schema, tables, config.model, sparse_gradients)
     sparse = SparsePart(bags=bags, pooled_features=list(bags.feature_order), dims=bags.dims)
     return TwoTowerModel(schema, sparse, config.model)
 
@@ -225,12 +228,13 @@ def step_context(
     config: ExperimentConfig,
     env: DistributedEnv,
     guard: StepGuard | None = None,
+    features: ResolvedFeatures | None = None,
 ) -> StepContext:
     """What :func:`trainer.step.train_step` needs, with the plain optimizers."""
     return StepContext(
         dense_optimizer=cast(torch.optim.Optimizer, PlainOptimizers(model, config)),
         label_weights=label_weights(manifest, config).to(env.device),
-        negatives=NegativeSampling.build(config, manifest, env),
+        negatives=NegativeSampling.build(config, manifest, env, features),
         manifest=manifest,
         config=config,
         env=env,
@@ -246,6 +250,7 @@ class PlainTask:
     model: DistributedDataParallel
     context: StepContext
     loader: Any
+    features: ResolvedFeatures
 
     @property
     def dense_optimizer(self) -> PlainOptimizers:
@@ -255,24 +260,25 @@ class PlainTask:
     def build(
         cls, config: ExperimentConfig, manifest: Manifest, session: Session, sparse: bool
     ) -> PlainTask:
-        env = session.env
-        plain = build_plain_model(manifest, config, sparse)
+        env, features = session.env, resolve_features(manifest, config)
+        plain = build_plain_model(manifest, config, sparse, features)
         model = DistributedDataParallel(plain.to(env.device))
-        context = step_context(model, manifest, config, env, session.guard())
+        context = step_context(model, manifest, config, env, session.guard(), features)
         loader = build_event_loader(
-            loader_spec(config, config.data.train_split, True, manifest),
+            loader_spec(config, config.data.train_split, True, manifest, features),
             manifest,
             env.rank,
             env.world_size,
         )
-        return cls(model, context, loader)
+        return cls(model, context, loader, features)
 
     def step(self, batch: Batch, step: int) -> StepOutcome:
         return train_step(self.model, batch, step, self.context)
 
     def fallback_batch(self) -> Batch:
         config = self.context.config
-        return first_row_batch(self.context.manifest, config, config.data.train_split)
+        split = config.data.train_split
+        return first_row_batch(self.context.manifest, config, split, self.features)
 
     def checkpoint_state(self) -> CheckpointState:
         negatives = self.context.negatives

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from config.errors import Fail
 from config.negatives import CorpusDistribution
+from config.train import TrainConfig, validate_train
+
+
+def _alignment_loop() -> TrainConfig:
+    """200 steps at a small dense rate (the policy starts trained), cycling over epochs."""
+    return TrainConfig(epochs=None, max_steps=200, dense_lr=1e-4, sparse_lr=0.01)
 
 
 class AlignmentMethod(enum.Enum):
@@ -35,11 +41,10 @@ class AlignmentConfig:
     kl_coefficient: float = 0.1
     # DPO's beta (method dpo): scale of the log-ratio margins in its logistic loss.
     dpo_beta: float = 1.0
-    steps: int = 200
     method: AlignmentMethod = AlignmentMethod.REINFORCE
-    # Dense (AdamW) and table (fused ``train.sparse_optimizer``) learning rates of the policy.
-    lr: float = 1e-4
-    sparse_lr: float = 0.01
+    # The policy's loop: train.max_steps steps (epochs null: cycling over the train split),
+    # dense (AdamW) and fused table learning rates, logging, non-finite policy, schedule.
+    train: TrainConfig = field(default_factory=_alignment_loop)
     # Cutoff of the expected-ranker-reward measurement before and after alignment.
     eval_k: int = 10
 
@@ -55,9 +60,6 @@ def validate_alignment(alignment: AlignmentConfig, fail: Fail) -> None:
         fail("alignment.kl_coefficient", "must be >= 0")
     if alignment.dpo_beta <= 0:
         fail("alignment.dpo_beta", "must be > 0 (DPO's beta)")
-    if alignment.steps < 1:
-        fail("alignment.steps", "must be >= 1")
-    if alignment.lr <= 0 or alignment.sparse_lr < 0:
-        fail("alignment.lr", "lr must be > 0 and sparse_lr >= 0")
+    validate_train(alignment.train, fail, "alignment.train")
     if alignment.eval_k < 1:
         fail("alignment.eval_k", "must be >= 1")

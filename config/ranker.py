@@ -5,14 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from config.errors import Fail
+from config.train import TrainConfig, validate_train
 
 
 @dataclass
 class RankerConfig:
     """The ranking model (``models/ranker.py``, ``twotower train-ranker``): every user and item
     feature pooled from its own tables -> DCN-v2 low-rank cross layers -> MLP -> one logit per
-    label, trained with per-label BCE. Epochs, learning rates and optimizers come from ``train``,
-    NUV weights from ``loss.label_weights``."""
+    label, trained with per-label BCE. Its loop (epochs, learning rates, optimizers, logging)
+    is ``ranker.train``, of the retrieval ``train`` section's shape; NUV weights come from
+    ``loss.label_weights``."""
 
     embedding_dim: int = 32
     cross_layers: int = 3
@@ -22,6 +24,7 @@ class RankerConfig:
     # over items/). Needed where every logged row is a positive (MovieLens): without them the
     # ranker never sees a pair the user did not engage with. Also applied to the eval split.
     sampled_negatives: int = 0
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def validate_ranker(ranker: RankerConfig, fail: Fail) -> None:
@@ -35,3 +38,4 @@ def validate_ranker(ranker: RankerConfig, fail: Fail) -> None:
         fail("ranker.mlp", f"hidden widths must be >= 1, got {ranker.mlp}")
     if ranker.sampled_negatives < 0:
         fail("ranker.sampled_negatives", "must be >= 0")
+    validate_train(ranker.train, fail, "ranker.train")

@@ -59,7 +59,12 @@ class LRScheduleConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1
+    """How a job's loop trains (``trainer/runtime/loop.py``): the retrieval job's ``train``
+    section; the ranker and alignment jobs have their own (``ranker.train``,
+    ``alignment.train``) of the same shape. ``epochs`` null: as many passes as
+    ``max_steps`` needs."""
+
+    epochs: int | None = 1
     max_steps: int | None = None
     dense_lr: float = 1e-3
     dense_weight_decay: float = 0.0
@@ -111,26 +116,36 @@ class RunConfig:
     name: str = "twotower"
 
 
-def validate_train(train: TrainConfig, fail: Fail) -> None:
+def validate_train(train: TrainConfig, fail: Fail, section: str = "train") -> None:
+    """Checks a loop section: ``train`` (retrieval), ``ranker.train`` or ``alignment.train``."""
+    if train.epochs is None and train.max_steps is None:
+        fail(f"{section}.epochs", "null (as many epochs as needed) needs max_steps")
+    if train.epochs is not None and train.epochs < 1:
+        fail(f"{section}.epochs", "must be >= 1 or null (until max_steps)")
     if train.max_steps is not None and train.max_steps < 1:
-        fail("train.max_steps", "must be >= 1 or null")
+        fail(f"{section}.max_steps", "must be >= 1 or null")
+    if train.dense_lr <= 0 or train.sparse_lr < 0:
+        fail(f"{section}.dense_lr", "dense_lr must be > 0 and sparse_lr >= 0")
     if train.max_skipped_steps < 0:
-        fail("train.max_skipped_steps", "must be >= 0")
+        fail(f"{section}.max_skipped_steps", "must be >= 0")
+    if train.log_every_steps < 1:
+        fail(f"{section}.log_every_steps", "must be >= 1")
     schedule = train.lr_schedule
     if schedule.warmup_steps < 0:
-        fail("train.lr_schedule.warmup_steps", "must be >= 0")
+        fail(f"{section}.lr_schedule.warmup_steps", "must be >= 0")
     if not 0 <= schedule.min_ratio <= 1:
-        fail("train.lr_schedule.min_ratio", "must be in [0, 1]")
+        fail(f"{section}.lr_schedule.min_ratio", "must be in [0, 1]")
     if schedule.decay is not LRDecay.CONSTANT:
         horizon = schedule.decay_steps if schedule.decay_steps is not None else train.max_steps
         if horizon is None:
             fail(
-                "train.lr_schedule.decay_steps",
-                f"decay={schedule.decay.value} needs a horizon: set decay_steps or train.max_steps",
+                f"{section}.lr_schedule.decay_steps",
+                f"decay={schedule.decay.value} needs a horizon: set decay_steps or "
+                f"{section}.max_steps",
             )
         elif horizon <= schedule.warmup_steps:
             fail(
-                "train.lr_schedule.decay_steps",
+                f"{section}.lr_schedule.decay_steps",
                 f"the decay horizon ({horizon}) must exceed warmup_steps ({schedule.warmup_steps})",
             )
 

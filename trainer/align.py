@@ -21,11 +21,12 @@ Run as ``twotower align CONFIG [k=v ...]`` (``--nproc N`` for torchrun) or
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import sys
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ from trainer.build import (
     build_sharded_model,
     item_store,
     loader_spec,
+    with_teacher_user_features,
 )
 from trainer.evaluation.corpus import first_row_batch
 from trainer.evaluation.evaluate import evaluate_model
@@ -62,6 +64,7 @@ from trainer.evaluation.ground_truth import (
     compare_top_k,
     top_k_truth,
 )
+from trainer.features import ResolvedFeatures, resolve_features
 from trainer.mips import distributed_topk
 from trainer.negatives.negative_sampling import step_generator
 from trainer.policy_corpus import embed_items, local_corpus, user_keys
@@ -166,6 +169,8 @@ class AlignTask:
     truth: TruthScorer | None  # a synthetic world's ground truth, None without one
     guard: StepGuard  # the pre-update vote: non-finite losses, stop signals
     sources: dict[str, str]  # start, reference and reward checkpoints (in each checkpoint)
+    reads: ResolvedFeatures  # what the loaders read: the policy's and the ranker's features
+    keys: list[str]  # the policy's user keys (empty bags when embedding items)
 
     def step(self, batch: Batch, step: int) -> StepOutcome:
         result, verdict = _step(self, batch, step)
@@ -173,7 +178,8 @@ class AlignTask:
         return StepOutcome(losses, verdict.skip, verdict.stop)
 
     def fallback_batch(self) -> Batch:
-        return first_row_batch(self.manifest, self.config, self.config.data.train_split)
+        split = self.config.data.train_split
+        return first_row_batch(self.manifest, self.config, split, self.reads)
 
     def checkpoint_state(self) -> CheckpointState:
         fused: Any = self.model.fused_optimizer
@@ -190,9 +196,12 @@ class AlignTask:
 
     def top_k_rows(self) -> TopKRows:
         """The policy's top-K judged by the reward model (and ground truth) on ``eval.split``."""
-        return top_k_rows(
-            self.model, self.reward, self.truth, self.store, self.manifest, self.config, self.env
-        )
+        return top_k_rows(self)
+
+    def corpus(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's corpus slice through the policy: (ids [n_r], embeddings [n_r, D])."""
+        batch_size = self.config.data.eval_batch_size
+        return local_corpus(self.model, self.store, self.keys, batch_size, self.env)
 
 
 def sample_candidates(
@@ -228,30 +237,31 @@ def _explorer(config: ExperimentConfig, manifest: Manifest, store: ItemFeatureSt
 def _build(
     config: ExperimentConfig,
     manifest: Manifest,
+    features: ResolvedFeatures,
     session: Session,
     reward: RewardFn | None,
     sources: dict[str, str],
 ) -> AlignTask:
-    alignment, env = config.alignment, session.env
-    trained = replace(
-        config, train=replace(config.train, dense_lr=alignment.lr, sparse_lr=alignment.sparse_lr)
-    )
-    policy = build_sharded_model(manifest, trained, env)
-    store = item_store(manifest, config)
-    reference = load_reference(manifest, config, Path(sources["reference"]), env.device)
+    """``features``: resolved once by the job; its loaders also read the ranker's user
+    features (the reward model scores their users)."""
+    env, train = session.env, config.alignment.train
+    policy = build_sharded_model(manifest, config, env, features, train)
+    store = item_store(manifest, config, features)
+    reference_path = Path(sources["reference"])
+    reference = load_reference(manifest, config, reference_path, env.device, features)
+    keys = user_keys(manifest, config, features)
     corpus = store.corpus_ids()
     calls = max(1, -(-len(corpus) // config.data.eval_batch_size))
     reference_items = torch.zeros(store.num_items, config.model.output_dim, device=env.device)
-    reference_items[corpus.to(env.device)] = embed_items(
-        reference, store, corpus, calls, user_keys(manifest, config)
-    )
+    reference_items[corpus.to(env.device)] = embed_items(reference, store, corpus, calls, keys)
     if reward is None:
         # The ranker's own item side: every stored item feature, as it was trained on.
         reward = load_reward_model(
             config, manifest, ItemFeatureStore.load(config.data.path, manifest)
         )
+    reads = with_teacher_user_features(features, manifest)
     loader = build_event_loader(
-        loader_spec(config, config.data.train_split, True, manifest),
+        loader_spec(config, config.data.train_split, True, manifest, reads),
         manifest,
         env.rank,
         env.world_size,
@@ -261,7 +271,7 @@ def _build(
         manifest=manifest,
         env=env,
         model=policy,
-        dense_optimizer=build_dense_optimizer(policy, trained),
+        dense_optimizer=build_dense_optimizer(policy, config, train),
         reference=reference,
         reference_items=reference_items,
         reward=reward,
@@ -271,6 +281,8 @@ def _build(
         truth=load_truth(config, manifest, store, reward, env),
         guard=session.guard(),
         sources=sources,
+        reads=reads,
+        keys=keys,
     )
 
 
@@ -281,7 +293,7 @@ def _step(task: AlignTask, batch: Batch, step: int) -> tuple[AlignmentLoss, Verd
     task.dense_optimizer.zero_grad()
     generator = step_generator(task.config.seed, env.rank, step, env.device)
     with torch.no_grad():
-        corpus_ids, corpus = local_corpus(task.model, task.store, task.manifest, task.config, env)
+        corpus_ids, corpus = task.corpus()
         users = task.model(batch.user_features, batch.item_features).user.float()
         _, top_ids = distributed_topk(users, corpus, corpus_ids, alignment.top_n)
         explore, _ = task.explorer.sample(batch.size * (alignment.k - alignment.top_n), generator)
@@ -315,38 +327,31 @@ def _step(task: AlignTask, batch: Batch, step: int) -> tuple[AlignmentLoss, Verd
 
 
 @torch.no_grad()
-def top_k_rows(
-    model: torch.nn.Module,
-    reward: RewardFn,
-    truth: TruthScorer | None,
-    store: ItemFeatureStore,
-    manifest: Manifest,
-    config: ExperimentConfig,
-    env: DistributedEnv,
-) -> TopKRows:
-    """Ranker reward (and ground truth) of the model's top ``alignment.eval_k`` items (exact
+def top_k_rows(task: AlignTask) -> TopKRows:
+    """Ranker reward (and ground truth) of the policy's top ``alignment.eval_k`` items (exact
     MIPS over the corpus, nothing excluded) for every event of ``eval.split``; collective."""
+    model, config, env = task.model, task.config, task.env
     was_training = model.training
     model.eval()
-    corpus_ids, corpus = local_corpus(model, store, manifest, config, env)
+    corpus_ids, corpus = task.corpus()
     split = config.eval.split
-    loader = build_event_loader(
-        loader_spec(config, split, False, manifest), manifest, env.rank, env.world_size
-    )
+    spec = loader_spec(config, split, False, task.manifest, task.reads)
+    loader = build_event_loader(spec, task.manifest, env.rank, env.world_size)
+    fallback = functools.partial(first_row_batch, task.manifest, config, split, task.reads)
     rewards: list[torch.Tensor] = []
     truths: list[TopKTruth] = []
-    for batch in synchronized(loader, env, lambda: first_row_batch(manifest, config, split)):
+    for batch in synchronized(loader, env, fallback):
         users = model(batch.user_features, batch.item_features).user.float()
         _, ids = distributed_topk(users, corpus, corpus_ids, config.alignment.eval_k)
         live = batch.weight > 0
-        rewards.append(reward(batch.user_features, ids).double().mean(dim=1)[live])
-        if truth is not None:
-            truths.append(top_k_truth(truth, batch.user_ids[live], ids[live]))
+        rewards.append(task.reward(batch.user_features, ids).double().mean(dim=1)[live])
+        if task.truth is not None:
+            truths.append(top_k_truth(task.truth, batch.user_ids[live], ids[live]))
     model.train(was_training)
     empty = torch.zeros(0, dtype=torch.float64, device=env.device)
     columns = range(len(TopKTruth._fields))
     joined = TopKTruth(*(torch.cat([empty, *(t[c] for t in truths)]) for c in columns))
-    return TopKRows(torch.cat([empty, *rewards]), joined if truth is not None else None)
+    return TopKRows(torch.cat([empty, *rewards]), joined if task.truth is not None else None)
 
 
 def align(config: ExperimentConfig, reward: RewardFn | None = None) -> AlignResult:
@@ -358,6 +363,7 @@ def align(config: ExperimentConfig, reward: RewardFn | None = None) -> AlignResu
     if config.alignment.reference_checkpoint is not None:
         with_start_model(config, reference_path, "alignment.reference_checkpoint")
     manifest = Manifest.load(config.data.path)
+    features = resolve_features(manifest, config)
     sources = {
         "start": str(start),
         "reference": str(reference_path),
@@ -365,8 +371,8 @@ def align(config: ExperimentConfig, reward: RewardFn | None = None) -> AlignResu
     }
     session = Session.open(config)
     try:
-        task = _build(config, manifest, session, reward, sources)
-        loop = TrainingLoop(session, task, _loop_spec(config))
+        task = _build(config, manifest, features, session, reward, sources)
+        loop = TrainingLoop(session, task, LoopSpec.of(config.alignment.train))
         if loop.restore() is None:
             # A new phase: the start checkpoint's weights, fresh optimizers.
             meta = load_model(start, task.model)
@@ -379,7 +385,9 @@ def align(config: ExperimentConfig, reward: RewardFn | None = None) -> AlignResu
             for name, value in compare_top_k(before, after, session.env)._asdict().items():
                 setattr(result, name, value)
             if config.eval.at_end:
-                metrics = evaluate_model(task.model, manifest, config, session.env, session.run_dir)
+                metrics = evaluate_model(
+                    task.model, manifest, config, session.env, session.run_dir, features=features
+                )
                 result.metrics = metrics["model"]
         session.run_log.log({"step": result.steps, **result.measures()})
         if session.env.is_main:
@@ -389,13 +397,6 @@ def align(config: ExperimentConfig, reward: RewardFn | None = None) -> AlignResu
     finally:
         session.close()
     return result
-
-
-def _loop_spec(config: ExperimentConfig) -> LoopSpec:
-    """``alignment.steps`` steps (cycling over the train split) at ``alignment.lr``; the rest
-    of the loop's behaviour (logging, non-finite policy, schedule) from ``train``."""
-    alignment = config.alignment
-    return LoopSpec.of(config.train, epochs=None, max_steps=alignment.steps, lr=alignment.lr)
 
 
 def _log_measures(config: ExperimentConfig, result: AlignResult) -> None:

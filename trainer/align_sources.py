@@ -27,6 +27,7 @@ from trainer.evaluation.ground_truth import (
     TruthScorer,
     load_truth_scorer,
 )
+from trainer.features import ResolvedFeatures
 from trainer.ranker_build import load_ranker
 from trainer.runtime.checkpoint import load_model, model_checkpoint
 from trainer.runtime.distributed import (
@@ -132,11 +133,15 @@ def load_truth(
 
 
 def load_reference(
-    manifest: Manifest, config: ExperimentConfig, path: Path, device: torch.device
+    manifest: Manifest,
+    config: ExperimentConfig,
+    path: Path,
+    device: torch.device,
+    features: ResolvedFeatures | None = None,
 ) -> TwoTowerModel:
     """A frozen unsharded replica of the retrieval model at ``path`` (a checkpoint folder or a
     run directory's latest; eval mode, no gradients)."""
-    reference = build_unsharded_model(manifest, config, device=device)
+    reference = build_unsharded_model(manifest, config, device, features)
     load_model(model_checkpoint(path), reference)
     reference.eval()
     for parameter in reference.parameters():

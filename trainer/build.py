@@ -10,7 +10,7 @@ from torchrec.distributed import DistributedModelParallel
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from config import ConfigError, ExperimentConfig
+from config import ConfigError, ExperimentConfig, TrainConfig
 from data_pipeline.batch import BatchBuilder
 from data_pipeline.derived import history_feature_tables, with_derived_features
 from data_pipeline.feature_encoding import FeatureEncoding
@@ -38,24 +38,38 @@ def _derived_schema(resolved: ResolvedFeatures, config: ExperimentConfig) -> Eve
     )
 
 
-def model_schema(manifest: Manifest, config: ExperimentConfig) -> EventSchema:
+def _resolved(
+    manifest: Manifest, config: ExperimentConfig, features: ResolvedFeatures | None
+) -> ResolvedFeatures:
+    """The job's resolved features (a job resolves once and passes them to every builder);
+    resolved here for a caller that has none."""
+    return features if features is not None else resolve_features(manifest, config)
+
+
+def model_schema(
+    manifest: Manifest, config: ExperimentConfig, features: ResolvedFeatures | None = None
+) -> EventSchema:
     """The model-facing schema: the stored features the config selects (``features``) plus the
     derived ones it switches on."""
-    return _derived_schema(resolve_features(manifest, config), config)
+    return _derived_schema(_resolved(manifest, config, features), config)
 
 
-def model_tables(manifest: Manifest, config: ExperimentConfig) -> dict[str, int]:
+def model_tables(
+    manifest: Manifest, config: ExperimentConfig, features: ResolvedFeatures | None = None
+) -> dict[str, int]:
     """Table sizes: the manifest's, features' own tables, the history encoder's tables."""
-    tables = resolve_features(manifest, config).tables
+    tables = _resolved(manifest, config, features).tables
     recency = history_recency(config)
     if recency < 0:
         return tables
     return {**tables, **history_feature_tables(manifest.schema, recency)}
 
 
-def batch_builder(manifest: Manifest, config: ExperimentConfig) -> BatchBuilder:
+def batch_builder(
+    manifest: Manifest, config: ExperimentConfig, features: ResolvedFeatures | None = None
+) -> BatchBuilder:
     """Arrow -> Batch for the model's features (stored plus derived)."""
-    resolved = resolve_features(manifest, config)
+    resolved = _resolved(manifest, config, features)
     return BatchBuilder(
         _derived_schema(resolved, config),
         config.data.recent_history,
@@ -64,59 +78,69 @@ def batch_builder(manifest: Manifest, config: ExperimentConfig) -> BatchBuilder:
     )
 
 
-def item_store(manifest: Manifest, config: ExperimentConfig) -> ItemFeatureStore:
+def item_store(
+    manifest: Manifest, config: ExperimentConfig, features: ResolvedFeatures | None = None
+) -> ItemFeatureStore:
     """The item corpus by id, encoded like the training batches' item side."""
-    resolved = resolve_features(manifest, config)
+    resolved = _resolved(manifest, config, features)
     return ItemFeatureStore.load(
         config.data.path, manifest, _derived_schema(resolved, config), resolved.encoding
     )
 
 
 def build_unsharded_model(
-    manifest: Manifest, config: ExperimentConfig, device: torch.device | None = None
+    manifest: Manifest,
+    config: ExperimentConfig,
+    device: torch.device | None = None,
+    features: ResolvedFeatures | None = None,
 ) -> TwoTowerModel:
-    resolved = resolve_features(manifest, config)
+    resolved = _resolved(manifest, config, features)
     try:
         schema = _derived_schema(resolved, config)
-        sparse = build_sparse_part(
-            schema, model_tables(manifest, config), config.model, resolved.layout, device
-        )
+        tables = model_tables(manifest, config, resolved)
+        sparse = build_sparse_part(schema, tables, config.model, resolved.layout, device)
         return TwoTowerModel(schema, sparse, config.model, layout=resolved.layout)
     except ValueError as error:
         raise ConfigError(f"model: {error}") from error
 
 
 def build_sharded_model(
-    manifest: Manifest, config: ExperimentConfig, env: DistributedEnv
+    manifest: Manifest,
+    config: ExperimentConfig,
+    env: DistributedEnv,
+    features: ResolvedFeatures | None = None,
+    train: TrainConfig | None = None,
 ) -> DistributedModelParallel:
     """Tables created on ``meta`` and materialized shard by shard by DMP; dense layers are
-    data-parallel. The fused sparse optimizer is attached before sharding."""
-    model = build_unsharded_model(manifest, config, device=torch.device("meta"))
-    attach_sparse_optimizer(model, config.train.sparse_optimizer, config.train.sparse_lr)
+    data-parallel. The fused sparse optimizer of the job's loop section ``train`` (default
+    ``config.train``) is attached before sharding."""
+    model = build_unsharded_model(manifest, config, torch.device("meta"), features)
+    section = train if train is not None else config.train
+    attach_sparse_optimizer(model, section.sparse_optimizer, section.sparse_lr)
     return shard_model(model, config.sharding, env.device, env.world_size)
 
 
-def build_dense_optimizer(model: nn.Module, config: ExperimentConfig) -> KeyedOptimizerWrapper:
-    """AdamW over every parameter that has no fused in-backward optimizer."""
+def build_dense_optimizer(
+    model: nn.Module, config: ExperimentConfig, train: TrainConfig | None = None
+) -> KeyedOptimizerWrapper:
+    """AdamW over every parameter that has no fused in-backward optimizer, at the rates of the
+    job's loop section ``train`` (default: the retrieval job's ``config.train``)."""
+    section = train if train is not None else config.train
     dense = dict(in_backward_optimizer_filter(model.named_parameters()))
     return KeyedOptimizerWrapper(
         dense,
         lambda params: torch.optim.AdamW(
-            params, lr=config.train.dense_lr, weight_decay=config.train.dense_weight_decay
+            params, lr=section.dense_lr, weight_decay=section.dense_weight_decay
         ),
     )
 
 
-def teacher_reads_batch(config: ExperimentConfig) -> bool:
-    """A frozen ranker scores the training batch's users: the listwise distillation teacher,
-    or the reward model of alignment."""
-    return config.distillation.listwise.enabled or config.alignment.reward_checkpoint is not None
-
-
 def with_teacher_user_features(resolved: ResolvedFeatures, manifest: Manifest) -> ResolvedFeatures:
     """The student's features plus the stored user features the ranker reads (every user
-    feature of the manifest, as the ranker trains on them): the training loader reads the union
-    of what the student and its teacher need. The student's model selects its own keys."""
+    feature of the manifest, as the ranker trains on them): a job whose batches a frozen ranker
+    also scores (the listwise distillation teacher, alignment's reward model) asks its loader
+    for the union of what the student and the ranker need. The student's model selects its own
+    keys."""
     have = {feature.name for feature in resolved.schema.features}
     extra = [feature for feature in manifest.schema.user_features() if feature.name not in have]
     if not extra:
@@ -142,13 +166,17 @@ def label_weights(manifest: Manifest, config: ExperimentConfig) -> torch.Tensor:
 
 
 def loader_spec(
-    config: ExperimentConfig, split: str, train: bool, manifest: Manifest | None = None
+    config: ExperimentConfig,
+    split: str,
+    train: bool,
+    manifest: Manifest | None = None,
+    features: ResolvedFeatures | None = None,
 ) -> LoaderSpec:
-    """The loader of ``split``; with ``manifest``, it reads only the configured features."""
+    """The loader of ``split``; with ``manifest``, it reads only ``features`` (default: the
+    configured ones; a job whose ranker scores the batches passes
+    :func:`with_teacher_user_features`)."""
     data = config.data
-    resolved = resolve_features(manifest, config) if manifest is not None else None
-    if resolved is not None and manifest is not None and teacher_reads_batch(config):
-        resolved = with_teacher_user_features(resolved, manifest)
+    resolved = _resolved(manifest, config, features) if manifest is not None else None
     # Without the manifest the loader fits the encoding to the manifest's own features.
     encoding = resolved.encoding if resolved else None
     if resolved and encoding and train and resolved.dropout:

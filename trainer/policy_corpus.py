@@ -11,6 +11,7 @@ from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.manifest import Manifest
 from models.ranker import empty_features
 from trainer.build import model_schema
+from trainer.features import ResolvedFeatures
 from trainer.mips import shard_range
 from trainer.runtime.distributed import DistributedEnv
 
@@ -44,23 +45,26 @@ def embed_items(
     return torch.cat(outputs)
 
 
-def user_keys(manifest: Manifest, config: ExperimentConfig) -> list[str]:
+def user_keys(
+    manifest: Manifest, config: ExperimentConfig, features: ResolvedFeatures | None = None
+) -> list[str]:
     """The retrieval model's user-side KJT keys (stored and derived)."""
-    return [f.name for f in model_schema(manifest, config).user_features()]
+    return [f.name for f in model_schema(manifest, config, features).user_features()]
 
 
 def local_corpus(
     model: torch.nn.Module,
     store: ItemFeatureStore,
-    manifest: Manifest,
-    config: ExperimentConfig,
+    keys: list[str],
+    batch_size: int,
     env: DistributedEnv,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's contiguous slice of the corpus: (ids [n_r] int64, embeddings [n_r, D]),
-    in batches of ``data.eval_batch_size``; collective for a sharded model."""
+    in batches of ``batch_size``; collective for a sharded model. ``keys``: the model's user
+    keys (:func:`user_keys`), sent as empty bags."""
     corpus = store.corpus_ids()
     start, stop = shard_range(len(corpus), env.rank, env.world_size)
     per_rank = -(-len(corpus) // env.world_size)
-    calls = max(1, -(-per_rank // config.data.eval_batch_size))
+    calls = max(1, -(-per_rank // batch_size))
     ids = corpus[start:stop].to(env.device)
-    return ids, embed_items(model, store, ids, calls, user_keys(manifest, config))
+    return ids, embed_items(model, store, ids, calls, keys)

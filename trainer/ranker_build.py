@@ -82,7 +82,8 @@ def build_sharded_ranker(
     layers data-parallel. ``train`` attaches the fused sparse optimizer before sharding."""
     model = build_unsharded_ranker(manifest, config, device=torch.device("meta"))
     if train:
-        attach_sparse_optimizer(model, config.train.sparse_optimizer, config.train.sparse_lr)
+        loop = config.ranker.train
+        attach_sparse_optimizer(model, loop.sparse_optimizer, loop.sparse_lr)
     return shard_model(model, config.sharding, env.device, env.world_size)
 
 

@@ -120,7 +120,7 @@ class RankerTask:
             env.rank,
             env.world_size,
         )
-        dense_optimizer = build_dense_optimizer(model, config)
+        dense_optimizer = build_dense_optimizer(model, config, config.ranker.train)
         return cls(config, manifest, model, dense_optimizer, store, loader, session.guard())
 
     def step(self, batch: Batch, step: int) -> StepOutcome:
@@ -171,7 +171,7 @@ def train_ranker(config: ExperimentConfig) -> RankerTrainResult:
         if config.data.verify_checksums and env.is_main:
             manifest.verify_checksums(config.data.path, config.data.train_split)
         task = RankerTask.build(config, manifest, session)
-        loop = TrainingLoop(session, task, LoopSpec.of(config.train))
+        loop = TrainingLoop(session, task, LoopSpec.of(config.ranker.train))
         loop.restore(config.checkpoint.resume_from)
         result = RankerTrainResult.of(loop.run())
         if config.eval.at_end and result.stopped_by_signal is None:

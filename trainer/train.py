@@ -30,13 +30,14 @@ from trainer.build import (
     build_sharded_model,
     label_weights,
     loader_spec,
+    with_teacher_user_features,
 )
 from trainer.distillation import Distillation
 from trainer.evaluation.corpus import first_row_batch
 from trainer.evaluation.evaluate import evaluate_model
 from trainer.evaluation.validation import ValidationState, Validator, check_metric
 from trainer.evaluation.validation import enabled as validation_enabled
-from trainer.features import report, resolve_features
+from trainer.features import ResolvedFeatures, report, resolve_features
 from trainer.negatives.negative_sampling import NegativeSampling
 from trainer.runtime.checkpoint import best_checkpoint, load_model
 from trainer.runtime.entry import run_job
@@ -111,21 +112,30 @@ class RetrievalTask:
     context: StepContext
     loader: Any
     split: str
+    reads: ResolvedFeatures  # what the loader reads: the model's features (+ the teacher's)
 
     @property
     def dense_optimizer(self) -> Any:
         return self.context.dense_optimizer
 
     @classmethod
-    def build(cls, config: ExperimentConfig, manifest: Manifest, session: Session) -> RetrievalTask:
+    def build(
+        cls,
+        config: ExperimentConfig,
+        manifest: Manifest,
+        features: ResolvedFeatures,
+        session: Session,
+    ) -> RetrievalTask:
+        """``features``: resolved once by the job; the listwise teacher's user features are
+        read too when it scores the batches."""
         env = session.env
-        model = build_sharded_model(manifest, config, env)
+        model = build_sharded_model(manifest, config, env, features)
         if env.is_main:
             logger.info("sharding plan:\n%s", model.plan)
         context = StepContext(
             dense_optimizer=build_dense_optimizer(model, config),
             label_weights=label_weights(manifest, config).to(env.device),
-            negatives=NegativeSampling.build(config, manifest, env),
+            negatives=NegativeSampling.build(config, manifest, env, features),
             manifest=manifest,
             config=config,
             env=env,
@@ -134,16 +144,18 @@ class RetrievalTask:
             distillation=Distillation.build(config, manifest, env),
         )
         split = config.data.train_split
+        listwise = config.distillation.listwise.enabled
+        reads = with_teacher_user_features(features, manifest) if listwise else features
         loader = build_event_loader(
-            loader_spec(config, split, True, manifest), manifest, env.rank, env.world_size
+            loader_spec(config, split, True, manifest, reads), manifest, env.rank, env.world_size
         )
-        return cls(model, context, loader, split)
+        return cls(model, context, loader, split, reads)
 
     def step(self, batch: Batch, step: int) -> StepOutcome:
         return train_step(self.model, batch, step, self.context)
 
     def fallback_batch(self) -> Batch:
-        return first_row_batch(self.context.manifest, self.context.config, self.split)
+        return first_row_batch(self.context.manifest, self.context.config, self.split, self.reads)
 
     def checkpoint_state(self) -> CheckpointState:
         negatives = self.context.negatives
@@ -174,17 +186,18 @@ def train(config: ExperimentConfig) -> TrainResult:
             manifest.verify_checksums(config.data.path, config.data.train_split)
         if env.is_main:
             report(features)
-        task = RetrievalTask.build(config, manifest, session)
+        task = RetrievalTask.build(config, manifest, features, session)
         validator = None
         if validation_enabled(config):
-            validator = Validator(config, manifest, env, session.run_log, ValidationState())
+            state = ValidationState()
+            validator = Validator(config, manifest, env, session.run_log, state, features)
         loop = TrainingLoop(session, task, LoopSpec.of(config.train), validator)
         loop.restore(config.checkpoint.resume_from)
         result = TrainResult.of(loop.run())
         if env.is_main:
             (run_dir / TRAIN_SUMMARY_FILE).write_text(json.dumps(asdict(result), indent=2))
         if config.eval.at_end and result.stopped_by_signal is None:
-            _evaluate_at_end(task.model, manifest, config, session, result)
+            _evaluate_at_end(task.model, manifest, features, config, session, result)
     finally:
         session.close()
     return result
@@ -193,6 +206,7 @@ def train(config: ExperimentConfig) -> TrainResult:
 def _evaluate_at_end(
     model: torch.nn.Module,
     manifest: Manifest,
+    features: ResolvedFeatures,
     config: ExperimentConfig,
     session: Session,
     result: TrainResult,
@@ -203,7 +217,9 @@ def _evaluate_at_end(
         load_model(best, model)
         logger.info("evaluating the best validation checkpoint (step %s)", result.best_step)
     name = best.name if best else Path(result.checkpoint).name
-    metrics = evaluate_model(model, manifest, config, session.env, session.run_dir, checkpoint=name)
+    metrics = evaluate_model(
+        model, manifest, config, session.env, session.run_dir, checkpoint=name, features=features
+    )
     session.run_log.log(
         {"step": result.steps, **{f"eval/{k}": v for k, v in metrics["model"].items()}}
     )

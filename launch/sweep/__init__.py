@@ -20,7 +20,7 @@ Funnel experiments add a ranker per dataset and alignment stages::
     datasets:
       ml-100k:
         config: configs/movielens_100k.yaml
-        ranker: {config: configs/ranker_movielens_100k.yaml, overrides: [train.epochs=2]}
+        ranker: {config: configs/ranker_movielens_100k.yaml, overrides: [ranker.train.epochs=2]}
     variants:
       - name: base
       - name: + KD

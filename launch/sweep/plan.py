@@ -111,6 +111,7 @@ def plan_sweep(
                 f"run.dir={run_dir}",
                 "logging.wandb=false",
                 "train.progress_bar=false",
+                "alignment.train.progress_bar=false",
                 "eval.at_end=true",
             )
             try:
@@ -160,7 +161,7 @@ def _plan_ranker(dataset: str, ranker: RankerSpec, run_dir: Path) -> PlannedRun:
         *ranker.overrides,
         f"run.dir={run_dir}",
         "logging.wandb=false",
-        "train.progress_bar=false",
+        "ranker.train.progress_bar=false",
     )
     try:
         config = load_config(ranker.config, list(overrides))

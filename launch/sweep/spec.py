@@ -20,7 +20,14 @@ from trainer.runtime.run_files import (
 )
 
 # Set by the sweep on every run; experiment files may not set them.
-SWEEP_OWNED = ("run.dir", "logging.wandb", "train.progress_bar", "eval.at_end")
+SWEEP_OWNED = (
+    "run.dir",
+    "logging.wandb",
+    "train.progress_bar",
+    "ranker.train.progress_bar",
+    "alignment.train.progress_bar",
+    "eval.at_end",
+)
 # Shared by every variant of a dataset: a dataset's overrides may set it, a variant's may not.
 DATASET_OWNED = ("seed",)
 DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

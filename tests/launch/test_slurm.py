@@ -278,7 +278,7 @@ SMALL_RANKER = ["ranker.embedding_dim=8", "ranker.mlp=[16]", "ranker.cross_layer
 
 def _start_runs(tmp_path: Path, config: Path) -> list[str]:
     """A retrieval run and a ranker run (in this process) for alignment to start from."""
-    short = ["train.max_steps=4", "eval.at_end=false", *SMALL_RANKER]
+    short = ["train.max_steps=4", "ranker.train.max_steps=4", "eval.at_end=false", *SMALL_RANKER]
     try:
         train(load_config(config, [*short, f"run.dir={tmp_path / 'base'}"]))
         train_ranker(load_config(config, [*short, f"run.dir={tmp_path / 'ranker'}"]))
@@ -298,10 +298,15 @@ def test_requeued_ranker_and_alignment_jobs_finish(
     """Any job runs through SLURM on two tasks and survives a requeue: the ranker and
     alignment resume from their latest checkpoint and finish, each step logged once."""
     config = _config(tmp_path, write_tiny_dataset(tmp_path / "data"), epochs=6)
-    overrides = [*SMALL_RANKER, "eval.at_end=false"]
+    # The job's own loop section, as tiny.yaml's train section sets it for retrieval.
+    section = "alignment.train" if job == "align" else "ranker.train"
+    overrides = [*SMALL_RANKER, "eval.at_end=false", f"{section}.log_every_steps=2"]
+    overrides += [f"{section}.progress_bar=false"]
     if job == "align":
-        overrides += [*_start_runs(tmp_path, config), "alignment.steps=40", "alignment.k=8"]
-        overrides += ["alignment.top_n=3"]
+        overrides += [*_start_runs(tmp_path, config), "alignment.train.max_steps=40"]
+        overrides += ["alignment.k=8", "alignment.top_n=3"]
+    else:
+        overrides.append("ranker.train.epochs=6")
     options = SlurmOptions(nodes=1, cpu_ranks=2, time_min=30, job_name=f"twotower-{job}")
     submitted = submit(options, make_task(options, str(config), overrides, job))
     results = _requeue_once_saved(submitted, tmp_path / "run")

@@ -286,7 +286,7 @@ def test_sweep_end_to_end_two_variants_and_a_failure(
 
 
 FUNNEL = (
-    "    ranker: {config: RANKER, overrides: [train.epochs=1]}\n"
+    "    ranker: {config: RANKER, overrides: [ranker.train.epochs=1]}\n"
     "variants:\n"
     "  - {name: base}\n"
     "  - {name: + KD, overrides: ['run.name={ranker}']}\n"
@@ -305,7 +305,7 @@ def test_funnel_sweep_plans_the_ranker_first_and_wires_its_stages(tmp_path: Path
         ranker_dir,
         False,
     )
-    assert "train.epochs=1" in ranker.overrides
+    assert "ranker.train.epochs=1" in ranker.overrides
     for run in (base, kd, aligned):
         assert f"eval.funnel.ranker={ranker_dir}" in run.overrides
     assert f"run.name={ranker_dir}" in kd.overrides  # {ranker} substituted

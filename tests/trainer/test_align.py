@@ -58,6 +58,9 @@ MODEL = [
     "data.eval_batch_size=64",
     "train.progress_bar=false",
     "train.log_every_steps=5",
+    "ranker.train.progress_bar=false",
+    "alignment.train.progress_bar=false",
+    "alignment.train.log_every_steps=5",
     "logging.wandb=false",
     "eval.at_end=false",
 ]
@@ -78,8 +81,8 @@ class KnownReward:
         ("alignment.top_n=40", "alignment.top_n"),
         ("alignment.kl_coefficient=-1", "alignment.kl_coefficient"),
         ("alignment.method=ppo", "alignment.method"),
-        ("alignment.steps=0", "alignment.steps"),
-        ("alignment.lr=0", "alignment.lr"),
+        ("alignment.train.max_steps=0", "alignment.train.max_steps"),
+        ("alignment.train.dense_lr=0", "alignment.train.dense_lr"),
         ("alignment.exploration=popular", "alignment.exploration"),
         ("alignment.rewardz=x", "alignment.rewardz"),
     ],
@@ -160,8 +163,8 @@ def _align_config(root: Path, base: Path, run_dir: Path, *extra: str) -> Experim
             f"checkpoint.resume_from={base}",
             "alignment.k=12",
             "alignment.top_n=4",
-            "alignment.lr=0.01",
-            "alignment.sparse_lr=0.1",
+            "alignment.train.dense_lr=0.01",
+            "alignment.train.sparse_lr=0.1",
             *MODEL,
             *extra,
         ],
@@ -199,7 +202,11 @@ def test_alignment_raises_the_known_reward_and_kl_holds_it_back(tmp_path: Path) 
         for kl in (0.0, 20.0):
             run_dir = tmp_path / f"aligned_kl{kl}"
             config = _align_config(
-                root, base, run_dir, "alignment.steps=30", f"alignment.kl_coefficient={kl}"
+                root,
+                base,
+                run_dir,
+                "alignment.train.max_steps=30",
+                f"alignment.kl_coefficient={kl}",
             )
             results[kl] = align(config, KnownReward())
             stats[kl] = _corpus_softmax_stats(config, run_dir, base)
@@ -229,7 +236,7 @@ def test_a_trained_ranker_as_reward_model_through_the_cli(tmp_path: Path) -> Non
                 [
                     f"data.path={root}",
                     f"run.dir={ranker}",
-                    "train.max_steps=6",
+                    "ranker.train.max_steps=6",
                     "ranker.embedding_dim=8",
                     "ranker.mlp=[16]",
                     "ranker.sampled_negatives=1",
@@ -252,11 +259,15 @@ def test_a_trained_ranker_as_reward_model_through_the_cli(tmp_path: Path) -> Non
         "checkpoint.every_n_steps=2",
         *MODEL,
     ]
-    assert cli_main(["align", "-", *args, "alignment.steps=3"]) == 2  # no such config file
+    assert (
+        cli_main(["align", "-", *args, "alignment.train.max_steps=3"]) == 2
+    )  # no such config file
     base_config = str(base / "config.yaml")  # the usual call: the start run's own config
-    assert cli_main(["align", base_config, *args, "alignment.steps=3"]) == 0
+    assert cli_main(["align", base_config, *args, "alignment.train.max_steps=3"]) == 0
     first = json.loads((run_dir / ALIGN_SUMMARY_FILE).read_text())
-    assert cli_main(["align", base_config, *args, "alignment.steps=5"]) == 0  # resumes at 3
+    assert (
+        cli_main(["align", base_config, *args, "alignment.train.max_steps=5"]) == 0
+    )  # resumes at 3
     summary = json.loads((run_dir / ALIGN_SUMMARY_FILE).read_text())
     assert summary["steps"] == 5 and summary["checkpoint"].endswith("step-5")
     # The ranker's reward of the top-K rises by far more than the standard error of the gain
@@ -272,7 +283,7 @@ def test_a_trained_ranker_as_reward_model_through_the_cli(tmp_path: Path) -> Non
 
 
 def _two_ranks(rank: int, world_size: int, root: str, base: str, run_dir: str) -> dict:
-    config = _align_config(Path(root), Path(base), Path(run_dir), "alignment.steps=4")
+    config = _align_config(Path(root), Path(base), Path(run_dir), "alignment.train.max_steps=4")
     result = align(config, KnownReward())
     return {"before": result.reward_before, "after": result.reward_after, "steps": result.steps}
 
@@ -419,10 +430,10 @@ def _synthetic_align_config(synthetic_run: dict[str, Path], run_dir: Path) -> Ex
             f"checkpoint.resume_from={synthetic_run['base']}",
             "alignment.k=12",
             "alignment.top_n=4",
-            "alignment.lr=0.01",
-            "alignment.sparse_lr=0.1",
+            "alignment.train.dense_lr=0.01",
+            "alignment.train.sparse_lr=0.1",
             "alignment.kl_coefficient=0.0",
-            "alignment.steps=20",
+            "alignment.train.max_steps=20",
             *SYNTHETIC,
         ],
     )
@@ -508,7 +519,7 @@ def test_alignment_rebuilds_the_start_runs_model_with_every_feature_kind(tmp_pat
         f"checkpoint.resume_from={base}",
         "alignment.k=8",
         "alignment.top_n=3",
-        "alignment.steps=2",
+        "alignment.train.max_steps=2",
         *job_keys,
     ]
     from trainer.ranker_train import train_ranker
@@ -536,7 +547,7 @@ def test_alignment_rebuilds_the_start_runs_model_with_every_feature_kind(tmp_pat
                 [
                     f"data.path={root}",
                     f"run.dir={ranker}",
-                    "train.max_steps=4",
+                    "ranker.train.max_steps=4",
                     "data.recent_history=2",
                     "ranker.embedding_dim=8",
                     "ranker.mlp=[16]",

@@ -38,6 +38,7 @@ SMALL = [
     "ranker.cross_layers=1",
     "data.num_workers=0",
     "train.progress_bar=false",
+    "ranker.train.progress_bar=false",
     "logging.wandb=false",
     "loss.label_weights={click: 1.0, like: 1.0}",
 ]
@@ -243,7 +244,12 @@ def test_two_rank_training_with_a_trained_teacher_is_deterministic(tmp_path: Pat
 
     root = write_tiny_dataset(tmp_path / "data")
     teacher = tmp_path / "teacher"
-    ranker = [f"run.dir={teacher}", "train.max_steps=4", "eval.at_end=false", "data.batch_size=32"]
+    ranker = [
+        f"run.dir={teacher}",
+        "ranker.train.max_steps=4",
+        "eval.at_end=false",
+        "data.batch_size=32",
+    ]
     try:
         train_ranker(_config(root, *ranker))
     finally:
@@ -272,14 +278,20 @@ def test_student_reads_fewer_features_than_its_teacher(tmp_path: Path) -> None:
     """The ranker trains on every user feature (context, search tokens, affinities); a student
     configured with ids, history and categories only still distils from it: the training loader
     reads the union, the student's model selects its own keys."""
-    from trainer.build import loader_spec, model_schema
+    from trainer.build import loader_spec, model_schema, with_teacher_user_features
+    from trainer.features import resolve_features
     from trainer.ranker_train import train_ranker
     from trainer.runtime.distributed import shutdown
     from trainer.train import train
 
     root = write_tiny_dataset(tmp_path / "data", all_kinds=True)
     teacher = tmp_path / "teacher"
-    ranker = [f"run.dir={teacher}", "train.max_steps=4", "eval.at_end=false", "data.batch_size=32"]
+    ranker = [
+        f"run.dir={teacher}",
+        "ranker.train.max_steps=4",
+        "eval.at_end=false",
+        "data.batch_size=32",
+    ]
     student = [
         "features.groups=[id,history,categorical]",
         "data.batch_size=32",
@@ -294,11 +306,16 @@ def test_student_reads_fewer_features_than_its_teacher(tmp_path: Path) -> None:
         train_ranker(_config(root, *ranker))
         config = _config(root, *student, f"run.dir={tmp_path / 'student'}")
         manifest = Manifest.load(root)
-        read = {f.name for f in loader_spec(config, "train", True, manifest).schema.features}
+        features = resolve_features(manifest, config)
+        union = with_teacher_user_features(features, manifest)
+        read = {f.name for f in loader_spec(config, "train", True, manifest, union).schema.features}
+        default = {f.name for f in loader_spec(config, "test", False, manifest).schema.features}
         teacher_users = {f.name for f in manifest.schema.user_features()}
         own = {f.name for f in model_schema(manifest, config).features}
+        # The job asks its training loader for the union; other loaders read the model's own.
         assert teacher_users <= read and not teacher_users <= own
-        result = train(config)
+        assert not teacher_users <= default
+        result = train(config)  # stops on a batch lacking the teacher's features otherwise
     finally:
         shutdown()
     assert result.steps == 4 and math.isfinite(result.final_loss)

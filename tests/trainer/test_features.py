@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+import trainer.features as features_module
 from config import ConfigError, ExperimentConfig, Pooling, load_config
 from data_pipeline.counters import counter_bucket
 from data_pipeline.loader import build_event_loader
@@ -21,6 +23,7 @@ from tests.tiny_dataset import TINY_MODEL
 from tests.tiny_movielens import write_tiny_movielens
 from trainer.build import build_unsharded_model, loader_spec
 from trainer.features import ResolvedFeatures, report, resolve_features
+from trainer.runtime.distributed import shutdown
 from trainer.train import train
 
 TEXT = "item_title_tokens"
@@ -356,3 +359,35 @@ def test_bad_dropout_is_a_config_error(movielens, overrides: list[str], match: s
     root, manifest = movielens
     with pytest.raises(ConfigError, match=match):
         _resolve(root, manifest, *overrides)
+
+
+def test_a_training_job_resolves_its_features_once(
+    movielens: tuple[Path, Manifest], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job resolves the features against the manifest once and hands the result to every
+    builder: model, negatives, loaders, validation and the final evaluation."""
+    original, calls = features_module.resolve_features, []
+
+    def counted(*args: object, **kwargs: object) -> ResolvedFeatures:
+        calls.append(1)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    for module in list(sys.modules.values()):
+        if getattr(module, "resolve_features", None) is original:
+            monkeypatch.setattr(module, "resolve_features", counted)
+    root, _ = movielens
+    config = _config(
+        root,
+        f"run.dir={tmp_path / 'run'}",
+        "train.max_steps=4",
+        "train.progress_bar=false",
+        "logging.wandb=false",
+        "eval.every_n_steps=2",  # validation twice during training, then the test split
+        "negatives.mixed.num_samples=8",
+    )
+    try:
+        train(config)
+    finally:
+        shutdown()
+    assert (tmp_path / "run" / "metrics.json").exists()
+    assert len(calls) == 1

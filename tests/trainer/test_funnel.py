@@ -22,12 +22,13 @@ COMMON = [
     "data.eval_batch_size=64",
     "data.num_workers=0",
     "train.progress_bar=false",
+    "ranker.train.progress_bar=false",
     "logging.wandb=false",
     "loss.label_weights={click: 1.0, like: 0.5}",
 ]
 RETRIEVAL = ["model.embedding_dim=16", "model.user_mlp=[32]", "model.item_mlp=[32]"]
 RETRIEVAL += ["model.output_dim=16", "train.epochs=1", "eval.at_end=false"]
-RANKER = ["ranker.embedding_dim=8", "ranker.mlp=[16]", "ranker.low_rank=4", "train.epochs=1"]
+RANKER = ["ranker.embedding_dim=8", "ranker.mlp=[16]", "ranker.low_rank=4", "ranker.train.epochs=1"]
 
 
 def test_overlap_and_ndcg_match_reference_loops() -> None:

@@ -1,6 +1,6 @@
 """Every job, not only retrieval training, has the loop's reliability behaviours: a stop signal
 saves and stops (exit 128 + signal) and the run resumes where it stopped; a non-finite loss is
-skipped on every rank (its batch saved) or halts, per ``train.non_finite_loss``."""
+skipped on every rank (its batch saved) or halts, per the job's ``non_finite_loss``."""
 
 from __future__ import annotations
 
@@ -34,6 +34,10 @@ SMALL = [
     "data.batch_size=32",
     "train.progress_bar=false",
     "train.log_every_steps=2",
+    "ranker.train.progress_bar=false",
+    "ranker.train.log_every_steps=2",
+    "alignment.train.progress_bar=false",
+    "alignment.train.log_every_steps=2",
     "logging.wandb=false",
     "eval.at_end=false",
 ]
@@ -60,7 +64,7 @@ def _summary(path: Path) -> dict[str, Any]:
 def test_ranker_signal_saves_then_stops_and_resumes(tmp_path: Path) -> None:
     root = write_tiny_dataset(tmp_path / "data")
     run_dir = tmp_path / "ranker"
-    args = [f"run.dir={run_dir}", f"data.path={root}", *SMALL, "train.epochs=1"]
+    args = [f"run.dir={run_dir}", f"data.path={root}", *SMALL, "ranker.train.epochs=1"]
     stopped = _job("trainer.ranker_train", args, "0:3:SIGTERM")
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
     # The signal arrives after step 3; step 4's vote sees it and the job saves there.
@@ -81,7 +85,7 @@ def test_alignment_signal_saves_then_stops_and_resumes(tmp_path: Path) -> None:
     common = [f"data.path={root}", *SMALL]
     try:
         train(load_config(None, [*common, f"run.dir={base}", "train.max_steps=4"]))
-        train_ranker(load_config(None, [*common, f"run.dir={ranker}", "train.max_steps=4"]))
+        train_ranker(load_config(None, [*common, f"run.dir={ranker}", "ranker.train.max_steps=4"]))
     finally:
         shutdown()
     run_dir = tmp_path / "aligned"
@@ -92,7 +96,7 @@ def test_alignment_signal_saves_then_stops_and_resumes(tmp_path: Path) -> None:
         f"alignment.reward_checkpoint={ranker}",
         "alignment.k=8",
         "alignment.top_n=3",
-        "alignment.steps=6",
+        "alignment.train.max_steps=6",
     ]
     stopped = _job("trainer.align", args, "0:2:SIGTERM")
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
@@ -123,8 +127,8 @@ def test_ranker_non_finite_loss_is_skipped_or_halts(
     run_dir = tmp_path / "ranker"
     config = load_config(
         None,
-        [f"data.path={root}", f"run.dir={run_dir}", *SMALL, "train.max_steps=6"]
-        + [f"train.non_finite_loss={policy}"],
+        [f"data.path={root}", f"run.dir={run_dir}", *SMALL, "ranker.train.max_steps=6"]
+        + [f"ranker.train.non_finite_loss={policy}"],
     )
     try:
         if policy == "halt":

@@ -39,16 +39,20 @@ SMALL = [
     "ranker.cross_layers=1",
     "data.num_workers=0",
     "data.batch_size=32",
-    "train.progress_bar=false",
-    "train.log_every_steps=2",
     "logging.wandb=false",
     "eval.at_end=false",
-    # A schedule over the whole run: the resumed part must continue it.
-    "train.lr_schedule.warmup_steps=3",
-    "train.lr_schedule.decay=cosine",
-    "train.lr_schedule.decay_steps=12",
     "checkpoint.every_n_steps=3",
 ]
+# Each job's own loop section: quiet, small windows, and a schedule over the whole run (the
+# resumed part must continue it).
+for _section in ("train", "ranker.train", "alignment.train"):
+    SMALL += [
+        f"{_section}.progress_bar=false",
+        f"{_section}.log_every_steps=2",
+        f"{_section}.lr_schedule.warmup_steps=3",
+        f"{_section}.lr_schedule.decay=cosine",
+        f"{_section}.lr_schedule.decay_steps=12",
+    ]
 ALIGN = ["alignment.k=8", "alignment.top_n=3"]
 
 
@@ -68,7 +72,9 @@ def _start_runs(root: Path, tmp: Path) -> list[str]:
     common = [f"data.path={root}", *SMALL]
     try:
         train(load_config(None, [*common, f"run.dir={tmp / 'base'}", "train.max_steps=4"]))
-        train_ranker(load_config(None, [*common, f"run.dir={tmp / 'rk'}", "train.max_steps=4"]))
+        train_ranker(
+            load_config(None, [*common, f"run.dir={tmp / 'rk'}", "ranker.train.max_steps=4"])
+        )
     finally:
         shutdown()
     return [f"checkpoint.resume_from={tmp / 'base'}", f"alignment.reward_checkpoint={tmp / 'rk'}"]
@@ -80,8 +86,12 @@ def _plain(config: ExperimentConfig) -> Any:
 
 # job -> (entry point, overrides for the whole run, overrides that stop it part-way)
 JOBS: dict[str, tuple[Callable[[ExperimentConfig], Any], list[str], list[str]]] = {
-    "ranker": (train_ranker, ["train.max_steps=12"], ["train.max_steps=7"]),
-    "alignment": (align, [*ALIGN, "alignment.steps=12"], [*ALIGN, "alignment.steps=7"]),
+    "ranker": (train_ranker, ["ranker.train.max_steps=12"], ["ranker.train.max_steps=7"]),
+    "alignment": (
+        align,
+        [*ALIGN, "alignment.train.max_steps=12"],
+        [*ALIGN, "alignment.train.max_steps=7"],
+    ),
     "plain": (
         _plain,
         ["train.max_steps=12", "features.groups=[id,history,categorical]"],
@@ -143,7 +153,7 @@ def test_job_losing_a_rank_restarts_elastically_and_ends_as_uninterrupted(
 ) -> None:
     root = write_tiny_dataset(tmp_path / "data")
     module = {"ranker": "trainer.ranker_train", "alignment": "trainer.align"}[job]
-    overrides = [f"data.path={root}", *SMALL, *JOBS[job][1], "train.epochs=2"]
+    overrides = [f"data.path={root}", *SMALL, *JOBS[job][1], "ranker.train.epochs=2"]
     if job == "alignment":
         overrides += _start_runs(root, tmp_path)
     summary = "align_summary.json" if job == "alignment" else "train_summary.json"

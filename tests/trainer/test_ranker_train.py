@@ -28,10 +28,10 @@ FAST = [
     "ranker.cross_layers=2",
     "data.num_workers=0",
     "data.recent_history=0",
-    "train.progress_bar=false",
-    "train.log_every_steps=10",
-    "train.dense_lr=0.005",
-    "train.sparse_lr=0.1",
+    "ranker.train.progress_bar=false",
+    "ranker.train.log_every_steps=10",
+    "ranker.train.dense_lr=0.005",
+    "ranker.train.sparse_lr=0.1",
     "logging.wandb=false",
 ]
 
@@ -87,7 +87,7 @@ def test_learns_on_a_synthetic_world_and_reloads(tmp_path: Path) -> None:
         f"data.path={root}",
         f"run.dir={run_dir}",
         "data.batch_size=256",
-        "train.epochs=3",
+        "ranker.train.epochs=3",
         "ranker.sampled_negatives=2",
         "loss.label_weights={click: 1.0, like: 1.0}",
         *FAST,
@@ -114,7 +114,7 @@ def _sharded_vs_unsharded(rank: int, world_size: int, root: str, run_dir: str) -
         f"data.path={root}",
         f"run.dir={run_dir}",
         "data.batch_size=32",
-        "train.max_steps=4",
+        "ranker.train.max_steps=4",
         "ranker.sampled_negatives=2",
         "eval.at_end=false",
         *FAST,
@@ -162,9 +162,9 @@ def test_resumes_from_its_latest_checkpoint(tmp_path: Path) -> None:
         *FAST,
     ]
     try:
-        first = train_ranker(load_config(None, [*common, "train.max_steps=4"]))
+        first = train_ranker(load_config(None, [*common, "ranker.train.max_steps=4"]))
         assert first.resumed_from is None and first.steps == 4
-        second = train_ranker(load_config(None, [*common, "train.max_steps=7"]))
+        second = train_ranker(load_config(None, [*common, "ranker.train.max_steps=7"]))
         assert second.resumed_from == first.checkpoint  # mid-epoch: 20 steps per epoch
         assert second.steps == 7 and second.checkpoint.endswith("step-7")
     finally:

@@ -4,6 +4,7 @@ tower, this rank's evaluation queries through the user tower, and exact top-k of
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,7 @@ from data_pipeline.reader import list_work_units, read_unit
 from data_pipeline.schema import ITEM_ID, Side
 from data_pipeline.split_table import read_split_columns
 from trainer.build import batch_builder, loader_spec
+from trainer.features import ResolvedFeatures
 from trainer.mips import distributed_topk, shard_range
 from trainer.runtime.distributed import DistributedEnv
 from trainer.runtime.synchronized import synchronized
@@ -25,9 +27,14 @@ from trainer.runtime.synchronized import synchronized
 
 @torch.no_grad()
 def embed_corpus(
-    model: torch.nn.Module, manifest: Manifest, config: ExperimentConfig, env: DistributedEnv
+    model: torch.nn.Module,
+    manifest: Manifest,
+    config: ExperimentConfig,
+    env: DistributedEnv,
+    features: ResolvedFeatures | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's contiguous slice of the item corpus through the item tower.
+    """This rank's contiguous slice of the item corpus through the item tower (``features``:
+    the job's resolved features, resolved here when None).
 
     Returns: (item ids [n_r] int64, embeddings [n_r, D]). Every rank runs the same number of
     forward calls (sharded tables need matched collectives).
@@ -40,7 +47,7 @@ def embed_corpus(
     local = items.slice(start, stop - start)
     per_rank = -(-items.num_rows // env.world_size)
     calls = max(1, -(-per_rank // config.data.eval_batch_size))
-    build = batch_builder(manifest, config)
+    build = batch_builder(manifest, config, features)
     outputs = []
     for piece in np.array_split(np.arange(local.num_rows), calls):
         real = len(piece) > 0
@@ -75,13 +82,14 @@ def embed_queries(
     config: ExperimentConfig,
     env: DistributedEnv,
     split: str,
+    features: ResolvedFeatures | None = None,
 ) -> Queries:
     """This rank's share of the eval split through the user tower."""
-    loader = build_event_loader(
-        loader_spec(config, split, False, manifest), manifest, env.rank, env.world_size
-    )
+    spec = loader_spec(config, split, False, manifest, features)
+    loader = build_event_loader(spec, manifest, env.rank, env.world_size)
     users, targets, times, embeddings, ranker = [], [], [], [], []
-    for batch in synchronized(loader, env, lambda: first_row_batch(manifest, config, split)):
+    fallback = functools.partial(first_row_batch, manifest, config, split, features)
+    for batch in synchronized(loader, env, fallback):
         outputs = model(batch.user_features, batch.item_features)
         real = batch.weight > 0
         users.append(batch.user_ids[real])
@@ -115,6 +123,7 @@ def rank_rows(
     env: DistributedEnv,
     rows: pa.Table,
     k: int,
+    features: ResolvedFeatures | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Evaluation's top-``k`` for given event rows, without the seen-item exclusion: queries
     through the model's forward in batches of ``eval_batch_size`` (as ``embed_queries``), corpus
@@ -122,8 +131,8 @@ def rank_rows(
 
     Returns: scores [Q, k] float32, item ids [Q, k] int64.
     """
-    corpus_ids, corpus = embed_corpus(model, manifest, config, env)
-    build = batch_builder(manifest, config)
+    corpus_ids, corpus = embed_corpus(model, manifest, config, env, features)
+    build = batch_builder(manifest, config, features)
     queries = [torch.zeros(0, config.model.output_dim, device=env.device)]
     for start in range(0, rows.num_rows, config.data.eval_batch_size):
         batch = build(rows.slice(start, config.data.eval_batch_size)).to(env.device)
@@ -138,9 +147,14 @@ def rank_rows(
     )
 
 
-def first_row_batch(manifest: Manifest, config: ExperimentConfig, split: str) -> Batch:
+def first_row_batch(
+    manifest: Manifest,
+    config: ExperimentConfig,
+    split: str,
+    features: ResolvedFeatures | None = None,
+) -> Batch:
     """A one-row batch of ``split``: padding for a rank that holds no rows of it."""
     paths = manifest.split_paths(config.data.path, split)
     # The first non-empty row group: a split may begin with an empty file.
     table = read_unit(list_work_units(paths)[0], None).slice(0, 1)
-    return batch_builder(manifest, config)(table)
+    return batch_builder(manifest, config, features)(table)

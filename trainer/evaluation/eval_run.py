@@ -12,6 +12,7 @@ from config import ConfigError, load_config
 from data_pipeline.manifest import Manifest
 from trainer.build import build_sharded_model
 from trainer.evaluation.evaluate import evaluate_model
+from trainer.features import resolve_features
 from trainer.runtime.checkpoint import best_checkpoint, latest_checkpoint, load_model
 from trainer.runtime.distributed import init_distributed, seed_everything
 from trainer.runtime.run_files import CONFIG_FILE, eval_file
@@ -34,7 +35,8 @@ def evaluate_run(
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir}/checkpoints: no complete checkpoint to evaluate")
     manifest = Manifest.load(config.data.path)
-    model = build_sharded_model(manifest, config, env)
+    features = resolve_features(manifest, config)
+    model = build_sharded_model(manifest, config, env, features)
     meta = load_model(checkpoint, model)
     logger.info("evaluating %s (trained for %s steps)", checkpoint, meta.get("step"))
     split = split or config.eval.split
@@ -47,4 +49,5 @@ def evaluate_run(
         split,
         output_name=eval_file(split, checkpoint.name),
         checkpoint=checkpoint.name,
+        features=features,
     )

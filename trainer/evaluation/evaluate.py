@@ -56,6 +56,7 @@ from trainer.evaluation.metrics import (
     row_count,
     tail_items,
 )
+from trainer.features import ResolvedFeatures
 from trainer.mips import ItemLists, distributed_topk
 from trainer.runtime.distributed import DistributedEnv
 from trainer.runtime.run_files import METRICS_FILE
@@ -195,6 +196,7 @@ def evaluate_model(
     output_name: str = METRICS_FILE,
     bootstrap: BootstrapConfig | None = None,
     checkpoint: str | None = None,
+    features: ResolvedFeatures | None = None,
 ) -> dict[str, Any]:
     """Collective. Writes ``run_dir / output_name`` (rank 0; nothing when ``run_dir`` is None)
     and returns {model, popularity, intervals, protocol, num_queries, ...}; with the light
@@ -202,7 +204,7 @@ def evaluate_model(
     reranked by the head out of ``num_knn_items`` retrieved (cutoffs beyond num_items count
     only those items). ``checkpoint`` names the evaluated weights' folder (``step-N``, ``best``).
     ``bootstrap`` defaults to ``eval.bootstrap_replicates`` at ``eval.interval_level``, seeded
-    by ``seed``."""
+    by ``seed``. ``features``: the job's resolved features (resolved here when None)."""
     split = split or config.eval.split
     if bootstrap is None:
         bootstrap = BootstrapConfig(
@@ -210,23 +212,14 @@ def evaluate_model(
         )
     model.eval()
     num_items = manifest.tables["item_id"]
-    corpus = embed_corpus(model, manifest, config, env)
-    queries = embed_queries(model, manifest, config, env, split)
+    corpus = embed_corpus(model, manifest, config, env, features)
+    queries = embed_queries(model, manifest, config, env, split, features)
     exclusion = _exclusion(config, manifest, split, queries, config.eval.exclude)
     tail = torch.from_numpy(tail_items(exclusion.event_counts, HEAD_FRACTION))
     cold = torch.from_numpy(cold_items(exclusion.event_counts, config.eval.cold_item_max_events))
     count = torch.tensor([len(queries.targets)], device=env.device)
     dist.all_reduce(count)
-    results: dict[str, Any] = {
-        "split": split,
-        "num_items": num_items,
-        "num_queries": int(count.item()),
-        "head_fraction": HEAD_FRACTION,
-        "cold_item_max_events": config.eval.cold_item_max_events,
-        "intervals": {},
-        "checkpoint": checkpoint,
-        "protocol": protocol(config, split, num_items, int(count.item())),
-    }
+    results = _header(config, split, num_items, int(count.item()), checkpoint)
 
     def score(topk_ids: torch.Tensor) -> tuple[dict[str, float], dict[str, list[float]]]:
         return _score_ranking(
@@ -250,11 +243,27 @@ def evaluate_model(
         for rule in config.eval.also_exclude
     }
     if config.eval.funnel.ranker is not None:
-        results["funnel"] = funnel_metrics(model, manifest, config, env, split)
+        results["funnel"] = funnel_metrics(model, manifest, config, env, split, features)
     if env.is_main:
         _report(results, config, run_dir, output_name)
     model.train()
     return results
+
+
+def _header(
+    config: ExperimentConfig, split: str, num_items: int, num_queries: int, checkpoint: str | None
+) -> dict[str, Any]:
+    """What was evaluated and how: the leading entries of metrics.json."""
+    return {
+        "split": split,
+        "num_items": num_items,
+        "num_queries": num_queries,
+        "head_fraction": HEAD_FRACTION,
+        "cold_item_max_events": config.eval.cold_item_max_events,
+        "intervals": {},
+        "checkpoint": checkpoint,
+        "protocol": protocol(config, split, num_items, num_queries),
+    }
 
 
 def _scored_under(

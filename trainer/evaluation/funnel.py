@@ -32,6 +32,7 @@ from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.manifest import Manifest
 from data_pipeline.split_table import read_split_columns
 from trainer.evaluation.corpus import rank_rows
+from trainer.features import ResolvedFeatures
 from trainer.mips import shard_range
 from trainer.ranker_build import load_ranker, ranker_run_config, ranker_schema
 from trainer.runtime.distributed import DistributedEnv
@@ -102,6 +103,7 @@ def funnel_metrics(
     config: ExperimentConfig,
     env: DistributedEnv,
     split: str,
+    features: ResolvedFeatures | None = None,
 ) -> dict[str, float]:
     """Collective. Funnel metrics of ``model`` against ``config.eval.funnel.ranker``."""
     spec = config.eval.funnel
@@ -113,7 +115,7 @@ def funnel_metrics(
     start, end = shard_range(rows.num_rows, env.rank, env.world_size)
     mine = rows.slice(start, end - start)
     n = max(spec.retrieve_n, *spec.ks)
-    _, retrieved = rank_rows(model, manifest, config, env, mine, n)
+    _, retrieved = rank_rows(model, manifest, config, env, mine, n, features)
     retrieved = retrieved.cpu()
     store = ItemFeatureStore.load(config.data.path, manifest)
     local: dict[str, torch.Tensor] = {}

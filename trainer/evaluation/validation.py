@@ -20,6 +20,7 @@ from config import ConfigError, ExperimentConfig
 from data_pipeline.manifest import Manifest
 from trainer.evaluation.evaluate import cutoffs_for, evaluate_model
 from trainer.evaluation.intervals import BootstrapConfig
+from trainer.features import ResolvedFeatures
 from trainer.runtime.distributed import DistributedEnv
 from trainer.runtime.run_logger import RunLogger
 
@@ -77,6 +78,7 @@ class Validator:
     env: DistributedEnv
     run_log: RunLogger
     state: ValidationState
+    features: ResolvedFeatures | None = None  # the job's resolved features
 
     def due(self, step: int, epoch_end: bool, final: bool = False) -> bool:
         """Every N steps, at an epoch's end, or ``final``; never twice for one step."""
@@ -100,6 +102,7 @@ class Validator:
             None,
             self.config.eval.valid_split,
             bootstrap=BootstrapConfig(replicates=0),
+            features=self.features,
         )
         stopping = self.config.eval.early_stopping
         value = float(results["model"][stopping.metric])

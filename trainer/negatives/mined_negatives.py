@@ -15,6 +15,7 @@ from config import ExperimentConfig, MinedNegativesConfig
 from data_pipeline.batch import Batch
 from data_pipeline.manifest import Manifest
 from trainer.evaluation.corpus import embed_corpus
+from trainer.features import ResolvedFeatures
 from trainer.mips import distributed_topk
 from trainer.runtime.distributed import DistributedEnv
 
@@ -22,10 +23,14 @@ from trainer.runtime.distributed import DistributedEnv
 class CorpusMiner:
     """Args:
     config: the ``negatives.mined`` section.
+    features: the job's resolved features (for embedding the corpus; None: resolved there).
     """
 
-    def __init__(self, config: MinedNegativesConfig) -> None:
+    def __init__(
+        self, config: MinedNegativesConfig, features: ResolvedFeatures | None = None
+    ) -> None:
         self.config = config
+        self.features = features
         self.corpus_ids: torch.Tensor | None = None
         self.corpus: torch.Tensor | None = None
         self.refreshed_at: int | None = None
@@ -44,7 +49,7 @@ class CorpusMiner:
         )
         if not due:
             return
-        self.corpus_ids, self.corpus = embed_corpus(model, manifest, config, env)
+        self.corpus_ids, self.corpus = embed_corpus(model, manifest, config, env, self.features)
         self.refreshed_at = step
 
     @torch.no_grad()

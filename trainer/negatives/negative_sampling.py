@@ -51,6 +51,7 @@ from data_pipeline.schema import IMPRESSION_NEGATIVES
 from models.retrieval_loss import ScoredCandidates
 from models.tower_outputs import TowerOutputs
 from trainer.build import item_store
+from trainer.features import ResolvedFeatures
 from trainer.negatives.global_negatives import gather_candidates
 from trainer.negatives.mined_negatives import CorpusMiner
 from trainer.runtime.distributed import DistributedEnv
@@ -136,10 +137,13 @@ class NegativeSampling:
 
     @staticmethod
     def build(
-        config: ExperimentConfig, manifest: Manifest, env: DistributedEnv
+        config: ExperimentConfig,
+        manifest: Manifest,
+        env: DistributedEnv,
+        features: ResolvedFeatures | None = None,
     ) -> NegativeSampling:
-        """Loads what the enabled sources need; a source the data cannot support is a
-        :class:`ConfigError` naming the keys."""
+        """Loads what the enabled sources need (``features``: the job's resolved features); a
+        source the data cannot support is a :class:`ConfigError` naming the keys."""
         negatives = config.negatives
         check_supported(config, manifest)
         needs_store = (
@@ -147,7 +151,7 @@ class NegativeSampling:
             or negatives.impressions.per_row > 0
             or negatives.mined.per_row > 0
         )
-        store = item_store(manifest, config) if needs_store else None
+        store = item_store(manifest, config, features) if needs_store else None
         sampler = _corpus_sampler(config, manifest, store) if store is not None else None
         estimator = None
         if negatives.log_q.enabled:
@@ -166,7 +170,7 @@ class NegativeSampling:
                 max_staleness_steps=negatives.memory.max_staleness_steps,
                 device=env.device,
             )
-        miner = CorpusMiner(negatives.mined) if negatives.mined.per_row > 0 else None
+        miner = CorpusMiner(negatives.mined, features) if negatives.mined.per_row > 0 else None
         placeholder = int(store.corpus_ids()[0]) if store is not None else 0
         return NegativeSampling(config, env, store, sampler, estimator, memory, miner, placeholder)
 

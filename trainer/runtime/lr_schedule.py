@@ -1,6 +1,7 @@
 """The dense optimizer's learning rate as a pure function of the global step.
 
-``factor(step)`` multiplies the base rate (``train.dense_lr``, or ``alignment.lr``):
+``factor(step)`` multiplies the base rate (the job's ``dense_lr``: ``train``, ``ranker.train``,
+``alignment.train``):
 ``(step + 1) / warmup_steps`` during warm-up, then 1 (constant), or a linear or half-cosine
 fall to ``min_ratio`` at the decay horizon, held after it. Nothing but the step is needed, so a
 resumed run (whose step is checkpointed) continues the schedule exactly where it stopped.
@@ -42,7 +43,7 @@ class DenseLRSchedule:
     Args:
         optimizer: the dense (data-parallel) optimizer; anything with ``param_groups``.
         base_lr: the rate the schedule scales.
-        horizon: the job's step limit (``train.max_steps``, ``alignment.steps``), the decay's
+        horizon: the job's step limit (its section's ``max_steps``), the decay's
             end when ``decay_steps`` is null.
     """
 

@@ -40,6 +40,7 @@ from data_pipeline.schema import ITEM_ID
 from models.two_tower import TwoTowerModel
 from trainer.build import batch_builder, build_unsharded_model
 from trainer.evaluation.corpus import embed_corpus
+from trainer.features import resolve_features
 from trainer.runtime.checkpoint import best_checkpoint, latest_checkpoint, load_model
 from trainer.runtime.distributed import init_distributed
 from trainer.runtime.run_files import CONFIG_FILE
@@ -208,12 +209,13 @@ def export_run(
     model, manifest, config, meta = load_run_model(run_dir, overrides)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = init_distributed()
-    item_ids, item_embeddings = embed_corpus(model, manifest, config, env)
+    features = resolve_features(manifest, config)
+    item_ids, item_embeddings = embed_corpus(model, manifest, config, env, features)
     item_ids, item_embeddings = item_ids.cpu(), item_embeddings.cpu()
     write_item_index(item_ids, item_embeddings, out_dir / ITEM_INDEX)
     if faiss_index:
         write_faiss_index(item_ids, item_embeddings, out_dir / FAISS_INDEX)
-    builder = batch_builder(manifest, config)
+    builder = batch_builder(manifest, config, features)
     user_keys = [f.name for f in builder.schema.user_features()]
     values, lengths, weights = program_inputs(builder.user_features(example_rows(manifest, config)))
     example = (values.to(env.device), lengths.to(env.device), weights.to(env.device))
