@@ -13,7 +13,7 @@ from data_pipeline.batch import BatchBuilder
 from data_pipeline.derived import with_derived_features
 from data_pipeline.feature_encoding import FeatureEncoding
 from data_pipeline.manifest import MANIFEST_NAME, Manifest
-from data_pipeline.reader import ParquetEventStream, list_work_units, seed_worker
+from data_pipeline.reader import ParquetEventStream, WorkUnit, list_work_units, seed_worker
 from data_pipeline.schema import IMPRESSION_NEGATIVES, EventSchema, SchemaError
 from data_pipeline.validation import IdValidator
 
@@ -84,17 +84,8 @@ def build_event_loader(
             f"column '{IMPRESSION_NEGATIVES}', but dataset '{manifest.dataset}' has no logged "
             "impressions (schema.has_impression_negatives is false)"
         )
-    paths = manifest.split_paths(root, spec.split)
-    units = list_work_units(paths, schema.event_arrow_schema())
-    if not units:
-        # Empty files are fine (they yield no units); an empty split would train or evaluate on
-        # nothing and report success.
-        raise SchemaError(
-            f"{root / MANIFEST_NAME}: split '{spec.split}' has no rows ({len(paths)} files, "
-            "none with a non-empty row group); prepare the dataset again or choose another split"
-        )
     stream = ParquetEventStream(
-        units=units,
+        units=_split_units(root, manifest, schema, spec.split),
         convert=BatchBuilder(
             with_derived_features(schema, spec.recent_history, spec.recency_buckets),
             spec.recent_history,
@@ -124,6 +115,24 @@ def build_event_loader(
         multiprocessing_context="forkserver" if spec.num_workers else None,
         prefetch_factor=4 if spec.num_workers else None,
     )
+
+
+def _split_units(root: Path, manifest: Manifest, schema: EventSchema, split: str) -> list[WorkUnit]:
+    """The non-empty row groups of ``split``'s files.
+
+    Raises:
+        SchemaError: the split has no rows at all, or a file of it is unreadable or off-schema.
+    """
+    paths = manifest.split_paths(root, split)
+    units = list_work_units(paths, schema.event_arrow_schema())
+    if not units:
+        # Empty files are fine (they yield no units); an empty split would train or evaluate on
+        # nothing and report success.
+        raise SchemaError(
+            f"{root / MANIFEST_NAME}: split '{split}' has no rows ({len(paths)} files, "
+            "none with a non-empty row group); prepare the dataset again or choose another split"
+        )
+    return units
 
 
 def _init_worker(setup: Callable[[], None] | None, worker_id: int) -> None:

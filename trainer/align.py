@@ -102,6 +102,7 @@ class AlignResult:
     stopped_by_signal: the signal that stopped the run early (saved first; the after
         measurements are then not taken), or None.
     resumed_from: the alignment checkpoint this process resumed from, or None.
+    skipped_steps: steps skipped for a non-finite loss (``alignment.train.non_finite_loss``).
     """
 
     steps: int
@@ -122,6 +123,7 @@ class AlignResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     stopped_by_signal: int | None = None
     resumed_from: str | None = None
+    skipped_steps: int = 0
 
     @classmethod
     def of(cls, loop: LoopResult, sources: dict[str, str]) -> AlignResult:
@@ -134,6 +136,7 @@ class AlignResult:
             final=loop.final_window,
             stopped_by_signal=loop.stopped_by_signal,
             resumed_from=loop.resumed_from,
+            skipped_steps=loop.skipped_steps,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -372,7 +375,7 @@ def align(config: ExperimentConfig, reward: RewardFn | None = None) -> AlignResu
     session = Session.open(config)
     try:
         task = _build(config, manifest, features, session, reward, sources)
-        loop = TrainingLoop(session, task, LoopSpec.of(config.alignment.train))
+        loop = TrainingLoop(session, task, LoopSpec.of(config.alignment.train, "alignment.train"))
         if loop.restore() is None:
             # A new phase: the start checkpoint's weights, fresh optimizers.
             meta = load_model(start, task.model)

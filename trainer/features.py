@@ -176,6 +176,71 @@ def _check_dropout(feature: FeatureSpec, config: ExperimentConfig) -> None:
         )
 
 
+@dataclass
+class _Placement:
+    """The used features placed on their tables, one at a time (:meth:`add`)."""
+
+    tables: dict[str, int]
+    wishes: dict[str, _TableWishes] = field(default_factory=dict)
+    features: list[FeatureSpec] = field(default_factory=list)
+    id_policies: dict[str, str] = field(default_factory=dict)
+    dense: list[str] = field(default_factory=list)
+    dropout: dict[str, float] = field(default_factory=dict)
+    not_embedded: set[str] = field(default_factory=set)
+    counter_tables: dict[str, str] = field(default_factory=dict)
+
+    def add(
+        self,
+        feature: FeatureSpec,
+        column: FeatureConfig,
+        manifest: Manifest,
+        config: ExperimentConfig,
+    ) -> None:
+        """Places ``feature`` as its ``features.columns`` entry ``column`` asks."""
+        table = column.table or feature.table
+        if table not in self.tables:
+            self.tables[table] = manifest.tables[feature.table]
+        elif self.tables[table] < manifest.tables[feature.table]:
+            raise ConfigError(
+                f"config key 'features.columns.{feature.name}.table': table '{table}' has "
+                f"{self.tables[table]} rows, fewer than the {manifest.tables[feature.table]} "
+                f"ids of '{feature.name}'"
+            )
+        weighted = feature.weighted and column.weighted
+        self.features.append(replace(feature, table=table, weighted=weighted))
+        if column.id_policy is not None:
+            self.id_policies[feature.name] = column.id_policy.value
+        if column.dropout > 0:
+            _check_dropout(feature, config)
+            self.dropout[feature.name] = column.dropout
+        if feature.kind is FeatureKind.COUNTER:
+            self.counter_tables[table] = feature.name
+            if column.dense:
+                self.dense.append(feature.name)
+            if not column.bucketized:
+                self.not_embedded.add(feature.name)
+                return
+        wish = self.wishes.setdefault(table, _TableWishes())
+        wish.ask("pooling", column.pooling, feature.name, table)
+        wish.ask("dim", column.dim, feature.name, table)
+        wish.weighted = wish.weighted or weighted
+
+    def layouts(self, config: ExperimentConfig) -> dict[str, TableLayout]:
+        """Each embedded table's layout; a counter's bucket table may not be weighted."""
+        for table, wish in self.wishes.items():
+            if wish.dim is None and table in config.model.table_dims:
+                wish.dim = (config.model.table_dims[table], "model.table_dims")
+        layouts = {table: wish.layout() for table, wish in self.wishes.items()}
+        for table, counter in self.counter_tables.items():
+            if layouts.get(table, TableLayout()).weighted:
+                raise ConfigError(
+                    f"config key 'features.columns.{counter}.table': counter bucket table "
+                    f"'{table}' is shared with a weighted feature (its weights are the dense "
+                    "counter value)"
+                )
+        return layouts
+
+
 def resolve_features(manifest: Manifest, config: ExperimentConfig) -> ResolvedFeatures:
     """Raises:
     ConfigError: naming the ``features`` key (absent column, kind mismatch, conflicting shared
@@ -183,52 +248,11 @@ def resolve_features(manifest: Manifest, config: ExperimentConfig) -> ResolvedFe
     """
     root = Path(config.data.path)
     used, left_out, notes = _select(manifest, config, root)
-    tables = dict(manifest.tables)
-    wishes: dict[str, _TableWishes] = {}
-    features: list[FeatureSpec] = []
-    id_policies: dict[str, str] = {}
-    dense: list[str] = []
-    dropout: dict[str, float] = {}
-    not_embedded: set[str] = set()
-    counter_tables: dict[str, str] = {}
+    placed = _Placement(dict(manifest.tables))
     for feature, column in used:
-        table = column.table or feature.table
-        if table not in tables:
-            tables[table] = manifest.tables[feature.table]
-        elif tables[table] < manifest.tables[feature.table]:
-            raise ConfigError(
-                f"config key 'features.columns.{feature.name}.table': table '{table}' has "
-                f"{tables[table]} rows, fewer than the {manifest.tables[feature.table]} ids of "
-                f"'{feature.name}'"
-            )
-        weighted = feature.weighted and column.weighted
-        features.append(replace(feature, table=table, weighted=weighted))
-        if column.id_policy is not None:
-            id_policies[feature.name] = column.id_policy.value
-        if column.dropout > 0:
-            _check_dropout(feature, config)
-            dropout[feature.name] = column.dropout
-        if feature.kind is FeatureKind.COUNTER:
-            counter_tables[table] = feature.name
-            if column.dense:
-                dense.append(feature.name)
-            if not column.bucketized:
-                not_embedded.add(feature.name)
-                continue
-        wish = wishes.setdefault(table, _TableWishes())
-        wish.ask("pooling", column.pooling, feature.name, table)
-        wish.ask("dim", column.dim, feature.name, table)
-        wish.weighted = wish.weighted or weighted
-    for table, wish in wishes.items():
-        if wish.dim is None and table in config.model.table_dims:
-            wish.dim = (config.model.table_dims[table], "model.table_dims")
-    layouts = {table: wish.layout() for table, wish in wishes.items()}
-    for table, counter in counter_tables.items():
-        if layouts.get(table, TableLayout()).weighted:
-            raise ConfigError(
-                f"config key 'features.columns.{counter}.table': counter bucket table '{table}' "
-                "is shared with a weighted feature (its weights are the dense counter value)"
-            )
+        placed.add(feature, column, manifest, config)
+    layouts = placed.layouts(config)
+    features, tables = placed.features, placed.tables
     mean_weighted = frozenset(
         f.name
         for f in features
@@ -241,15 +265,16 @@ def resolve_features(manifest: Manifest, config: ExperimentConfig) -> ResolvedFe
         encoding = FeatureEncoding.from_manifest(manifest.counters, tables, features, mean_weighted)
     except (SchemaError, ValueError) as error:
         raise ConfigError(f"config key 'features': {root / MANIFEST_NAME}: {error}") from error
+    layout = FeatureLayout(layouts, tuple(placed.dense), frozenset(placed.not_embedded))
     return ResolvedFeatures(
         schema=schema,
         tables=tables,
-        layout=FeatureLayout(layouts, tuple(dense), frozenset(not_embedded)),
+        layout=layout,
         encoding=encoding,
-        id_policies=id_policies,
+        id_policies=placed.id_policies,
         left_out=tuple(left_out),
         undeclared=tuple(notes),
-        dropout=dropout,
+        dropout=placed.dropout,
     )
 
 

@@ -171,7 +171,7 @@ def train_ranker(config: ExperimentConfig) -> RankerTrainResult:
         if config.data.verify_checksums and env.is_main:
             manifest.verify_checksums(config.data.path, config.data.train_split)
         task = RankerTask.build(config, manifest, session)
-        loop = TrainingLoop(session, task, LoopSpec.of(config.ranker.train))
+        loop = TrainingLoop(session, task, LoopSpec.of(config.ranker.train, "ranker.train"))
         loop.restore(config.checkpoint.resume_from)
         result = RankerTrainResult.of(loop.run())
         if config.eval.at_end and result.stopped_by_signal is None:

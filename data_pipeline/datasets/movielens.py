@@ -1,9 +1,10 @@
 """MovieLens (100k, 1m, 10m, 20m, 25m, 32m) -> twotower event shards.
 
-Every rating is one event with ``label_click = 1`` and ``label_like = rating >= 4``; ``position``
-is all null and there is no ranker score. Each row carries its point-in-time history
-(:mod:`data_pipeline.datasets.history`) and its user and item features denormalized, so the
-trainer needs no join. The split (:mod:`data_pipeline.datasets.split`, ``split=``) is either
+Every rating is one event with ``label_click = 1`` and ``label_like = rating >= 4``
+(:mod:`data_pipeline.datasets.movielens_log`); ``position`` is all null and there is no ranker
+score. Each row carries its point-in-time history (:mod:`data_pipeline.datasets.history`) and
+its user and item features denormalized, so the trainer needs no join. The split
+(:mod:`data_pipeline.datasets.split`, ``split=``) is either
 
 * ``leave-last-out`` (default): per user, the last event is ``test`` and the one before it
   ``valid``; eval rows carry the history up to the held-out event in timeline order; or
@@ -48,7 +49,6 @@ import numpy as np
 import pyarrow as pa
 
 from data_pipeline.datasets import movielens_counters
-from data_pipeline.datasets import movielens_features as features_module
 from data_pipeline.datasets.event_features import (
     TEXT_TABLE,
     TIME_CONTEXT_TABLES,
@@ -62,10 +62,16 @@ from data_pipeline.datasets.history import (
     strictly_earlier_rank,
 )
 from data_pipeline.datasets.movielens_counters import ItemCounters, item_counters
-from data_pipeline.datasets.movielens_formats import parse_items, parse_ratings, parse_users
+from data_pipeline.datasets.movielens_log import (
+    DISLIKE_THRESHOLD,
+    LIKE_THRESHOLD,
+    MovieLensLog,
+    load_log,
+    write_raw_ids,
+)
 from data_pipeline.datasets.movielens_source import ResolvedSource, resolve_source
 from data_pipeline.datasets.movielens_text import TitleText, title_spec, title_text
-from data_pipeline.datasets.output import clear_output, write_side_file, write_side_table
+from data_pipeline.datasets.output import clear_output, write_side_table
 from data_pipeline.datasets.split import (
     MIN_EVENTS_TO_HOLD_OUT,
     SPLIT_NAMES,
@@ -102,39 +108,12 @@ LABELS = ("click", "like")
 # like: rating >= 4 (explicit approval). dislike: rating <= 2, explicit disapproval: a rated item
 # the user did not enjoy tells the encoder what to steer away from, which a click cannot.
 HISTORY_ACTIONS = ("like", "dislike")
-DISLIKE_THRESHOLD = 2.0
-LIKE_THRESHOLD = 4.0
 SMALL_DATASET_EVENTS = 2_000_000
 SMALL_ROW_GROUP_ROWS = 8192
 LARGE_ROW_GROUP_ROWS = 65_536
 CHUNK_ROWS = 262_144
 MIN_ROW_GROUPS = 8
 MIN_ROW_GROUP_ROWS = 64
-
-
-@dataclass(frozen=True)
-class MovieLensLog:
-    """One MovieLens copy in dense ids.
-
-    Args:
-        user, item: [N] int64 dense ids.
-        timestamp: [N] int64 seconds.
-        like: [N] int8, 1 where rating >= 4.
-        dislike: [N] int8, 1 where rating <= 2.
-        users, items: side features indexed by dense id.
-        user_map, item_map: [U], [I] int64 raw id of each dense id.
-    """
-
-    user: np.ndarray
-    item: np.ndarray
-    timestamp: np.ndarray
-    like: np.ndarray
-    dislike: np.ndarray
-    users: features_module.SideFeatures
-    items: features_module.SideFeatures
-    user_map: np.ndarray
-    item_map: np.ndarray
-    item_titles: list[str]
 
 
 @dataclass(frozen=True)
@@ -225,6 +204,35 @@ def prepare_movielens(
     variant = variant.lower().removeprefix("ml-")
     out = Path(out)
     text_config = TextHashConfig(text_vocab_size, text_max_tokens, bigrams=True)
+    resolved, log = _load_source(variant, source, cache_dir, allow_download)
+    row_group_rows = _row_group_rows(row_group_rows, int(log.user.shape[0]))
+    schema = movielens_schema(log)
+    clear_output(out, extra_dirs=("raw_ids",))
+    split_config = split if split is not None else SplitConfig()
+    sources, assignment = event_sources(log, split_config, text_config, history_length)
+    splits = _write_event_splits(
+        out, sources, assignment.codes, schema, row_group_rows, rows_per_file
+    )
+    splits.update(_write_side_tables(out, schema, sources, row_group_rows))
+    manifest = Manifest(
+        dataset=f"movielens-{variant}",
+        schema=schema,
+        tables=_table_sizes(log, text_config),
+        splits=splits,
+        history_length=history_length,
+        source=resolved.to_json(),
+        extra=_manifest_extra(sources, assignment, splits, write_raw_ids(out, log)),
+        counters=sources.counters.statistics,
+    )
+    manifest.save(out)
+    logger.info("wrote %s: %s", out, {name: info.rows for name, info in splits.items()})
+    return manifest
+
+
+def _load_source(
+    variant: str, source: Path | None, cache_dir: Path | None, allow_download: bool
+) -> tuple[ResolvedSource, MovieLensLog]:
+    """Find the variant's raw files (logging where from) and parse them into a dense-id log."""
     resolved = resolve_source(variant, source, cache_dir=cache_dir, allow_download=allow_download)
     logger.info(
         "MovieLens %s source: %s %s (%s layout)",
@@ -233,15 +241,23 @@ def prepare_movielens(
         resolved.location,
         resolved.files.layout,
     )
-    log = load_log(resolved)
-    n_events = int(log.user.shape[0])
-    if row_group_rows is None:
-        small = n_events <= SMALL_DATASET_EVENTS
-        row_group_rows = SMALL_ROW_GROUP_ROWS if small else LARGE_ROW_GROUP_ROWS
-    schema = movielens_schema(log)
-    clear_output(out, extra_dirs=("raw_ids",))
+    return resolved, load_log(resolved)
+
+
+def _row_group_rows(requested: int | None, events: int) -> int:
+    """``requested``, or by default 8192 up to 2M events and 65536 beyond."""
+    if requested is not None:
+        return requested
+    return SMALL_ROW_GROUP_ROWS if events <= SMALL_DATASET_EVENTS else LARGE_ROW_GROUP_ROWS
+
+
+def event_sources(
+    log: MovieLensLog, split: SplitConfig, text_config: TextHashConfig, history_length: int
+) -> tuple[EventSources, SplitAssignment]:
+    """The split of every event, and what its row is built from: the timeline, the title text
+    and the point-in-time counters (whose ``items/`` snapshot sees train events only)."""
     timeline = build_timeline(log.user, log.timestamp, log.item)
-    assignment = assign_splits(log, timeline, split if split is not None else SplitConfig())
+    assignment = assign_splits(log, timeline, split)
     thresholds = assignment.thresholds
     sources = EventSources(
         log=log,
@@ -258,32 +274,28 @@ def prepare_movielens(
         history_length=history_length,
         history_rank=assignment.history_rank,
     )
+    return sources, assignment
+
+
+def _write_event_splits(
+    out: Path,
+    sources: EventSources,
+    codes: np.ndarray,
+    schema: EventSchema,
+    row_group_rows: int,
+    rows_per_file: int,
+) -> dict[str, SplitInfo]:
+    """``train/``, ``valid/`` and ``test/`` (``codes``: [N] int8 split code per event), each in
+    (timestamp, user_id, item_id) order."""
+    log = sources.log
     output_order = np.lexsort((log.item, log.user, log.timestamp))
     splits: dict[str, SplitInfo] = {}
     for code, name in enumerate(SPLIT_NAMES):
-        rows = output_order[assignment.codes[output_order] == code]
+        rows = output_order[codes[output_order] == code]
         splits[name] = _write_events(
             out, name, sources, rows, schema, row_group_rows, rows_per_file
         )
-    splits.update(_write_side_tables(out, schema, sources, row_group_rows))
-    extra = _extra(log, timeline, splits, write_raw_ids(out, log))
-    if thresholds is not None:
-        extra = _with_temporal_split(extra, log, splits, assignment.codes, thresholds)
-    extra["text"] = sources.title.to_manifest()
-    extra["counters"] = sources.counters.to_manifest()
-    manifest = Manifest(
-        dataset=f"movielens-{variant}",
-        schema=schema,
-        tables=_table_sizes(log, text_config),
-        splits=splits,
-        history_length=history_length,
-        source=resolved.to_json(),
-        extra=extra,
-        counters=sources.counters.statistics,
-    )
-    manifest.save(out)
-    logger.info("wrote %s: %s", out, {name: info.rows for name, info in splits.items()})
-    return manifest
+    return splits
 
 
 def _write_side_tables(
@@ -307,32 +319,6 @@ def _table_sizes(log: MovieLensLog, text_config: TextHashConfig) -> dict[str, in
         TEXT_TABLE: text_config.vocab_size,
         **movielens_counters.table_sizes(),
     }
-
-
-def load_log(resolved: ResolvedSource) -> MovieLensLog:
-    """Parse the raw files and remap raw ids to dense ``0 .. n-1`` ids."""
-    ratings = parse_ratings(resolved.files)
-    users = parse_users(resolved.files)
-    items = parse_items(resolved.files)
-    empty = np.zeros(0, dtype=np.int64)
-    user_map = features_module.dense_id_map(ratings.user, users.user if users else empty)
-    item_map = features_module.dense_id_map(ratings.item, items.item if items else empty)
-    titles = [""] * int(item_map.shape[0])
-    if items is not None:
-        for row, title in zip(features_module.to_dense(items.item, item_map).tolist(), items.title):
-            titles[row] = title
-    return MovieLensLog(
-        user=features_module.to_dense(ratings.user, user_map),
-        item=features_module.to_dense(ratings.item, item_map),
-        timestamp=ratings.timestamp,
-        like=(ratings.rating >= LIKE_THRESHOLD).astype(np.int8),
-        dislike=(ratings.rating <= DISLIKE_THRESHOLD).astype(np.int8),
-        users=features_module.user_features(user_map, users),
-        items=features_module.item_features(item_map, items),
-        user_map=user_map,
-        item_map=item_map,
-        item_titles=titles,
-    )
 
 
 def movielens_schema(log: MovieLensLog) -> EventSchema:
@@ -429,36 +415,21 @@ def _write_events(
     return writer.info
 
 
-def write_raw_ids(out: Path, log: MovieLensLog) -> dict[str, dict[str, str]]:
-    """``raw_ids/users.parquet`` and ``raw_ids/items.parquet``: dense id -> GroupLens id."""
-    users = pa.table(
-        {"user_id": np.arange(log.user_map.shape[0], dtype=np.int64), "raw_user_id": log.user_map}
-    )
-    items = pa.table(
-        {
-            "item_id": np.arange(log.item_map.shape[0], dtype=np.int64),
-            "raw_item_id": log.item_map,
-            "title": pa.array(log.item_titles, type=pa.string()),
-        }
-    )
-    return {
-        "users": write_side_file(out, "raw_ids/users.parquet", users),
-        "items": write_side_file(out, "raw_ids/items.parquet", items),
-    }
-
-
-def _extra(
-    log: MovieLensLog,
-    timeline: UserTimeline,
+def _manifest_extra(
+    sources: EventSources,
+    assignment: SplitAssignment,
     splits: dict[str, SplitInfo],
     raw_ids: dict[str, dict[str, str]],
 ) -> dict[str, object]:
+    """``manifest.extra``: counts, id ranges, thresholds, order and split rules (the temporal
+    split's when it is one), vocabularies, raw-id files, title text and counter records."""
+    log, thresholds = sources.log, assignment.thresholds
     n_users, n_items = int(log.user_map.shape[0]), int(log.item_map.shape[0])
     counts = _event_counts(log, splits)
-    eligible = timeline.user_event_count >= MIN_EVENTS_TO_HOLD_OUT
+    eligible = sources.timeline.user_event_count >= MIN_EVENTS_TO_HOLD_OUT
     held_out_users = int(np.unique(log.user[eligible]).size)
     counts["users_without_holdout"] = counts["users_with_events"] - held_out_users
-    return {
+    extra: dict[str, object] = {
         "counts": counts,
         "id_ranges": {
             "user_id": [0, n_users - 1],
@@ -478,6 +449,11 @@ def _extra(
         "vocabularies": {**log.users.vocabularies, **log.items.vocabularies},
         "raw_ids": raw_ids,
     }
+    if thresholds is not None:
+        extra = _with_temporal_split(extra, log, splits, assignment.codes, thresholds)
+    extra["text"] = sources.title.to_manifest()
+    extra["counters"] = sources.counters.to_manifest()
+    return extra
 
 
 def _event_counts(log: MovieLensLog, splits: dict[str, SplitInfo]) -> dict[str, int]:

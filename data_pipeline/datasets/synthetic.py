@@ -15,7 +15,8 @@ on clicks. All impressions of a session share its timestamp.
 
 **Impression negatives.** ``impression_negative_ids`` lists, for every row, the other items of
 the same session (same user, same request, shown together) whose labels are all 0, by position:
-hard negatives that are point-in-time by construction, since they come from one request only.
+hard negatives that are point-in-time by construction, since they come from one request only
+(rows are built in :mod:`~data_pipeline.datasets.synthetic_rows`).
 
 **History.** ``hist_item_ids`` holds the items the user clicked in earlier sessions (strictly
 before the row's timestamp), newest first (within a session, the lower slot counts as older),
@@ -66,12 +67,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
-from data_pipeline.datasets.history import jagged_offsets
 from data_pipeline.datasets.output import clear_output, save_array, write_side_table
 from data_pipeline.datasets.split import TemporalThresholds, session_quantiles
-from data_pipeline.datasets.synthetic_feature_stream import ChunkFeatures, FeatureStream
+from data_pipeline.datasets.synthetic_feature_stream import FeatureStream
 from data_pipeline.datasets.synthetic_features import SyntheticFeatures
 from data_pipeline.datasets.synthetic_feed import (
     HISTORY_ACTIONS,
@@ -84,21 +83,16 @@ from data_pipeline.datasets.synthetic_feed import (
     truncate_feed,
     update_state,
 )
+from data_pipeline.datasets.synthetic_rows import impression_table
 from data_pipeline.datasets.synthetic_world import SyntheticWorld, WorldConfig, build_world
 from data_pipeline.manifest import Manifest, SplitInfo
 from data_pipeline.schema import (
     HISTORY_ITEMS,
-    IMPRESSION_NEGATIVES,
     ITEM_ID,
-    POSITION,
-    RANKER_SCORE,
-    TIMESTAMP,
-    USER_ID,
     EventSchema,
     FeatureKind,
     FeatureSpec,
     Side,
-    label_column,
 )
 from data_pipeline.shard_writer import ShardWriter
 
@@ -123,6 +117,7 @@ class SyntheticRun:
         sessions: ``ceil(E / P)``; the last session may be cut short.
         sessions_per_chunk: sessions simulated and written per step.
         valid_start, test_start: first session index of ``valid`` and of ``test``.
+        valid_fraction, test_fraction: the shares of sessions those starts were cut at.
     """
 
     events: int
@@ -132,6 +127,34 @@ class SyntheticRun:
     sessions_per_chunk: int
     valid_start: int
     test_start: int
+    valid_fraction: float
+    test_fraction: float
+
+    @classmethod
+    def plan(
+        cls,
+        events: int,
+        seed: int,
+        history_length: int,
+        positions: int,
+        chunk_events: int,
+        valid_fraction: float,
+        test_fraction: float,
+    ) -> SyntheticRun:
+        """E ``events`` in sessions of P ``positions`` slots, ``chunk_events`` per step, cut by
+        session index at the held-out fractions."""
+        sessions = math.ceil(events / positions)
+        return cls(
+            events=events,
+            seed=seed,
+            history_length=history_length,
+            sessions=sessions,
+            sessions_per_chunk=max(1, chunk_events // positions),
+            valid_start=int(sessions * (1 - valid_fraction - test_fraction)),
+            test_start=int(sessions * (1 - test_fraction)),
+            valid_fraction=valid_fraction,
+            test_fraction=test_fraction,
+        )
 
     def split_masks(self, feed: FeedChunk) -> dict[str, np.ndarray]:
         """[R] bool row masks: train keeps every impression, valid/test only clicks."""
@@ -141,6 +164,25 @@ class SyntheticRun:
             "valid": click & (feed.session >= self.valid_start) & (feed.session < self.test_start),
             "test": click & (feed.session >= self.test_start),
         }
+
+
+@dataclass(frozen=True)
+class SyntheticSources:
+    """Everything the tables of one run are built from.
+
+    Args:
+        world: latent factors, popularity and categorical features (N users, M items).
+        config: the simulation knobs ``world`` was built with.
+        features: the extra feature groups.
+        stream: generator of those groups, chunk by chunk.
+        schema: the dataset's schema.
+    """
+
+    world: SyntheticWorld
+    config: WorldConfig
+    features: SyntheticFeatures
+    stream: FeatureStream
+    schema: EventSchema
 
 
 def prepare_synthetic(
@@ -178,50 +220,18 @@ def prepare_synthetic(
     """
     config = world if world is not None else WorldConfig()
     breadth = features if features is not None else SyntheticFeatures()
-    if min(users, items, events, chunk_events) <= 0 or not 0 <= valid_fraction + test_fraction < 1:
-        raise ValueError(
-            "prepare_synthetic: need users, items, events, chunk_events > 0 and "
-            f"valid_fraction + test_fraction in [0, 1); got {users=}, {items=}, {events=}, "
-            f"{chunk_events=}, {valid_fraction=}, {test_fraction=}"
-        )
-    sessions = math.ceil(events / config.positions)
-    run = SyntheticRun(
-        events=events,
-        seed=seed,
-        history_length=history_length,
-        sessions=sessions,
-        sessions_per_chunk=max(1, chunk_events // config.positions),
-        valid_start=int(sessions * (1 - valid_fraction - test_fraction)),
-        test_start=int(sessions * (1 - test_fraction)),
+    _check_arguments(users, items, events, chunk_events, valid_fraction, test_fraction)
+    run = SyntheticRun.plan(
+        events, seed, history_length, config.positions, chunk_events, valid_fraction, test_fraction
     )
-    eval_group_rows = max(1, row_group_rows // EVAL_ROW_GROUP_DIVISOR)
     out = Path(out)
     clear_output(out, extra_dirs=("truth", "raw"))
     truth = build_world(users, items, dim, seed, config)
     schema = synthetic_schema(breadth)
     stream = FeatureStream(truth, config, breadth, seed, out, run.valid_start)
-    # valid/test hold ~1% of the rows (clicks of 10% of the time): smaller groups keep them
-    # splittable across ranks and workers.
-    group_rows = {"train": row_group_rows} | dict.fromkeys(("valid", "test"), eval_group_rows)
-    writers = {
-        name: ShardWriter(out, name, schema.event_arrow_schema(), rows_per_file, group_rows[name])
-        for name in EVENT_SPLITS
-    }
-    counts = generate_events(truth, config, run, writers, stream)
-    splits: dict[str, SplitInfo] = {name: writer.close() for name, writer in writers.items()}
-    item_counters, raw_files = stream.finish()
-    user_columns = {**truth.user_features, **stream.user_columns(), "user_id": np.arange(users)}
-    item_columns = {
-        **truth.item_features,
-        **stream.item_columns(),
-        **item_counters,
-        "item_id": np.arange(items),
-    }
-    splits["users"] = write_side_table(out, schema, Side.USER, user_columns, row_group_rows)
-    splits["items"] = write_side_table(out, schema, Side.ITEM, item_columns, row_group_rows)
-    generator: dict[str, float | int] = {"users": users, "items": items, "dim": dim}
-    generator["chunk_events"] = chunk_events
-    generator |= {"valid_fraction": valid_fraction, "test_fraction": test_fraction}
+    sources = SyntheticSources(truth, config, breadth, stream, schema)
+    splits, counts, raw_files = write_tables(out, sources, run, row_group_rows, rows_per_file)
+    sizes = {"users": users, "items": items, "dim": dim, "chunk_events": chunk_events}
     manifest = Manifest(
         dataset="synthetic",
         schema=schema,
@@ -229,35 +239,105 @@ def prepare_synthetic(
         splits=splits,
         history_length=history_length,
         source={"kind": "synthetic", "seed": seed},
-        extra={
-            "generator": {
-                "events": events,
-                "seed": seed,
-                **generator,
-                **config.to_json(),
-                "features": breadth.to_json(),
-            },
-            "split_rule": (
-                f"by session time: train = first {1 - valid_fraction - test_fraction:g} of "
-                f"sessions, every impression; valid = next {valid_fraction:g}, test = last "
-                f"{test_fraction:g}, clicked impressions only"
-            ),
-            "split_start_session": {"valid": run.valid_start, "test": run.test_start},
-            "split": _split_record(config, run, valid_fraction, test_fraction),
-            "counts": {**counts, **{f"{n}_rows": i.rows for n, i in splits.items()}},
-            "truth": save_truth(out, truth, stream),
-            "raw": raw_files,
-            "time_span_s": [
-                config.start_timestamp,
-                config.start_timestamp + (sessions - 1) * config.session_interval_s,
-            ],
-            "relevance": _relevance_rule(breadth),
-        },
+        extra=_manifest_extra(out, sources, run, sizes, counts, raw_files),
         counters=stream.statistics.to_manifest(),
     )
     manifest.save(out)
     logger.info("wrote %s: %s", out, {name: info.rows for name, info in splits.items()})
     return manifest
+
+
+def _check_arguments(
+    users: int,
+    items: int,
+    events: int,
+    chunk_events: int,
+    valid_fraction: float,
+    test_fraction: float,
+) -> None:
+    """Raise before anything is written when a size is not positive or nothing is left to train."""
+    if min(users, items, events, chunk_events) <= 0 or not 0 <= valid_fraction + test_fraction < 1:
+        raise ValueError(
+            "prepare_synthetic: need users, items, events, chunk_events > 0 and "
+            f"valid_fraction + test_fraction in [0, 1); got {users=}, {items=}, {events=}, "
+            f"{chunk_events=}, {valid_fraction=}, {test_fraction=}"
+        )
+
+
+def write_tables(
+    out: Path, sources: SyntheticSources, run: SyntheticRun, row_group_rows: int, rows_per_file: int
+) -> tuple[dict[str, SplitInfo], dict[str, int], dict[str, dict[str, str]]]:
+    """Write ``train/``, ``valid/``, ``test/`` (generated chunk by chunk), then ``users/`` and
+    ``items/`` (with the stream's train-only item counters).
+
+    Returns:
+        splits: split name -> its files, event splits first.
+        counts: the feed's counts and ``<split>_rows`` of every split.
+        raw_files: the stream's raw side files (``manifest.extra["raw"]``).
+    """
+    eval_group_rows = max(1, row_group_rows // EVAL_ROW_GROUP_DIVISOR)
+    # valid/test hold ~1% of the rows (clicks of 10% of the time): smaller groups keep them
+    # splittable across ranks and workers.
+    group_rows = {"train": row_group_rows} | dict.fromkeys(("valid", "test"), eval_group_rows)
+    schema = sources.schema
+    writers = {
+        name: ShardWriter(out, name, schema.event_arrow_schema(), rows_per_file, group_rows[name])
+        for name in EVENT_SPLITS
+    }
+    world, stream = sources.world, sources.stream
+    counts = generate_events(world, sources.config, run, writers, stream)
+    splits: dict[str, SplitInfo] = {name: writer.close() for name, writer in writers.items()}
+    item_counters, raw_files = stream.finish()
+    user_ids = np.arange(world.user_factors.shape[0])
+    user_columns = {**world.user_features, **stream.user_columns(), "user_id": user_ids}
+    item_columns = {
+        **world.item_features,
+        **stream.item_columns(),
+        **item_counters,
+        "item_id": np.arange(world.item_factors.shape[0]),
+    }
+    splits["users"] = write_side_table(out, schema, Side.USER, user_columns, row_group_rows)
+    splits["items"] = write_side_table(out, schema, Side.ITEM, item_columns, row_group_rows)
+    counts |= {f"{name}_rows": info.rows for name, info in splits.items()}
+    return splits, counts, raw_files
+
+
+def _manifest_extra(
+    out: Path,
+    sources: SyntheticSources,
+    run: SyntheticRun,
+    sizes: dict[str, int],
+    counts: dict[str, int],
+    raw_files: dict[str, dict[str, str]],
+) -> dict[str, object]:
+    """``manifest.extra``; writes ``truth/`` (``sizes``: users, items, dim and chunk_events)."""
+    config, breadth = sources.config, sources.features
+    return {
+        "generator": {
+            "events": run.events,
+            "seed": run.seed,
+            **sizes,
+            "valid_fraction": run.valid_fraction,
+            "test_fraction": run.test_fraction,
+            **config.to_json(),
+            "features": breadth.to_json(),
+        },
+        "split_rule": (
+            f"by session time: train = first {1 - run.valid_fraction - run.test_fraction:g} of "
+            f"sessions, every impression; valid = next {run.valid_fraction:g}, test = last "
+            f"{run.test_fraction:g}, clicked impressions only"
+        ),
+        "split_start_session": {"valid": run.valid_start, "test": run.test_start},
+        "split": _split_record(config, run),
+        "counts": counts,
+        "truth": save_truth(out, sources.world, sources.stream),
+        "raw": raw_files,
+        "time_span_s": [
+            config.start_timestamp,
+            config.start_timestamp + (run.sessions - 1) * config.session_interval_s,
+        ],
+        "relevance": _relevance_rule(breadth),
+    }
 
 
 def generate_events(
@@ -297,11 +377,9 @@ def generate_events(
     return counts
 
 
-def _split_record(
-    config: WorldConfig, run: SyntheticRun, valid_fraction: float, test_fraction: float
-) -> dict[str, object]:
+def _split_record(config: WorldConfig, run: SyntheticRun) -> dict[str, object]:
     """``manifest.extra["split"]``: the session split as a temporal one (T1, T2, quantiles)."""
-    valid_quantile, test_quantile = session_quantiles(valid_fraction, test_fraction)
+    valid_quantile, test_quantile = session_quantiles(run.valid_fraction, run.test_fraction)
     thresholds = TemporalThresholds(
         valid_start=config.start_timestamp + run.valid_start * config.session_interval_s,
         test_start=config.start_timestamp + run.test_start * config.session_interval_s,
@@ -360,74 +438,3 @@ def save_truth(
     if stream.device_topics is not None:
         arrays["device_topics"] = stream.device_topics.astype(np.float32)
     return {name: save_array(out, f"truth/{name}.npy", array) for name, array in arrays.items()}
-
-
-def impression_table(
-    world: SyntheticWorld,
-    config: WorldConfig,
-    feed: FeedChunk,
-    histories: dict[str, pa.ListArray],
-    rows: np.ndarray,
-    extra: ChunkFeatures,
-) -> pa.Table:
-    """Impressions ``rows`` ([R] int64 indices into the chunk) with labels, features, history
-    and the extra feature groups of ``extra``."""
-    user, item = feed.user[rows], feed.item[rows]
-    # Every impression of a session repeats the session's history.
-    local_session = pa.array(rows // config.positions)
-    columns: dict[str, np.ndarray | pa.Array] = {
-        USER_ID: user,
-        ITEM_ID: item,
-        TIMESTAMP: config.start_timestamp + feed.session[rows] * config.session_interval_s,
-        POSITION: feed.position[rows],
-        RANKER_SCORE: feed.ranker_score[rows],
-    }
-    for name in LABELS:
-        columns[label_column(name)] = feed.labels[name][rows].astype(np.float32)
-    columns[IMPRESSION_NEGATIVES] = session_impression_negatives(feed, config.positions, rows)
-    for name, lists in histories.items():
-        columns[name] = lists.take(local_session)
-    for name, values in world.user_features.items():
-        columns[name] = values[user]
-    for name, values in world.item_features.items():
-        columns[name] = values[item]
-    for name, values in extra.per_session.items():
-        columns[name] = _take(values, rows // config.positions)
-    for name, values in extra.per_row.items():
-        columns[name] = _take(values, rows)
-    return pa.table(columns)
-
-
-def _take(values: np.ndarray | pa.Array, index: np.ndarray) -> np.ndarray | pa.Array:
-    """``values[index]`` of a numpy array or an Arrow array (``index``: [Q] int64)."""
-    return values.take(pa.array(index)) if isinstance(values, pa.Array) else values[index]
-
-
-def session_impression_negatives(feed: FeedChunk, positions: int, rows: np.ndarray) -> pa.ListArray:
-    """Unengaged impressions of each row's own session, in position order.
-
-    Args:
-        feed: one chunk, rows in (session, position) order, ``R = S × P`` (the last session
-            may be cut short).
-        positions: P, slots per session.
-        rows: [Q] int64 indices into the chunk.
-
-    Returns:
-        Q lists of item ids (list<int64>, possibly empty): the items of the row's session with
-        every label 0, excluding the row's own item, jagged ``[sum(lengths)]`` values.
-    """
-    total = feed.user.shape[0]
-    sessions = -(-total // positions)
-    # Slots past the end of a cut session count as engaged, so they are never listed.
-    engaged = np.ones(sessions * positions, dtype=bool)
-    engaged[:total] = np.logical_or.reduce([values != 0 for values in feed.labels.values()])
-    slot_items = np.full(sessions * positions, -1, dtype=np.int64)
-    slot_items[:total] = feed.item
-    slot_items = slot_items.reshape(sessions, positions)
-    row_items = feed.item[rows].astype(np.int64)
-    session_items = slot_items[rows // positions]  # [Q, P]
-    negative = ~engaged.reshape(sessions, positions)[rows // positions]
-    negative &= session_items != row_items[:, None]
-    offsets = pa.array(jagged_offsets(negative.sum(axis=1)))
-    # Row-major boolean selection keeps each row's items in position order.
-    return pa.ListArray.from_arrays(offsets, pa.array(session_items[negative]))

@@ -123,15 +123,7 @@ def simulate_feed(
     score = (relevance + config.ranker_noise_std * rng.standard_normal((sessions, k))).astype(
         np.float32
     )
-    # Candidates are sorted per row, so repeats are adjacent; ranking them last means an item is
-    # shown twice in a session only when fewer than P distinct candidates were drawn.
-    repeated = np.zeros_like(candidates, dtype=bool)
-    repeated[:, 1:] = candidates[:, 1:] == candidates[:, :-1]
-    ordering = score + world.item_promotion[candidates] if config.promotion_std > 0 else score
-    ranking_key = np.where(repeated, -np.inf, ordering)
-    top = np.argsort(-ranking_key, axis=1, kind="stable")[:, :p]
-    if config.shuffled_fraction > 0:
-        top = shuffle_sessions(top, config.shuffled_fraction, rng)
+    top = logged_ranking(world, config, candidates, score, rng)
     shown = np.take_along_axis(candidates, top, axis=1)
     shown_relevance = np.take_along_axis(relevance, top, axis=1)
     shown_affinity = np.take_along_axis(affinity, top, axis=1)
@@ -153,6 +145,27 @@ def simulate_feed(
         },
         ranker_score=np.take_along_axis(score, top, axis=1).reshape(-1),
     )
+
+
+def logged_ranking(
+    world: SyntheticWorld,
+    config: WorldConfig,
+    candidates: np.ndarray,
+    score: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """The logged ranker's slots: [S, K] sorted candidates and their [S, K] float32 scores ->
+    [S, P] candidate indices in slot order (by score plus promotion, then shuffled sessions)."""
+    # Candidates are sorted per row, so repeats are adjacent; ranking them last means an item is
+    # shown twice in a session only when fewer than P distinct candidates were drawn.
+    repeated = np.zeros_like(candidates, dtype=bool)
+    repeated[:, 1:] = candidates[:, 1:] == candidates[:, :-1]
+    ordering = score + world.item_promotion[candidates] if config.promotion_std > 0 else score
+    ranking_key = np.where(repeated, -np.inf, ordering)
+    top = np.argsort(-ranking_key, axis=1, kind="stable")[:, : config.positions]
+    if config.shuffled_fraction > 0:
+        top = shuffle_sessions(top, config.shuffled_fraction, rng)
+    return top
 
 
 LAUNCH_REDRAWS = 16

@@ -16,13 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import chi2
 
-from data_pipeline.negatives import (
+from data_pipeline.negatives import CorpusSampler, CrossBatchMemory, item_counts
+from data_pipeline.streaming_frequency import (
     HASH_MULTIPLIERS,
-    CorpusSampler,
-    CrossBatchMemory,
     StreamingFrequencyEstimator,
     hash_slots,
-    item_counts,
 )
 from tests.dist_helpers import run_distributed
 

@@ -132,10 +132,51 @@ def test_ranker_non_finite_loss_is_skipped_or_halts(
     )
     try:
         if policy == "halt":
-            with pytest.raises(NonFiniteLossError, match="step 3: non-finite loss"):
+            with pytest.raises(NonFiniteLossError, match="ranker.train.non_finite_loss=halt"):
                 ranker_train.train_ranker(config)
         else:
             result = ranker_train.train_ranker(config)
+            assert result.steps == 6 and result.skipped_steps == 1
+    finally:
+        shutdown()
+    assert [p.name for p in (run_dir / "bad_batches").iterdir()] == ["step-3-rank-0.pt"]
+
+
+@pytest.mark.parametrize("policy", ["skip", "halt"])
+def test_alignment_non_finite_loss_is_skipped_or_halts(
+    policy: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trainer.align as align_module
+    from trainer.ranker_train import train_ranker
+    from trainer.train import train
+
+    original, calls = align_module.alignment_loss, {"n": 0}
+
+    def poisoned(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        result = original(*args, **kwargs)
+        if calls["n"] != 3:
+            return result
+        return result._replace(loss=result.loss * float("nan"))
+
+    root = write_tiny_dataset(tmp_path / "data")
+    base, ranker, run_dir = tmp_path / "base", tmp_path / "ranker", tmp_path / "aligned"
+    common = [f"data.path={root}", *SMALL]
+    try:
+        train(load_config(None, [*common, f"run.dir={base}", "train.max_steps=4"]))
+        train_ranker(load_config(None, [*common, f"run.dir={ranker}", "ranker.train.max_steps=4"]))
+        monkeypatch.setattr(align_module, "alignment_loss", poisoned)
+        config = load_config(
+            None,
+            [*common, f"run.dir={run_dir}", f"checkpoint.resume_from={base}"]
+            + [f"alignment.reward_checkpoint={ranker}", "alignment.k=8", "alignment.top_n=3"]
+            + ["alignment.train.max_steps=6", f"alignment.train.non_finite_loss={policy}"],
+        )
+        if policy == "halt":
+            with pytest.raises(NonFiniteLossError, match="alignment.train.non_finite_loss=halt"):
+                align_module.align(config)
+        else:
+            result = align_module.align(config)
             assert result.steps == 6 and result.skipped_steps == 1
     finally:
         shutdown()

@@ -17,7 +17,8 @@ from torchrec import KeyedJaggedTensor
 from config import ConfigError, load_config
 from data_pipeline.batch import Batch
 from data_pipeline.manifest import Manifest
-from data_pipeline.negatives import CorpusSampler, CrossBatchMemory, StreamingFrequencyEstimator
+from data_pipeline.negatives import CorpusSampler, CrossBatchMemory
+from data_pipeline.streaming_frequency import StreamingFrequencyEstimator
 from models.tower_outputs import TowerOutputs
 from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import write_tiny_dataset

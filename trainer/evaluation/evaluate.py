@@ -18,6 +18,7 @@ fewer than ``eval.cold_item_max_events`` training events (``trainer.evaluation.m
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -206,10 +207,10 @@ def evaluate_model(
     ``bootstrap`` defaults to ``eval.bootstrap_replicates`` at ``eval.interval_level``, seeded
     by ``seed``. ``features``: the job's resolved features (resolved here when None)."""
     split = split or config.eval.split
-    if bootstrap is None:
-        bootstrap = BootstrapConfig(
-            config.eval.bootstrap_replicates, config.eval.interval_level, config.seed
-        )
+    eval_config = config.eval
+    bootstrap = bootstrap or BootstrapConfig(
+        eval_config.bootstrap_replicates, eval_config.interval_level, config.seed
+    )
     model.eval()
     num_items = manifest.tables["item_id"]
     corpus = embed_corpus(model, manifest, config, env, features)
@@ -217,22 +218,18 @@ def evaluate_model(
     exclusion = _exclusion(config, manifest, split, queries, config.eval.exclude)
     tail = torch.from_numpy(tail_items(exclusion.event_counts, HEAD_FRACTION))
     cold = torch.from_numpy(cold_items(exclusion.event_counts, config.eval.cold_item_max_events))
-    count = torch.tensor([len(queries.targets)], device=env.device)
-    dist.all_reduce(count)
-    results = _header(config, split, num_items, int(count.item()), checkpoint)
-
-    def score(topk_ids: torch.Tensor) -> tuple[dict[str, float], dict[str, list[float]]]:
-        return _score_ranking(
-            topk_ids,
-            queries.targets,
-            queries.users,
-            config.eval.ks,
-            num_items,
-            tail,
-            cold,
-            env,
-            bootstrap,
-        )
+    results = _header(config, split, num_items, _query_count(queries, env), checkpoint)
+    score = functools.partial(
+        _score_ranking,
+        targets=queries.targets,
+        users=queries.users,
+        ks=config.eval.ks,
+        num_items=num_items,
+        tail=tail,
+        cold=cold,
+        env=env,
+        bootstrap=bootstrap,
+    )
 
     for name, topk_ids in _rankings(model, manifest, config, env, corpus, queries, exclusion):
         results[name], results["intervals"][name] = score(topk_ids)
@@ -248,6 +245,13 @@ def evaluate_model(
         _report(results, config, run_dir, output_name)
     model.train()
     return results
+
+
+def _query_count(queries: Queries, env: DistributedEnv) -> int:
+    """The queries of every rank (collective)."""
+    count = torch.tensor([len(queries.targets)], device=env.device)
+    dist.all_reduce(count)
+    return int(count.item())
 
 
 def _header(

@@ -86,19 +86,10 @@ def sweep_topk(
     ids_out = torch.full((num_queries, k), -1, dtype=torch.int64, device=device)
     workers = (num_threads or torch.get_num_threads()) if device.type == "cpu" else 1
     stream_threads = 1 if workers > 1 else num_threads
-    with _intra_op_threads(stream_threads):  # bf16 is timed as the sweep will run it
-        bfloat16 = resolve_filter_precision(corpus, filter_precision, corpus_chunk)
-    with _intra_op_threads(num_threads):  # passes over the whole corpus use every thread
-        norms = input_norms(queries, corpus)
-        corpus_bfloat16 = bfloat16_corpus(corpus) if bfloat16 == "bfloat16" else None
+    sweep = _prepare_sweep(
+        queries, corpus, corpus_chunk, num_threads, stream_threads, filter_precision
+    )
     with _intra_op_threads(stream_threads):
-        sweep = _Sweep(
-            corpus=corpus,
-            corpus_bfloat16=corpus_bfloat16,
-            error=bound_from_norms(*norms, queries.shape[1], False, device),
-            error_bfloat16=bfloat16_filter_bound(queries, norms),
-            corpus_chunk=corpus_chunk,
-        )
         chunk = min(query_chunk, -(-num_queries // workers))
         per_thread = threading.local()
 
@@ -124,6 +115,31 @@ def sweep_topk(
             with ThreadPoolExecutor(workers) as pool:
                 list(pool.map(solve, range(0, num_queries, chunk)))
     return scores_out, ids_out
+
+
+def _prepare_sweep(
+    queries: torch.Tensor,
+    corpus: torch.Tensor,
+    corpus_chunk: int,
+    num_threads: int | None,
+    stream_threads: int | None,
+    filter_precision: FilterPrecision,
+) -> _Sweep:
+    """The corpus-side state of a sweep: the filter precision (timed as the sweep's streams
+    will run it), the bf16 corpus copy and the per-query error bounds [Q]."""
+    with _intra_op_threads(stream_threads):
+        bfloat16 = resolve_filter_precision(corpus, filter_precision, corpus_chunk)
+    with _intra_op_threads(num_threads):  # passes over the whole corpus use every thread
+        norms = input_norms(queries, corpus)
+        corpus_bfloat16 = bfloat16_corpus(corpus) if bfloat16 == "bfloat16" else None
+    with _intra_op_threads(stream_threads):
+        return _Sweep(
+            corpus=corpus,
+            corpus_bfloat16=corpus_bfloat16,
+            error=bound_from_norms(*norms, queries.shape[1], False, queries.device),
+            error_bfloat16=bfloat16_filter_bound(queries, norms),
+            corpus_chunk=corpus_chunk,
+        )
 
 
 class _Scratch(NamedTuple):

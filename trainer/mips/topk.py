@@ -208,7 +208,6 @@ def distributed_topk(
     """
     if not dist.is_initialized():
         raise RuntimeError("distributed_topk needs an initialized process group (size 1 is fine)")
-    world_size, rank = dist.get_world_size(group), dist.get_rank(group)
     all_queries, query_counts = _all_gather_rows(local_queries, group)
     all_exclude = None
     if exclude is not None:
@@ -226,6 +225,20 @@ def distributed_topk(
         None,
         filter_precision,
     )
+    top_scores, top_ids = _merge_shard_answers(scores, ids, query_counts, k, group)
+    return top_scores.float(), top_ids
+
+
+def _merge_shard_answers(
+    scores: torch.Tensor,
+    ids: torch.Tensor,
+    query_counts: list[int],
+    k: int,
+    group: dist.ProcessGroup | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's shard answers for every rank's queries ([sum(q), k] float64 scores and
+    ids) -> the merged top-``k`` of this rank's own queries ([q_r, k]); one all_to_all."""
+    world_size, rank = dist.get_world_size(group), dist.get_rank(group)
     num_local = query_counts[rank]
     received_scores = scores.new_empty(world_size * num_local, k)
     received_ids = ids.new_empty(world_size * num_local, k)
@@ -241,7 +254,7 @@ def distributed_topk(
         merged_ids.reshape(num_local, world_size * k),
         k,
     )
-    return top_scores.float(), top_ids
+    return top_scores, top_ids
 
 
 def _exact_topk_float64(

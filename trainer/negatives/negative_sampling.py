@@ -41,13 +41,9 @@ from config import ConfigError, CorpusDistribution, ExperimentConfig, LossFamily
 from data_pipeline.batch import Batch
 from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.manifest import Manifest
-from data_pipeline.negatives import (
-    CorpusSampler,
-    CrossBatchMemory,
-    StreamingFrequencyEstimator,
-    item_counts,
-)
+from data_pipeline.negatives import CorpusSampler, CrossBatchMemory, item_counts
 from data_pipeline.schema import IMPRESSION_NEGATIVES
+from data_pipeline.streaming_frequency import StreamingFrequencyEstimator
 from models.retrieval_loss import ScoredCandidates
 from models.tower_outputs import TowerOutputs
 from trainer.build import item_store

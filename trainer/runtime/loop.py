@@ -3,7 +3,7 @@ plain-PyTorch baseline.
 
     session = Session.open(config)          # process group, seed, run dir, signals, run log
     task = SomeTask.build(..., session)     # the job: model, optimizers, loader, step(batch)
-    loop = TrainingLoop(session, task, LoopSpec.of(config.train))
+    loop = TrainingLoop(session, task, LoopSpec.of(config.train))  # ranker.train, alignment.train
     loop.restore(config.checkpoint.resume_from)
     result = loop.run()                     # epochs, vote, log, checkpoints, final save
     session.close()
@@ -70,6 +70,8 @@ class LoopSpec:
         progress_bar: a tqdm bar on the main rank (else one log line per window).
         non_finite_loss, max_skipped_steps: what a skipped step means (``count_skip``).
         lr: the dense optimizer's base rate; ``lr_schedule`` scales it per step.
+        section: the config section these come from (``train``, ``ranker.train``,
+            ``alignment.train``), named in errors.
     """
 
     epochs: int | None
@@ -80,10 +82,11 @@ class LoopSpec:
     max_skipped_steps: int
     lr: float
     lr_schedule: LRScheduleConfig
+    section: str = "train"
 
     @classmethod
-    def of(cls, train: TrainConfig, **changes: Any) -> LoopSpec:
-        """The spec of a ``train``-like section, with ``changes`` (e.g. ``max_steps``)."""
+    def of(cls, train: TrainConfig, section: str = "train", **changes: Any) -> LoopSpec:
+        """The spec of the loop section ``train`` (named ``section``), with ``changes``."""
         spec = cls(
             epochs=train.epochs,
             max_steps=train.max_steps,
@@ -93,6 +96,7 @@ class LoopSpec:
             max_skipped_steps=train.max_skipped_steps,
             lr=train.dense_lr,
             lr_schedule=train.lr_schedule,
+            section=section,
         )
         return replace(spec, **changes)
 
@@ -354,6 +358,7 @@ class TrainingLoop:
                 self.spec.non_finite_loss,
                 self.spec.max_skipped_steps,
                 self.session.run_dir / BAD_BATCHES_DIR,
+                self.spec.section,
             )
             return
         self._tally.rows += int((batch.weight > 0).sum())

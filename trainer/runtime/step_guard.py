@@ -95,17 +95,21 @@ class StepGuard:
 
 
 def count_skip(
-    progress: Progress, policy: NonFinitePolicy, max_skipped: int, where: Path | None
+    progress: Progress,
+    policy: NonFinitePolicy,
+    max_skipped: int,
+    where: Path | None,
+    section: str = "train",
 ) -> None:
     """Counts a skipped step; raises :class:`NonFiniteLossError` when ``policy`` says halt or
-    more than ``max_skipped`` steps were skipped (``where``: the bad-batch folder, for the
-    message)."""
+    more than ``max_skipped`` steps were skipped (``where``: the bad-batch folder, ``section``
+    the job's loop section, for the message)."""
     progress.skipped_steps += 1
     if policy is NonFinitePolicy.HALT or progress.skipped_steps > max_skipped:
         raise NonFiniteLossError(
             f"step {progress.step}: non-finite loss ({progress.skipped_steps} skipped so far; "
-            f"train.non_finite_loss={policy.value}, "
-            f"train.max_skipped_steps={max_skipped}); the batch is in {where}"
+            f"{section}.non_finite_loss={policy.value}, "
+            f"{section}.max_skipped_steps={max_skipped}); the batch is in {where}"
         )
 
 
