@@ -23,7 +23,12 @@ from data_pipeline.manifest import Manifest
 from launch.local import torchrun_command
 from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import TINY_MODEL, write_tiny_dataset
-from trainer.runtime.checkpoint import COMPLETE, complete_checkpoints, latest_checkpoint
+from trainer.runtime.checkpoint import (
+    COMPLETE,
+    CheckpointLayoutError,
+    complete_checkpoints,
+    latest_checkpoint,
+)
 from trainer.runtime.run_logger import read_metrics
 from trainer.runtime.step_guard import NonFiniteLossError
 from trainer.train import DIGEST_MODULUS, train
@@ -129,6 +134,14 @@ def test_keep_last_k_and_partial_checkpoints_are_ignored(tmp_path: Path) -> None
     resumed = train(load_config(None, [*overrides[:-1], "train.max_steps=16"]))
     assert resumed.resumed_from == str(run_dir / "checkpoints" / "step-14")
     assert resumed.steps == 16
+    # A checkpoint of another parts layout (an earlier version's) is refused by name, and kept.
+    meta_file = run_dir / "checkpoints" / "step-16" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["layout"]
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointLayoutError, match="step-16: written with checkpoint layout 1"):
+        train(load_config(None, [*overrides[:-1], "train.max_steps=18"]))
+    assert latest_checkpoint(run_dir) == run_dir / "checkpoints" / "step-16"
 
 
 def test_async_save_writes_the_same_checkpoints(tmp_path: Path) -> None:

@@ -50,6 +50,12 @@ logger = logging.getLogger(__name__)
 
 COMPLETE = ".complete"
 META = "meta.json"
+# What a full resume expects: 2 = named Stateful parts, per-rank positions in meta.json.
+LAYOUT = 2
+
+
+class CheckpointLayoutError(RuntimeError):
+    """A checkpoint to resume from was written with another layout of its parts."""
 
 
 @dataclass
@@ -351,6 +357,7 @@ class Checkpointer:
             "row_digest": progress.row_digest,
             "world_size": self.world_size,
             "positions": _gather_json(positions, self.world_size),
+            "layout": LAYOUT,
         }
 
     def finish(self) -> None:
@@ -387,6 +394,13 @@ class Checkpointer:
         if path is None:
             return None
         meta = json.loads((path / META).read_text())
+        if meta.get("layout") != LAYOUT:
+            raise CheckpointLayoutError(
+                f"{path}: written with checkpoint layout {meta.get('layout', 1)}, this version "
+                f"resumes layout {LAYOUT} only (named Stateful parts); start a new run.dir, or "
+                "set checkpoint.resume=false to train this one from scratch (its checkpoints "
+                "are kept until newer ones replace them)"
+            )
         same = int(meta["world_size"]) == self.world_size
         tensors = _tensor_state(state, self.rank, with_rank=same)
         _load(_without_empty(tensors), path)
