@@ -74,7 +74,7 @@ from trainer.runtime.entry import run_job
 from trainer.runtime.loop import LoopResult, LoopSpec, TrainingLoop
 from trainer.runtime.run_files import ALIGN_SUMMARY_FILE
 from trainer.runtime.session import Session
-from trainer.runtime.state import CheckpointState, module_part, optimizer_part
+from trainer.runtime.state import CheckpointState, sharded_model_parts
 from trainer.runtime.step_guard import StepGuard, StepOutcome, Verdict
 from trainer.runtime.synchronized import synchronized
 from trainer.start_run import with_start_model
@@ -185,14 +185,7 @@ class AlignTask:
         return first_row_batch(self.manifest, self.config, split, self.reads)
 
     def checkpoint_state(self) -> CheckpointState:
-        fused: Any = self.model.fused_optimizer
-        return CheckpointState(
-            shared={
-                "model": module_part(self.model),
-                "sparse_optimizer": optimizer_part(fused),
-                "dense_optimizer": optimizer_part(self.dense_optimizer),
-            }
-        )
+        return CheckpointState(shared=sharded_model_parts(self.model, self.dense_optimizer))
 
     def meta(self) -> dict[str, Any]:
         return {"alignment": self.sources}

@@ -49,7 +49,7 @@ from trainer.runtime.loop import (
 )
 from trainer.runtime.run_files import TRAIN_SUMMARY_FILE
 from trainer.runtime.session import Session
-from trainer.runtime.state import CheckpointState, StatePart, module_part, optimizer_part
+from trainer.runtime.state import CheckpointState, StatePart, sharded_model_parts
 from trainer.runtime.step_guard import StepOutcome
 from trainer.step import StepContext, train_step
 
@@ -159,12 +159,9 @@ class RetrievalTask:
 
     def checkpoint_state(self) -> CheckpointState:
         negatives = self.context.negatives
-        fused: Any = self.model.fused_optimizer
         return CheckpointState(
             shared={
-                "model": module_part(self.model),
-                "sparse_optimizer": optimizer_part(fused),
-                "dense_optimizer": optimizer_part(self.context.dense_optimizer),
+                **sharded_model_parts(self.model, self.context.dense_optimizer),
                 "samplers": negatives,
             },
             rank={"samplers": StatePart(negatives.rank_state_dict, negatives.load_rank_state_dict)},

@@ -85,9 +85,9 @@ class LoopSpec:
     section: str = "train"
 
     @classmethod
-    def of(cls, train: TrainConfig, section: str = "train", **changes: Any) -> LoopSpec:
-        """The spec of the loop section ``train`` (named ``section``), with ``changes``."""
-        spec = cls(
+    def of(cls, train: TrainConfig, section: str = "train") -> LoopSpec:
+        """The spec of the loop section ``train`` (named ``section`` in errors)."""
+        return cls(
             epochs=train.epochs,
             max_steps=train.max_steps,
             log_every_steps=train.log_every_steps,
@@ -98,7 +98,6 @@ class LoopSpec:
             lr_schedule=train.lr_schedule,
             section=section,
         )
-        return replace(spec, **changes)
 
 
 class Task(Protocol):

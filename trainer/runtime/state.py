@@ -86,6 +86,16 @@ def tensor_part(get: Callable[[], torch.Tensor], put: Callable[[torch.Tensor], N
     return StatePart(lambda: {"value": get()}, lambda state: put(state["value"]))
 
 
+def sharded_model_parts(model: Any, dense_optimizer: Any) -> dict[str, Stateful]:
+    """The shared parts of a DMP-sharded model: its state, its fused table optimizer's and
+    the dense optimizer's."""
+    return {
+        "model": module_part(model),
+        "sparse_optimizer": optimizer_part(model.fused_optimizer),
+        "dense_optimizer": optimizer_part(dense_optimizer),
+    }
+
+
 @dataclass
 class CheckpointState:
     """The parts of one checkpoint (see the module docstring for the three kinds)."""
