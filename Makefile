@@ -1,7 +1,8 @@
 # twotower: the two commands a user needs are `make demo` and `make test`; both set up first.
+# `make setup GPU=1` builds a CUDA environment of its own, .venv-gpu (VENV= overrides either).
 PYTHON ?= python3.11
-VENV   ?= .venv
 GPU    ?= 0
+VENV   ?= $(if $(filter 1,$(GPU)),.venv-gpu,.venv)
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.setup-$(if $(filter 1,$(GPU)),gpu,cpu)
@@ -13,6 +14,21 @@ DEMO_RUN  ?= runs/demo
 
 setup: $(STAMP)
 
+ifeq ($(GPU),1)
+# CUDA torch and FBGEMM from requirements/gpu.txt, never over an environment holding a CPU build;
+# at the end torch.cuda, FBGEMM's CUDA ops and torchrec must load (skipped, with the reason, on a
+# machine without a GPU).
+$(STAMP): requirements/common.txt requirements/dev.txt $(FBGEMM_REQ) pyproject.toml launch/gpu_environment.py
+	test ! -x $(PY) || $(PY) -m launch.gpu_environment check --venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -r $(FBGEMM_REQ)
+	$(PIP) install -q --no-deps torchrec==1.8.0
+	$(PIP) install -q -r requirements/common.txt -r requirements/dev.txt
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PY) -m launch.gpu_environment verify --venv $(VENV)
+	rm -f $(VENV)/.setup-*
+	touch $@
+else
 $(STAMP): requirements/common.txt requirements/dev.txt $(FBGEMM_REQ) pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
@@ -24,6 +40,7 @@ $(STAMP): requirements/common.txt requirements/dev.txt $(FBGEMM_REQ) pyproject.t
 	$(PY) -c "import torchrec, fbgemm_gpu, torchdata, pyarrow; print('twotower setup ok')"
 	rm -f $(VENV)/.setup-*
 	touch $@
+endif
 
 demo: setup
 	$(VENV)/bin/twotower prepare movielens --variant 100k --out $(DEMO_DATA)

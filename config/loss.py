@@ -17,6 +17,9 @@ class LossFamily(enum.Enum):
     ``cosine``: pointwise regression of cosines to +1 / -1 at ratio 1:``negatives_per_row``.
     ``triplet``: pairwise hinge with ``loss.margin``.
     ``bpr``: pairwise logistic (triplet logistic / BPR).
+    ``logged_bce``: pointwise binary cross entropy of each row's own score against its logged
+    label (engaged: net user value > 0); unengaged impressions are the negatives, no candidates
+    are scored (the objective of TorchRec's retrieval example).
     """
 
     SOFTMAX = "softmax"
@@ -25,6 +28,7 @@ class LossFamily(enum.Enum):
     COSINE = "cosine"
     TRIPLET = "triplet"
     BPR = "bpr"
+    LOGGED_BCE = "logged_bce"
 
 
 @dataclass
@@ -39,6 +43,9 @@ class LossConfig:
     # candidates); null uses every candidate. ``cosine`` needs it (the 1:k ratio).
     negatives_per_row: int | None = None
     margin: float = 0.2
+    # Rows scored at a time by the shared-candidate softmax: its extra memory is
+    # block_rows x candidates floats.
+    block_rows: int = 1024
 
 
 def validate_loss(loss: LossConfig, fail: Fail) -> None:
@@ -59,5 +66,13 @@ def validate_loss(loss: LossConfig, fail: Fail) -> None:
             "loss.family=softmax uses every candidate; use loss.family=sampled_softmax "
             "to sample negatives per row",
         )
+    if loss.family is LossFamily.LOGGED_BCE and per_row is not None:
+        fail(
+            "loss.negatives_per_row",
+            "loss.family=logged_bce scores each row's own item only (its logged label); "
+            "set loss.negatives_per_row=null",
+        )
+    if loss.block_rows < 1:
+        fail("loss.block_rows", "must be >= 1")
     if loss.margin < 0:
         fail("loss.margin", "must be >= 0")

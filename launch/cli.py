@@ -12,6 +12,7 @@ from launch.prepare_cli import add_prepare_parsers, prepare
 from trainer.runtime.logs import configure_logging
 
 NPROC_HELP = "ranks, torchrun on this machine when > 1 (default: %(default)s)"
+THREADS_FLAG = "--threads-per-rank"
 RUN_HELP = "run directory of a training job (required)"
 EVAL_OVERRIDES_HELP = "key=value overrides of the run's saved config (eval.*, data.eval_batch_size)"
 
@@ -80,6 +81,14 @@ def _add_launch_parsers(commands: argparse._SubParsersAction) -> None:
         default=0,
         help="elastic restarts after a rank fails; each resumes from the latest checkpoint "
         "(default: %(default)s)",
+    )
+    local.add_argument(
+        THREADS_FLAG,
+        type=int,
+        default=None,
+        metavar="N",
+        help="intra-op and inter-op threads of each rank (default: this machine's cores / "
+        "--nproc, at least 1)",
     )
     _add_job_arguments(local)
     _add_slurm_parser(launchers)
@@ -159,6 +168,14 @@ def _add_slurm_parser(launchers: argparse._SubParsersAction) -> None:
     )
     slurm.add_argument(
         "--cpus-per-task", type=int, default=None, help="cores per rank (default: SLURM's)"
+    )
+    slurm.add_argument(
+        THREADS_FLAG,
+        type=int,
+        default=None,
+        metavar="N",
+        help="intra-op and inter-op threads of each rank (default: --cpus-per-task, else the "
+        "node's cores / ranks per node, at least 1)",
     )
     slurm.add_argument(
         "--partition", default=None, help="SLURM partition (default: the cluster's default)"
@@ -276,7 +293,13 @@ def _launch(args: argparse.Namespace) -> int:
         return _launch_slurm(args)
     from launch.local import launch_local
 
-    return launch_local(args.nproc, args.config, args.overrides, args.max_restarts)
+    return launch_local(
+        args.nproc,
+        args.config,
+        args.overrides,
+        args.max_restarts,
+        threads_per_rank=args.threads_per_rank,
+    )
 
 
 def _launch_slurm(args: argparse.Namespace) -> int:
@@ -291,6 +314,7 @@ def _launch_slurm(args: argparse.Namespace) -> int:
         account=args.account,
         job_name=args.job_name,
         cpus_per_task=args.cpus_per_task,
+        threads_per_rank=args.threads_per_rank,
         log_dir=args.log_dir,
     )
     task = make_task(options, args.config, args.overrides, args.job)

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import subprocess
 import sys
+
+from trainer.runtime.threads import ThreadChoice, choose_threads, thread_environment, usable_cores
+
+logger = logging.getLogger(__name__)
 
 
 def torchrun_command(
@@ -28,12 +34,35 @@ def torchrun_command(
     ]
 
 
+def local_threads(nproc: int, threads_per_rank: int | None = None) -> ThreadChoice:
+    """Threads per rank of ``nproc`` ranks on this machine: ``threads_per_rank``, else this
+    process's cores / ``nproc`` (at least 1).
+
+    Raises:
+        ValueError: naming ``--nproc`` or ``--threads-per-rank`` when it is not >= 1.
+    """
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    return choose_threads(usable_cores(), nproc, override=threads_per_rank)
+
+
 def launch_local(
     nproc: int,
     config: str,
     overrides: list[str],
     max_restarts: int = 0,
     module: str = "trainer.train",
+    threads_per_rank: int | None = None,
 ) -> int:
-    """Runs the trainer under torchrun and returns its exit status."""
-    return subprocess.call(torchrun_command(nproc, config, overrides, max_restarts, module))
+    """Runs the trainer under torchrun and returns its exit status.
+
+    Args:
+        threads_per_rank: intra-op and inter-op threads of each rank (``--threads-per-rank``);
+            None for this machine's cores / ``nproc``.
+    """
+    threads = local_threads(nproc, threads_per_rank)
+    logger.info("%d rank(s), %d thread(s) each (%s)", nproc, threads.threads, threads.source)
+    # torchrun keeps an OMP_NUM_THREADS it finds instead of forcing 1 per rank.
+    environment = {**os.environ, **thread_environment(threads)}
+    command = torchrun_command(nproc, config, overrides, max_restarts, module)
+    return subprocess.call(command, env=environment)

@@ -15,8 +15,10 @@ What runs: one SLURM task per GPU, each seeing its node's GPUs and using GPU ``L
 no per-task ``--gpu-bind``), or ``--cpu-ranks R`` tasks per node with GPUs hidden so the trainer
 picks gloo. Each task reads its place in the job from ``submitit.JobEnvironment``, sets
 RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR (the job's first host) and MASTER_PORT (derived from the
-job id, so every task agrees without talking and two jobs sharing a node do not collide), then
-calls ``trainer.train.train`` in process and destroys the process group.
+job id, so every task agrees without talking and two jobs sharing a node do not collide), and its
+threads per rank (``--threads-per-rank``, else ``--cpus-per-task``, else the cores SLURM gave the
+job on the node / tasks per node; see ``trainer.runtime.threads``), then calls
+``trainer.train.train`` in process and destroys the process group.
 
 Requeueing: submitit asks SLURM for USR2 90 s before ``--time`` runs out (and SLURM sends it on
 preemption); the task's ``TrainTask.checkpoint`` resubmits the same config and the job is requeued
@@ -40,12 +42,21 @@ import logging
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from submitit.helpers import Checkpointable, DelayedSubmission
+
+from trainer.runtime.threads import (
+    OVERRIDE_FLAG,
+    ThreadChoice,
+    choose_threads,
+    positive_env_int,
+    thread_environment,
+    usable_cores,
+)
 
 if TYPE_CHECKING:
     import submitit
@@ -72,6 +83,8 @@ class SlurmOptions:
         job_name: SLURM job name (``--job-name``).
         cpus_per_task: cores per rank, for data-loader workers (``--cpus-per-task``); None for
             SLURM's default of 1.
+        threads_per_rank: intra-op and inter-op threads of each rank (``--threads-per-rank``);
+            None to decide on the node (:func:`task_threads`).
         log_dir: submitit's folder (``--log-dir``); None for ``<run.dir>/slurm``.
     """
 
@@ -83,6 +96,7 @@ class SlurmOptions:
     account: str | None = None
     job_name: str = "twotower"
     cpus_per_task: int | None = None
+    threads_per_rank: int | None = None
     log_dir: Path | None = None
 
     def __post_init__(self) -> None:
@@ -102,6 +116,8 @@ class SlurmOptions:
             raise ValueError(f"--time must be >= 1 minute, got {self.time_min}")
         if self.cpus_per_task is not None and self.cpus_per_task < 1:
             raise ValueError(f"--cpus-per-task must be >= 1, got {self.cpus_per_task}")
+        if self.threads_per_rank is not None and self.threads_per_rank < 1:
+            raise ValueError(f"{OVERRIDE_FLAG} must be >= 1, got {self.threads_per_rank}")
         if not self.job_name.strip():
             raise ValueError("--job-name must not be empty")
 
@@ -153,6 +169,27 @@ def rank_environment(
     }
 
 
+def task_threads(
+    environ: Mapping[str, str], ranks_per_node: int, override: int | None, cores: int
+) -> ThreadChoice:
+    """Threads of each task on its node: ``override`` (``--threads-per-rank``), else
+    ``SLURM_CPUS_PER_TASK``, else the CPUs SLURM gave the job on this node
+    (``SLURM_CPUS_ON_NODE``, else ``cores``) / ``ranks_per_node``, at least 1.
+
+    Args:
+        environ: the task's environment.
+        ranks_per_node: tasks of the job on this node.
+        override: ``--threads-per-rank``; None to decide from the allocation.
+        cores: cores this task may run on, where SLURM does not say.
+
+    Raises:
+        ValueError: naming the variable or flag that is not an integer >= 1.
+    """
+    node_cores = positive_env_int(environ, "SLURM_CPUS_ON_NODE") or cores
+    cpus_per_task = positive_env_int(environ, "SLURM_CPUS_PER_TASK")
+    return choose_threads(node_cores, ranks_per_node, cpus_per_task, override)
+
+
 def _exit_without_teardown() -> None:
     """Leave a task that succeeded without interpreter teardown.
 
@@ -183,12 +220,14 @@ class TrainTask(Checkpointable):
         overrides: ``key=value`` config overrides.
         cpu_only: hide GPUs so the job runs on CPU with gloo (``--cpu-ranks``).
         job: a key of :data:`JOBS` (retrieval training, ranker training, alignment).
+        threads_per_rank: ``--threads-per-rank``; None to decide on the node.
     """
 
     config: str
     overrides: tuple[str, ...]
     cpu_only: bool
     job: str = "train"
+    threads_per_rank: int | None = None
 
     def __call__(self) -> Any:
         import submitit
@@ -202,6 +241,10 @@ class TrainTask(Checkpointable):
                 job.job_id, job.global_rank, job.local_rank, job.num_tasks, job.hostnames
             )
         )
+        # Before the job's imports: other libraries' OpenMP runtimes read it when they load.
+        ranks_per_node = max(1, job.num_tasks // job.num_nodes)
+        threads = task_threads(os.environ, ranks_per_node, self.threads_per_rank, usable_cores())
+        os.environ.update(thread_environment(threads))
         import importlib
 
         from config import load_config
@@ -252,7 +295,13 @@ def make_task(
         raise ValueError(f"--job {job!r}: choose one of {sorted(JOBS)}")
     load_config(config, overrides)
     absolute = str(Path(config).absolute())
-    return TrainTask(absolute, tuple(overrides), cpu_only=options.on_cpu, job=job)
+    return TrainTask(
+        absolute,
+        tuple(overrides),
+        cpu_only=options.on_cpu,
+        job=job,
+        threads_per_rank=options.threads_per_rank,
+    )
 
 
 def job_folder(options: SlurmOptions, task: TrainTask) -> Path:

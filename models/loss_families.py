@@ -173,3 +173,19 @@ def sampled_listwise_softmax_loss(
     target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     per_row = F.cross_entropy(logits, target, reduction="none")
     return weighted_mean(per_row, row_weights)
+
+
+def logged_bce_loss(
+    logits: torch.Tensor, labels: torch.Tensor, row_weights: torch.Tensor
+) -> torch.Tensor:
+    """Pointwise BCE of each row's own score against its logged label.
+
+    Args:
+        logits: [B] s(u_i, i_i) / temperature.
+        labels: [B] in [0, 1] (1: engaged; unengaged impressions are the negatives).
+        row_weights: [B] >= 0 (0: padding).
+    Returns:
+        scalar: sum_i w_i * BCE_i / sum_i w_i.
+    """
+    per_row = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    return weighted_mean(per_row, row_weights)

@@ -12,15 +12,23 @@ from dataclasses import dataclass
 
 import torch
 
-from config import ExperimentConfig
+from config import ExperimentConfig, LossFamily
 from data_pipeline.batch import Batch
 from data_pipeline.manifest import Manifest
-from models.debias import debiased_weights
+from models.blocked_softmax import shared_softmax_loss
+from models.debias import DebiasedWeights, debiased_weights
 from models.light_ranker import light_head_loss
+from models.loss_families import logged_bce_loss
 from models.losses import net_user_value
-from models.retrieval_loss import retrieval_loss
+from models.retrieval_loss import ScoredCandidates, retrieval_loss
+from models.tower_outputs import TowerOutputs
 from trainer.distillation import Distillation
-from trainer.negatives.negative_sampling import NegativeSampling, step_generator
+from trainer.negatives.negative_sampling import (
+    CandidateBlock,
+    ExtraItems,
+    NegativeSampling,
+    step_generator,
+)
 from trainer.runtime.distributed import DistributedEnv
 from trainer.runtime.step_guard import StepGuard, StepOutcome
 
@@ -66,13 +74,15 @@ def train_step(model: torch.nn.Module, batch: Batch, step: int, ctx: StepContext
     features = ctx.negatives.features(extra)
     outputs = model(batch.user_features, batch.item_features, features, batch.position)
     ctx.negatives.observe(batch, step)
-    scored, in_batch = ctx.negatives.score(outputs, batch, extra, step)
     value = net_user_value(batch.labels, ctx.label_weights)
     debiased = debiased_weights(value, outputs.debias, ctx.config.model.debias, batch.weight)
-    row_weights = debiased.weights * batch.weight
-    loss = retrieval_loss(scored, outputs.temperature, row_weights, ctx.config.loss, generator)
+    loss, in_batch, scored = _retrieval_loss(
+        outputs, batch, extra, step, value, debiased, generator, ctx
+    )
     loss = loss + light_head_loss(model, outputs, batch, ctx.config)
     if ctx.distillation is not None:
+        if scored is None:  # the shared softmax never laid the candidates out per row
+            scored, _ = ctx.negatives.score(outputs, batch, extra, step)
         loss = loss + ctx.distillation.loss(batch, scored, outputs.temperature, generator)
     loss = loss + debiased.aux_loss  # the heads' MSE: gradient reaches only the heads
     assert ctx.guard is not None
@@ -81,5 +91,48 @@ def train_step(model: torch.nn.Module, batch: Batch, step: int, ctx: StepContext
         return StepOutcome({"loss": loss.detach()}, True, verdict.stop)
     loss.backward()
     ctx.dense_optimizer.step()
-    ctx.negatives.remember(in_batch, step)
+    if in_batch is not None:
+        ctx.negatives.remember(in_batch, step)
     return StepOutcome({"loss": loss.detach()}, False, verdict.stop)
+
+
+def _retrieval_loss(
+    outputs: TowerOutputs,
+    batch: Batch,
+    extra: ExtraItems | None,
+    step: int,
+    value: torch.Tensor,
+    debiased: DebiasedWeights,
+    generator: torch.Generator,
+    ctx: StepContext,
+) -> tuple[torch.Tensor, CandidateBlock | None, ScoredCandidates | None]:
+    """The configured family's loss, the in-batch block (for the memory) and the per-row
+    layout when one was built.
+
+    ``logged_bce`` scores each row's own item against its label; the softmax over the shared
+    candidates alone runs in linear memory; every other case lays the candidates out per row.
+    """
+    loss_config = ctx.config.loss
+    if loss_config.family is LossFamily.LOGGED_BCE:
+        logits = (outputs.user * outputs.item).sum(dim=1) / outputs.temperature
+        labels = (value > 0).to(logits.dtype)
+        return logged_bce_loss(logits, labels, batch.weight), None, None
+    row_weights = debiased.weights * batch.weight
+    if ctx.negatives.uses_shared_softmax(extra):
+        shared = ctx.negatives.shared(outputs, batch, extra)
+        loss = shared_softmax_loss(
+            outputs.user,
+            shared.block.embeddings,
+            shared.block.ids,
+            shared.log_q,
+            shared.positive_index,
+            batch.item_ids,
+            outputs.temperature,
+            row_weights,
+            loss_config.mask_accidental_hits,
+            loss_config.block_rows,
+        )
+        return loss, shared.in_batch, None
+    scored, in_batch = ctx.negatives.score(outputs, batch, extra, step)
+    loss = retrieval_loss(scored, outputs.temperature, row_weights, loss_config, generator)
+    return loss, in_batch, scored

@@ -238,6 +238,15 @@ def test_two_cpu_ranks_train_through_slurm(tmp_path: Path, slurm_cluster: None) 
     results = _finish(job)
     _check_run(tmp_path / "run", 1, results)
     assert {r.steps for r in results} == {TRAIN_ROWS // (32 * 2)}
+    # Each rank takes the CPUs SLURM gave the job on the node, split between its 2 tasks.
+    shown = subprocess.run(
+        ["scontrol", "show", "job", "-o", job.job_id], capture_output=True, text=True, timeout=30
+    ).stdout
+    allocated = int(re.search(r"NumCPUs=(\d+)", shown).group(1))
+    rank_log = (Path(job.paths.folder) / f"{job.job_id}_0_log.err").read_text()
+    threads = max(1, allocated // 2)
+    line = f"threads per rank: {threads} intra-op, {threads} inter-op ({allocated} cores / 2 ranks"
+    assert rank_log.count(line) == 1, rank_log[-3000:]
 
 
 def _requeue_once_saved(job, run: Path) -> list:

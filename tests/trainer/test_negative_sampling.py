@@ -69,6 +69,7 @@ VARIANTS = {
     "cosine": ["loss.family=cosine", "loss.negatives_per_row=3"],
     "triplet": ["loss.family=triplet", "loss.margin=0.3"],
     "bpr_learned_temperature": ["loss.family=bpr", "model.learn_temperature=true"],
+    "logged_bce": ["loss.family=logged_bce"],
 }
 
 

@@ -98,6 +98,23 @@ class CandidateBlock:
     ids: torch.Tensor
 
 
+@dataclass
+class SharedCandidates:
+    """The candidates shared by every row (in-batch, then corpus samples).
+
+    Args:
+        block: embeddings [C, D] and ids [C] (-1 padding).
+        in_batch: the in-batch part (for the memory).
+        positive_index: [B] int64 column of each row's positive in ``block``.
+        log_q: [C] logQ of each candidate against this block alone (0: off).
+    """
+
+    block: CandidateBlock
+    in_batch: CandidateBlock
+    positive_index: torch.Tensor
+    log_q: torch.Tensor
+
+
 @dataclass(frozen=True)
 class CandidateSources:
     """Live candidates per source in one step's shared block: in-batch rows, memory entries
@@ -213,18 +230,17 @@ class NegativeSampling:
         live = torch.where(batch.weight > 0, batch.item_ids, torch.full_like(batch.item_ids, -1))
         self.estimator.update_synchronized(live[live >= 0], step)
 
-    def score(
-        self, outputs: TowerOutputs, batch: Batch, extra: ExtraItems | None, step: int
-    ) -> tuple[ScoredCandidates, CandidateBlock]:
-        """Every row's positive and negatives. Returns the scores and the in-batch block (for
-        :meth:`remember`)."""
-        user, item = outputs.user, outputs.item
+    def shared(
+        self, outputs: TowerOutputs, batch: Batch, extra: ExtraItems | None
+    ) -> SharedCandidates:
+        """The candidates every row scores against, before the memory: in-batch items (every
+        rank's with ``loss.global_negatives``) and corpus samples, with their logQ."""
         positive_ids = batch.item_ids
         # Padding rows (weight 0, a rank out of data) are no one's negatives.
         candidate_ids = torch.where(
             batch.weight > 0, positive_ids, torch.full_like(positive_ids, -1)
         )
-        in_batch, positive_index = self._in_batch(item, candidate_ids)
+        in_batch, positive_index = self._in_batch(outputs.item, candidate_ids)
         blocks = [in_batch]
         samples = extra.num_samples if extra is not None else 0
         if extra is not None and samples > 0:
@@ -233,6 +249,27 @@ class NegativeSampling:
             torch.cat([block.embeddings for block in blocks]),
             torch.cat([block.ids for block in blocks]),
         )
+        sources = CandidateSources(int((in_batch.ids >= 0).sum()), 0, samples)
+        return SharedCandidates(fresh, in_batch, positive_index, self._log_q(fresh.ids, sources))
+
+    def uses_shared_softmax(self, extra: ExtraItems | None) -> bool:
+        """Whether the step's loss is the softmax over the shared candidates alone (no memory,
+        no per-row hard negatives), scored in linear memory by
+        :func:`models.blocked_softmax.shared_softmax_loss`."""
+        family = self.config.loss.family
+        hard = extra is not None and extra.ids.shape[0] > extra.num_samples
+        return family is LossFamily.SOFTMAX and self.memory is None and not hard
+
+    def score(
+        self, outputs: TowerOutputs, batch: Batch, extra: ExtraItems | None, step: int
+    ) -> tuple[ScoredCandidates, CandidateBlock]:
+        """Every row's positive and negatives laid out per row [B, N]. Returns the scores and
+        the in-batch block (for :meth:`remember`)."""
+        user, item = outputs.user, outputs.item
+        positive_ids = batch.item_ids
+        shared = self.shared(outputs, batch, extra)
+        fresh, in_batch, positive_index = shared.block, shared.in_batch, shared.positive_index
+        samples = extra.num_samples if extra is not None else 0
         memory = self._memory_block(step, item)
         shared_ids = torch.cat([fresh.ids, memory.ids])
         if self.config.loss.family in SCORE_DIFFERENCE_LOSSES:

@@ -1,11 +1,13 @@
 """Process group and device from the environment: one code path for 1 and N ranks, CPU and GPU.
 
 Under torchrun / SLURM the usual variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-MASTER_PORT) are set; a bare ``python`` run becomes a distributed run of size 1.
+MASTER_PORT) are set; a bare ``python`` run becomes a distributed run of size 1. Joining the
+group is also where a process takes its threads per rank (``trainer.runtime.threads``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import socket
@@ -15,6 +17,10 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from trainer.runtime.threads import ThreadChoice, rank_threads, usable_cores
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,7 @@ def init_distributed() -> DistributedEnv:
     rank = int(os.environ["RANK"]) if launched else 0
     world_size = int(os.environ["WORLD_SIZE"]) if launched else 1
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if launched else 0
+    apply_threads(rank)
     if torch.cuda.is_available():
         device, backend = torch.device("cuda", local_rank), "nccl"
         torch.cuda.set_device(device)
@@ -70,6 +77,33 @@ def init_distributed() -> DistributedEnv:
         timeout=timeout,
     )
     return DistributedEnv(rank, world_size, local_rank, device, backend)
+
+
+def apply_threads(rank: int) -> ThreadChoice:
+    """Sets this process's intra-op and inter-op threads to its launcher's choice (or the same
+    choice made here); rank 0 logs it. Called before the job's first parallel work.
+
+    Raises:
+        ValueError: naming the variable (``TWOTOWER_THREADS_PER_RANK``, ...) that is not an
+            integer >= 1.
+    """
+    choice = rank_threads(os.environ, usable_cores())
+    torch.set_num_threads(choice.threads)
+    if torch.get_num_interop_threads() != choice.threads:
+        try:
+            torch.set_num_interop_threads(choice.threads)
+        except RuntimeError:
+            # torch fixes the inter-op pool at its first use; a process that already ran
+            # parallel work (a notebook, a test session) keeps the pool it has.
+            pass
+    if rank == 0:
+        logger.info(
+            "threads per rank: %d intra-op, %d inter-op (%s)",
+            torch.get_num_threads(),
+            torch.get_num_interop_threads(),
+            choice.source,
+        )
+    return choice
 
 
 def elastic_attempt_store(
