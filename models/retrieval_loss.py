@@ -61,7 +61,12 @@ class ScoredCandidates:
 def sample_negative_columns(
     weights: torch.Tensor, count: int, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` distinct valid columns per row, uniformly at random.
+    """``count`` distinct valid columns per row, uniformly at random, in O(B * count).
+
+    Each row draws columns uniformly with replacement and keeps, in draw order, the first
+    ``count`` distinct ones with weight > 0 (rejection: uniform over the count-subsets of its
+    valid columns). A row that does not fill up in a few rounds of draws (few valid columns)
+    falls back to :func:`_all_columns_sample`, the same distribution over its [N] columns.
 
     Args:
         weights: [B, N] candidate weights; columns with weight 0 are never chosen while a row
@@ -72,9 +77,48 @@ def sample_negative_columns(
         index [B, min(k, N)] int64 and valid [B, min(k, N)] bool (False where a row had fewer
         than k valid candidates).
     """
+    rows, columns = weights.shape
+    k = min(count, columns)
+    if columns <= 4 * k or rows == 0:
+        return _all_columns_sample(weights, k, generator)
+    index = torch.zeros(rows, k, dtype=torch.int64, device=weights.device)
+    valid = torch.ones(rows, k, dtype=torch.bool, device=weights.device)
+    pending = torch.arange(rows, device=weights.device)
+    flat = weights.reshape(-1)
+    for draws_per_row in (2 * k + 8, 8 * k + 16):
+        draws = torch.randint(
+            columns, (pending.shape[0], draws_per_row), generator=generator, device=weights.device
+        )
+        keep = (flat[pending.unsqueeze(1) * columns + draws] > 0) & _first_occurrences(draws)
+        taken = keep.cumsum(dim=1)
+        full = taken[:, -1] >= k
+        chosen = keep[full] & (taken[full] <= k)
+        index[pending[full]] = draws[full][chosen].view(-1, k)
+        pending = pending[~full]
+        if pending.numel() == 0:
+            return index, valid
+    rest_index, rest_valid = _all_columns_sample(weights[pending], k, generator)
+    index[pending], valid[pending] = rest_index, rest_valid
+    return index, valid
+
+
+def _first_occurrences(draws: torch.Tensor) -> torch.Tensor:
+    """[P, m] bool: True at the first draw of each value within its row."""
+    ordered, order = draws.sort(dim=1, stable=True)
+    repeat = torch.zeros_like(draws, dtype=torch.bool)
+    repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    first = torch.empty_like(repeat)
+    first.scatter_(1, order, ~repeat)
+    return first
+
+
+def _all_columns_sample(
+    weights: torch.Tensor, k: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact draw over every column: the top-k of uniform keys among valid columns."""
     keys = torch.rand(weights.shape, generator=generator, device=weights.device)
     keys = keys.masked_fill(weights <= 0, -1.0)
-    top = keys.topk(min(count, weights.shape[1]), dim=1)
+    top = keys.topk(k, dim=1)
     return top.indices, top.values >= 0
 
 

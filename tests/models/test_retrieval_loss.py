@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -120,3 +121,40 @@ def test_every_family_is_finite_and_ignores_excluded_negatives(family: LossFamil
     )
     again = retrieval_loss(moved, torch.tensor(0.1), torch.ones(5), config, torch.Generator())
     torch.testing.assert_close(again, loss.detach())
+
+
+def _subset_counts(index: torch.Tensor, valid: torch.Tensor) -> dict[tuple[int, ...], int]:
+    counts: dict[tuple[int, ...], int] = {}
+    for row, ok in zip(index.tolist(), valid.tolist()):
+        key = tuple(sorted(c for c, v in zip(row, ok) if v))
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def test_column_sampling_is_uniform_over_valid_subsets() -> None:
+    """Chi-square of the drawn 3-subsets of 8 valid columns among 40 (rejection path) against
+    the uniform 1/C(8, 3); rows with 2 valid columns (the exact fallback) keep both."""
+    from math import comb
+
+    from scipy.stats import chisquare
+
+    rows, columns, k = 28_000, 40, 3
+    weights = torch.zeros(rows, columns)
+    live = [0, 5, 6, 13, 21, 22, 30, 39]
+    weights[:, live] = torch.tensor([1.0, 2.0, 1.0, 0.5, 1.0, 1.0, 3.0, 1.0])
+    weights[:200] = 0.0
+    weights[:200, [4, 17]] = 1.0  # rows with fewer valid columns than k
+    index, valid = sample_negative_columns(weights, k, torch.Generator().manual_seed(0))
+    assert index.shape == (rows, k)
+    few = _subset_counts(index[:200], valid[:200])
+    assert few == {(4, 17): 200}
+    assert bool(valid[200:].all())
+    counts = _subset_counts(index[200:], valid[200:])
+    assert all(len(s) == k and set(s) <= set(live) for s in counts)
+    observed = [counts.get(tuple(s), 0) for s in itertools.combinations(live, k)]
+    assert len(observed) == comb(len(live), k)
+    assert chisquare(observed).pvalue > 1e-3
+    # The same test rejects a biased draw (it can fail): drop one subset's draws.
+    biased = list(observed)
+    biased[0] //= 3
+    assert chisquare(biased).pvalue < 1e-3
