@@ -4,6 +4,7 @@ loop runs, saves, shards and reports."""
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 from config.errors import Fail
@@ -99,9 +100,25 @@ class CheckpointConfig:
 
 @dataclass
 class ShardingConfig:
+    """What the TorchRec planner may choose and the cluster it plans for
+    (``trainer/runtime/sharding.py``).
+
+    The cluster keys are optional; null takes the launcher's environment where it says
+    (``local_world_size``: torchrun's ``LOCAL_WORLD_SIZE``, else SLURM's
+    ``SLURM_NTASKS_PER_NODE`` / ``SLURM_TASKS_PER_NODE``), else TorchRec's default (one host
+    holding every rank; 32 GiB HBM per device, 128 GiB DDR per rank, 600 GiB/s within a host,
+    12.5 GiB/s between hosts). A set key wins over the environment.
+    """
+
     sharding_types: list[ShardingType] = field(
         default_factory=lambda: [ShardingType.TABLE_WISE, ShardingType.COLUMN_WISE]
     )
+    # Ranks per host; must divide the world size. Table-row-wise shards stay within one host.
+    local_world_size: int | None = None
+    hbm_cap_gib: float | None = None  # accelerator memory per device (GiB, 1024**3 bytes)
+    ddr_cap_gib: float | None = None  # host memory per rank (GiB)
+    intra_host_bw_gib_per_s: float | None = None  # between devices of one host (NVLink)
+    inter_host_bw_gib_per_s: float | None = None  # between hosts, per rank (InfiniBand, RoCE)
 
 
 @dataclass
@@ -162,5 +179,18 @@ def validate_checkpoint(checkpoint: CheckpointConfig, fail: Fail) -> None:
 
 
 def validate_sharding(sharding: ShardingConfig, fail: Fail) -> None:
+    """Checks what needs no cluster; ``local_world_size`` dividing the world size is checked
+    when the planner's topology is built (``trainer.runtime.sharding.cluster_topology``)."""
     if not sharding.sharding_types:
         fail("sharding.sharding_types", "allow at least one sharding type")
+    if sharding.local_world_size is not None and sharding.local_world_size < 1:
+        fail("sharding.local_world_size", "must be >= 1 or null (from the launcher)")
+    positive = {
+        "hbm_cap_gib": sharding.hbm_cap_gib,
+        "ddr_cap_gib": sharding.ddr_cap_gib,
+        "intra_host_bw_gib_per_s": sharding.intra_host_bw_gib_per_s,
+        "inter_host_bw_gib_per_s": sharding.inter_host_bw_gib_per_s,
+    }
+    for key, value in positive.items():
+        if value is not None and not 0 < value < math.inf:
+            fail(f"sharding.{key}", f"must be > 0 and finite, or null, got {value}")
