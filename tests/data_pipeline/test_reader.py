@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from data_pipeline.loader import LoaderSpec, build_event_loader
+from data_pipeline.loader import LoaderSpec, build_event_loader, worker_context
 from data_pipeline.manifest import Manifest, SplitInfo
 from data_pipeline.reader import ParquetEventStream, WorkUnit, assign_work_units, list_work_units
 from data_pipeline.schema import SchemaError
@@ -82,7 +82,7 @@ def _timestamp_loader(
         stream,
         batch_size=None,
         num_workers=workers,
-        multiprocessing_context="forkserver" if workers else None,
+        multiprocessing_context=worker_context() if workers else None,
     )
 
 

@@ -59,9 +59,9 @@ def test_movielens_100k_beats_most_popular(tmp_path: Path) -> None:
         f"run.dir={tmp_path / 'run'}",
         "logging.wandb=false",
         "train.progress_bar=false",
-        # Half the demo's 20 epochs: the model is far ahead of most-popular well before, and
-        # the 2-core CI box runs this test next to nothing else it could wait on.
-        "train.epochs=10",
+        # 3 of the demo's 20 epochs: the model is already far ahead of most-popular (HR@10
+        # 0.146 against 0.050, NDCG@10 0.081 against 0.025 on the 2-core box).
+        "train.epochs=3",
     ]
     run_distributed(_train_rank, 2, overrides, str(config), timeout_s=600)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
