@@ -10,7 +10,7 @@ from config.distillation import DistillationConfig, validate_distillation
 from config.errors import ConfigError, Fail
 from config.evaluation import EvalConfig, validate_eval
 from config.features import FeaturesConfig, validate_features
-from config.loss import LossConfig, validate_loss
+from config.loss import LossConfig, LossFamily, validate_loss
 from config.model import Encoder, ModelConfig, validate_model
 from config.negatives import NegativesConfig, validate_negatives
 from config.ranker import RankerConfig, validate_ranker
@@ -61,6 +61,7 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
     validate_checkpoint(config.checkpoint, fail)
     _validate_history(config, fail)
     validate_negatives(config.negatives, fail)
+    _validate_logged_bce(config, fail)
     validate_ranker(config.ranker, fail)
     validate_alignment(config.alignment, fail)
     _validate_light_head(config, fail)
@@ -91,6 +92,27 @@ def _validate_history(config: ExperimentConfig, fail: Fail) -> None:
             "the history encoder sees the newest events itself; set data.recent_history=0 "
             "with model.history.enabled=true",
         )
+
+
+def _validate_logged_bce(config: ExperimentConfig, fail: Fail) -> None:
+    """``logged_bce`` scores no candidates: a negative source would be built and never used."""
+    if config.loss.family is not LossFamily.LOGGED_BCE:
+        return
+    negatives = config.negatives
+    sources = {
+        "negatives.log_q.enabled": negatives.log_q.enabled,
+        "negatives.mixed.num_samples": negatives.mixed.num_samples > 0,
+        "negatives.memory.size": negatives.memory.size > 0,
+        "negatives.impressions.per_row": negatives.impressions.per_row > 0,
+        "negatives.mined.per_row": negatives.mined.per_row > 0,
+    }
+    for key, enabled in sources.items():
+        if enabled:
+            fail(
+                key,
+                "loss.family=logged_bce learns from each row's logged label and scores no "
+                "candidates; turn the negative source off or pick a candidate family",
+            )
 
 
 def _validate_light_head(config: ExperimentConfig, fail: Fail) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from models.losses import weighted_mean
+
 
 def hit_pairs(row_ids: Tensor, candidate_ids: Tensor) -> tuple[Tensor, Tensor]:
     """Every (row, column) with ``candidate_ids[column] == row_ids[row]``, without a [B, C] mask.
@@ -181,4 +183,4 @@ def shared_softmax_loss(
         columns = positive_index
     lse = blocked_logsumexp(query, candidates, bias, (rows, columns), block_rows)
     per_row = torch.logaddexp(positive, lse) - positive
-    return (per_row * row_weights).sum() / row_weights.sum().clamp_min(1e-12)
+    return weighted_mean(per_row, row_weights)

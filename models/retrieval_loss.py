@@ -61,35 +61,65 @@ class ScoredCandidates:
 def sample_negative_columns(
     weights: torch.Tensor, count: int, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` distinct valid columns per row of a [B, N] weight layout (weight > 0 is
+    valid), uniformly at random, in O(B * count): :func:`sample_valid_columns` on it."""
+    flat = weights.reshape(-1)
+    columns = weights.shape[1]
+
+    def is_valid(rows: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        return flat[rows.unsqueeze(1) * columns + draws] > 0
+
+    return sample_valid_columns(
+        weights.shape[0], columns, count, is_valid, generator, weights.device
+    )
+
+
+ValidColumns = Callable[[Tensor, Tensor], Tensor]
+
+
+def sample_valid_columns(
+    rows: int,
+    columns: int,
+    count: int,
+    is_valid: ValidColumns,
+    generator: torch.Generator | None,
+    device: torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` distinct valid columns per row, uniformly at random, in O(B * count).
 
     Each row draws columns uniformly with replacement and keeps, in draw order, the first
-    ``count`` distinct ones with weight > 0 (rejection: uniform over the count-subsets of its
-    valid columns). A row that does not fill up in a few rounds of draws (few valid columns)
-    falls back to :func:`_all_columns_sample`, the same distribution over its [N] columns.
+    ``count`` distinct valid ones (rejection: uniform over the count-subsets of its valid
+    columns). A row that does not fill up in a few rounds of draws (few valid columns) falls
+    back to :func:`_all_columns_sample`, the same distribution over its N columns.
 
     Args:
-        weights: [B, N] candidate weights; columns with weight 0 are never chosen while a row
-            has enough valid ones.
+        rows: B.
+        columns: N, the candidates of every row.
         count: k, columns per row.
-        generator: seeded generator (on ``weights``' device) for reproducible draws.
+        is_valid: ``(row [P], column [P, m]) -> [P, m] bool``, whether column may be a
+            negative of that row; called on the drawn entries only (and on whole rows for the
+            fallback's rare rows).
+        generator: seeded generator (on ``device``) for reproducible draws.
+        device: where the draws live (default: the generator's, else CPU).
     Returns:
         index [B, min(k, N)] int64 and valid [B, min(k, N)] bool (False where a row had fewer
         than k valid candidates).
     """
-    rows, columns = weights.shape
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
     k = min(count, columns)
     if columns <= 4 * k or rows == 0:
-        return _all_columns_sample(weights, k, generator)
-    index = torch.zeros(rows, k, dtype=torch.int64, device=weights.device)
-    valid = torch.ones(rows, k, dtype=torch.bool, device=weights.device)
-    pending = torch.arange(rows, device=weights.device)
-    flat = weights.reshape(-1)
+        return _all_columns_sample(
+            _row_validity(torch.arange(rows, device=device), columns, is_valid), k, generator
+        )
+    index = torch.zeros(rows, k, dtype=torch.int64, device=device)
+    valid = torch.ones(rows, k, dtype=torch.bool, device=device)
+    pending = torch.arange(rows, device=device)
     for draws_per_row in (2 * k + 8, 8 * k + 16):
         draws = torch.randint(
-            columns, (pending.shape[0], draws_per_row), generator=generator, device=weights.device
+            columns, (pending.shape[0], draws_per_row), generator=generator, device=device
         )
-        keep = (flat[pending.unsqueeze(1) * columns + draws] > 0) & _first_occurrences(draws)
+        keep = is_valid(pending, draws) & _first_occurrences(draws)
         taken = keep.cumsum(dim=1)
         full = taken[:, -1] >= k
         chosen = keep[full] & (taken[full] <= k)
@@ -97,9 +127,17 @@ def sample_negative_columns(
         pending = pending[~full]
         if pending.numel() == 0:
             return index, valid
-    rest_index, rest_valid = _all_columns_sample(weights[pending], k, generator)
+    rest_index, rest_valid = _all_columns_sample(
+        _row_validity(pending, columns, is_valid), k, generator
+    )
     index[pending], valid[pending] = rest_index, rest_valid
     return index, valid
+
+
+def _row_validity(rows: Tensor, columns: int, is_valid: ValidColumns) -> Tensor:
+    """[P, N] bool: every column of the given rows."""
+    every = torch.arange(columns, device=rows.device).expand(rows.shape[0], columns)
+    return is_valid(rows, every)
 
 
 def _first_occurrences(draws: torch.Tensor) -> torch.Tensor:
@@ -113,11 +151,12 @@ def _first_occurrences(draws: torch.Tensor) -> torch.Tensor:
 
 
 def _all_columns_sample(
-    weights: torch.Tensor, k: int, generator: torch.Generator | None
+    valid: torch.Tensor, k: int, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exact draw over every column: the top-k of uniform keys among valid columns."""
-    keys = torch.rand(weights.shape, generator=generator, device=weights.device)
-    keys = keys.masked_fill(weights <= 0, -1.0)
+    """The exact draw over every column: the top-k of uniform keys among valid columns
+    (``valid`` [P, N] bool)."""
+    keys = torch.rand(valid.shape, generator=generator, device=valid.device)
+    keys = keys.masked_fill(~valid, -1.0)
     top = keys.topk(k, dim=1)
     return top.indices, top.values >= 0
 
@@ -191,4 +230,12 @@ def retrieval_loss(
     if config.negatives_per_row is not None:
         index, valid = sample_negative_columns(scored.weights, config.negatives_per_row, generator)
         scored = scored.select(index, valid)
+    return family_loss(scored, temperature, row_weights, config)
+
+
+def family_loss(
+    scored: ScoredCandidates, temperature: Tensor, row_weights: Tensor, config: LossConfig
+) -> Tensor:
+    """The configured family's loss over exactly the columns of ``scored`` (no sampling: for
+    a layout whose negatives were drawn already)."""
     return LOSSES[config.family](scored, temperature, row_weights, config)

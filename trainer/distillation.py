@@ -129,7 +129,8 @@ class Distillation:
     def loss(
         self,
         batch: Batch,
-        scored: ScoredCandidates,
+        positive: torch.Tensor,
+        scored: ScoredCandidates | None,
         temperature: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
@@ -137,17 +138,20 @@ class Distillation:
 
         Args:
             batch: the step's batch (B rows).
-            scored: its candidates as the retrieval loss saw them.
+            positive: [B] each row's score with its own item.
+            scored: its candidates as the retrieval loss saw them (needed by listwise only).
             temperature: [] the retrieval model's temperature.
             generator: the step's seeded generator (``listwise.negatives_per_row`` draws).
         """
-        total = scored.positive.new_zeros(())
+        total = positive.new_zeros(())
         pointwise, listwise = self.config.pointwise, self.config.listwise
         if pointwise.enabled:
-            logits = scored.positive / temperature
+            logits = positive / temperature
             term = pointwise_distillation_loss(logits, batch.ranker_score, batch.weight)
             total = total + pointwise.weight * term
         if listwise.enabled:
+            if scored is None:
+                raise ValueError("listwise distillation needs the per-row candidate layout")
             candidates = row_candidates(batch, scored, listwise.negatives_per_row, generator)
             teacher = self.teacher_logits(batch.user_features, candidates.ids, candidates.mask)
             term = listwise_distillation_loss(

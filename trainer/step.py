@@ -20,7 +20,7 @@ from models.debias import DebiasedWeights, debiased_weights
 from models.light_ranker import light_head_loss
 from models.loss_families import logged_bce_loss
 from models.losses import net_user_value
-from models.retrieval_loss import ScoredCandidates, retrieval_loss
+from models.retrieval_loss import ScoredCandidates, family_loss, retrieval_loss
 from models.tower_outputs import TowerOutputs
 from trainer.distillation import Distillation
 from trainer.negatives.negative_sampling import (
@@ -81,9 +81,10 @@ def train_step(model: torch.nn.Module, batch: Batch, step: int, ctx: StepContext
     )
     loss = loss + light_head_loss(model, outputs, batch, ctx.config)
     if ctx.distillation is not None:
-        if scored is None:  # the shared softmax never laid the candidates out per row
-            scored, _ = ctx.negatives.score(outputs, batch, extra, step)
-        loss = loss + ctx.distillation.loss(batch, scored, outputs.temperature, generator)
+        if scored is None and ctx.config.distillation.listwise.enabled:
+            scored, _ = ctx.negatives.score(outputs, batch, extra, step)  # logged_bce built none
+        positive = (outputs.user * outputs.item).sum(dim=1) if scored is None else scored.positive
+        loss = loss + ctx.distillation.loss(batch, positive, scored, outputs.temperature, generator)
     loss = loss + debiased.aux_loss  # the heads' MSE: gradient reaches only the heads
     assert ctx.guard is not None
     verdict = ctx.guard.vote(loss, batch, step)
@@ -110,12 +111,15 @@ def _retrieval_loss(
     layout when one was built.
 
     ``logged_bce`` scores each row's own item against its label; the softmax over the shared
-    candidates alone runs in linear memory; every other case lays the candidates out per row.
+    candidates alone runs in linear memory; a family with ``loss.negatives_per_row`` over the
+    shared candidates alone scores only its drawn columns; every other case lays the
+    candidates out per row.
     """
     loss_config = ctx.config.loss
     if loss_config.family is LossFamily.LOGGED_BCE:
         logits = (outputs.user * outputs.item).sum(dim=1) / outputs.temperature
         labels = (value > 0).to(logits.dtype)
+        # Not the NUV weights: they are 0 on the unengaged rows this family learns from.
         return logged_bce_loss(logits, labels, batch.weight), None, None
     row_weights = debiased.weights * batch.weight
     if ctx.negatives.uses_shared_softmax(extra):
@@ -133,6 +137,13 @@ def _retrieval_loss(
             loss_config.block_rows,
         )
         return loss, shared.in_batch, None
+    if ctx.negatives.uses_drawn_columns(extra):
+        assert loss_config.negatives_per_row is not None
+        drawn, in_batch = ctx.negatives.score_drawn(
+            outputs, batch, extra, loss_config.negatives_per_row, generator
+        )
+        loss = family_loss(drawn, outputs.temperature, row_weights, loss_config)
+        return loss, in_batch, drawn
     scored, in_batch = ctx.negatives.score(outputs, batch, extra, step)
     loss = retrieval_loss(scored, outputs.temperature, row_weights, loss_config, generator)
     return loss, in_batch, scored

@@ -38,6 +38,23 @@ def test_bad_values_name_the_key(override: str, key: str) -> None:
         load_config(None, [override])
 
 
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("negatives.log_q.enabled=true", "negatives.log_q.enabled"),
+        ("negatives.mixed.num_samples=8", "negatives.mixed.num_samples"),
+        ("negatives.memory.size=64", "negatives.memory.size"),
+        ("negatives.impressions.per_row=1", "negatives.impressions.per_row"),
+        ("negatives.mined.per_row=1", "negatives.mined.per_row"),
+    ],
+)
+def test_logged_bce_refuses_negative_sources(override: str, key: str) -> None:
+    """The pointwise family on logged labels scores no candidates: a source would be waste."""
+    with pytest.raises(ConfigError, match=rf"'{key}'.*logged_bce"):
+        load_config(None, ["loss.family=logged_bce", override])
+    load_config(None, [override])  # the same source with a candidate family is fine
+
+
 def test_cold_item_threshold_default_and_override() -> None:
     assert load_config(None).eval.cold_item_max_events == 5
     assert load_config(None, ["eval.cold_item_max_events=1"]).eval.cold_item_max_events == 1

@@ -108,7 +108,9 @@ def test_teacher_gets_no_gradient_and_the_student_does(tmp_path: Path) -> None:
     scored, temperature = _scored(model, NegativeSampling.build(config, manifest, CPU), batch)
     candidates = row_candidates(batch, scored, 5, torch.Generator().manual_seed(0))
     assert candidates.scores.shape == (32, 6) and int(candidates.mask.sum(dim=1).max()) <= 6
-    loss = distillation.loss(batch, scored, temperature, torch.Generator().manual_seed(0))
+    loss = distillation.loss(
+        batch, scored.positive, scored, temperature, torch.Generator().manual_seed(0)
+    )
     assert float(loss) > 0
     loss.backward()
     assert distillation.teacher is not None
@@ -145,7 +147,7 @@ def test_listwise_moves_retrieval_ranking_toward_the_teacher(tmp_path: Path) -> 
     for _ in range(40):
         optimizer.zero_grad()
         scored, temperature = _scored(model, negatives, batch)
-        distillation.loss(batch, scored, temperature).backward()
+        distillation.loss(batch, scored.positive, scored, temperature).backward()
         optimizer.step()
     after = agreement()
     assert after > before + 0.2, (before, after)
@@ -214,7 +216,7 @@ def _sharded_rank(rank: int, world_size: int, root: str) -> dict:
     losses = []
     for model in (sharded, reference):
         scored, temperature = _scored(model, negatives, batch)
-        losses.append(distillation.loss(batch, scored, temperature))
+        losses.append(distillation.loss(batch, scored.positive, scored, temperature))
     return {"sharded": float(losses[0]), "reference": float(losses[1])}
 
 

@@ -19,6 +19,7 @@ from data_pipeline.batch import Batch
 from data_pipeline.manifest import Manifest
 from data_pipeline.negatives import CorpusSampler, CrossBatchMemory
 from data_pipeline.streaming_frequency import StreamingFrequencyEstimator
+from models.retrieval_loss import family_loss, retrieval_loss
 from models.tower_outputs import TowerOutputs
 from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import write_tiny_dataset
@@ -266,17 +267,12 @@ def test_mixture_log_expected_count_edge_cases() -> None:
         mixture_log_expected_count([-1.0], [log_p])
 
 
-def _fake_step(
-    negatives: NegativeSampling, item_ids: torch.Tensor, step: int, dim: int
-) -> torch.Tensor:
-    """One observe / score / remember round on random embeddings; returns the shared block's
-    per-candidate [ids; log q] as a [2, C] tensor (row 0 of the scores: shared by all rows)."""
+def _batch(item_ids: torch.Tensor, weight: torch.Tensor) -> Batch:
     rows = item_ids.shape[0]
-    generator = step_generator(0, 0, step, torch.device("cpu"))
     empty = KeyedJaggedTensor.from_lengths_sync(
         keys=[], values=torch.zeros(0, dtype=torch.int64), lengths=torch.zeros(0, dtype=torch.int32)
     )
-    batch = Batch(
+    return Batch(
         user_features=empty,
         item_features=empty,
         labels=torch.ones(rows, 1),
@@ -285,9 +281,19 @@ def _fake_step(
         item_ids=item_ids,
         ranker_score=torch.full((rows,), float("nan")),
         impression_negatives=torch.zeros(rows, 0, dtype=torch.int64),
-        weight=torch.ones(rows),
+        weight=weight,
         timestamp=torch.full((rows,), -1),
     )
+
+
+def _fake_step(
+    negatives: NegativeSampling, item_ids: torch.Tensor, step: int, dim: int
+) -> torch.Tensor:
+    """One observe / score / remember round on random embeddings; returns the shared block's
+    per-candidate [ids; log q] as a [2, C] tensor (row 0 of the scores: shared by all rows)."""
+    rows = item_ids.shape[0]
+    generator = step_generator(0, 0, step, torch.device("cpu"))
+    batch = _batch(item_ids, torch.ones(rows))
     assert negatives.sampler is not None
     samples = negatives.config.negatives.mixed.num_samples
     sample_ids, sample_log_prob = negatives.sampler.sample(samples, generator)
@@ -408,3 +414,95 @@ def test_routed_memory_scores_balance_the_item_gradient() -> None:
     ((1 - memory_mass) * in_batch).sum().backward()
     assert items.grad is not None
     torch.testing.assert_close(routed_items, items.grad)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "memory", "blocked"),
+    [
+        ([], False, True),
+        (["negatives.mixed.num_samples=8"], False, True),
+        ([], True, False),
+        (["loss.family=sampled_softmax", "loss.negatives_per_row=3"], False, False),
+    ],
+)
+def test_linear_memory_softmax_serves_only_shared_candidate_softmax(
+    overrides: list[str], memory: bool, blocked: bool
+) -> None:
+    """The blocked softmax serves the softmax over shared candidates; memory, other families and
+    listwise distillation (which reads the per-row layout) take the per-row path, built once."""
+    config = load_config(None, overrides)
+    env = DistributedEnv(0, 1, 0, torch.device("cpu"), "gloo")
+    store = CrossBatchMemory(8, 4, 0, 4, torch.device("cpu")) if memory else None
+    negatives = NegativeSampling(config, env, memory=store)
+    samples = config.negatives.mixed.num_samples
+    no_hard = torch.zeros(2, 0, dtype=torch.int64)
+    extra = ExtraItems(torch.arange(samples), torch.zeros(samples), no_hard, no_hard)
+    assert negatives.uses_shared_softmax(extra) is blocked
+    # One impression negative per row: per-row candidates, so the per-row layout.
+    impressions = torch.zeros(2, 1, dtype=torch.int64)
+    hard = ExtraItems(torch.arange(samples + 2), torch.zeros(samples), impressions, no_hard)
+    assert not negatives.uses_shared_softmax(hard)
+    config.distillation.listwise.enabled = True
+    assert not negatives.uses_shared_softmax(extra)
+
+
+@pytest.mark.parametrize(
+    ("family", "per_row"),
+    [("sampled_softmax", 5), ("sigmoid", 3), ("cosine", 2), ("triplet", 4), ("bpr", 40)],
+)
+@pytest.mark.parametrize("mask", [True, False])
+def test_drawn_columns_equal_the_full_layout_then_sampling(
+    family: str, per_row: int, mask: bool
+) -> None:
+    """Scoring only the drawn columns gives the loss and gradients of laying every candidate
+    out and sampling them (same draws): duplicates, padding rows, corpus samples and logQ on.
+    40 per row out of 40 + 12 candidates takes the exact fallback for every row."""
+    rows, dim, samples = 40, 8, 12
+    config = load_config(
+        None,
+        [
+            f"loss.family={family}",
+            f"loss.negatives_per_row={per_row}",
+            f"loss.mask_accidental_hits={mask}",
+            "negatives.log_q.enabled=true",
+            f"negatives.mixed.num_samples={samples}",
+            "negatives.mixed.distribution=uniform",
+        ],
+    )
+    items = torch.arange(30)
+    negatives = NegativeSampling(
+        config,
+        DistributedEnv(0, 1, 0, torch.device("cpu"), "gloo"),
+        sampler=CorpusSampler.uniform(items),
+        estimator=StreamingFrequencyEstimator(hash_size=2**10, alpha=0.1),
+    )
+    generator = torch.Generator().manual_seed(3)
+    item_ids = torch.randint(0, 10, (rows,), generator=generator)  # many duplicates
+    weight = torch.ones(rows)
+    weight[-3:] = 0.0  # padding rows
+    batch = _batch(item_ids, weight)
+    sample_ids, sample_log_prob = negatives.sampler.sample(samples, generator)  # type: ignore[union-attr]
+    none = torch.zeros(rows, 0, dtype=torch.int64)
+    extra = ExtraItems(sample_ids, sample_log_prob, none, none)
+    negatives.observe(batch, 0)
+    assert negatives.uses_drawn_columns(extra)
+    user = torch.randn(rows, dim, generator=generator, requires_grad=True)
+    item = torch.randn(rows, dim, generator=generator, requires_grad=True)
+    sampled = torch.randn(samples, dim, generator=generator, requires_grad=True)
+    outputs = TowerOutputs(user=user, item=item, extra_items=sampled, temperature=torch.tensor(0.1))
+    row_weights = torch.rand(rows, generator=generator) * weight
+    results = []
+    for drawn in (True, False):
+        draw = torch.Generator().manual_seed(11)
+        if drawn:
+            scored, _ = negatives.score_drawn(outputs, batch, extra, per_row, draw)
+            loss = family_loss(scored, outputs.temperature, row_weights, config.loss)
+        else:
+            scored, _ = negatives.score(outputs, batch, extra, 0)
+            loss = retrieval_loss(scored, outputs.temperature, row_weights, config.loss, draw)
+        gradients = torch.autograd.grad(loss, [user, item, sampled])
+        results.append((loss, gradients))
+    (drawn_loss, drawn_grads), (full_loss, full_grads) = results
+    assert torch.allclose(drawn_loss, full_loss, atol=1e-6), (drawn_loss, full_loss)
+    for got, want in zip(drawn_grads, full_grads):
+        assert torch.allclose(got, want, atol=1e-6)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.types import ShardingPlan
 
 from config import ConfigError, ShardingConfig, ShardingType, load_config
 from trainer.runtime.sharding import (
@@ -53,15 +54,18 @@ def _config(**cluster: float | int | None) -> ShardingConfig:
     )
 
 
-def _plan(topology: Topology, config: ShardingConfig) -> Plan:
+def _sharding_plan(topology: Topology, config: ShardingConfig) -> ShardingPlan:
     model = _model()
     planner = EmbeddingShardingPlanner(
         topology=topology,
         constraints=table_constraints(model, allowed_sharding_types(config, CUDA)),
         debug=False,
     )
-    plan = planner.plan(model, sharders())
-    module_plan = plan.plan[""]
+    return planner.plan(model, sharders())
+
+
+def _plan(topology: Topology, config: ShardingConfig) -> Plan:
+    module_plan = _sharding_plan(topology, config).plan[""]
     result: Plan = {}
     for name, parameter in module_plan.items():
         assert parameter.ranks is not None
@@ -98,13 +102,7 @@ def test_shard_placements_name_the_local_device() -> None:
     host, rank 3 of a 2-host job would be told to use cuda:3 on a host with 2 devices."""
     config = _config()
     topology = cluster_topology(config, CUDA, 4, {"LOCAL_WORLD_SIZE": "2"})
-    model = _model()
-    planner = EmbeddingShardingPlanner(
-        topology=topology,
-        constraints=table_constraints(model, allowed_sharding_types(config, CUDA)),
-        debug=False,
-    )
-    plan = planner.plan(model, sharders())
+    plan = _sharding_plan(topology, config)
     placements = [
         str(shard.placement)
         for parameter in plan.plan[""].values()

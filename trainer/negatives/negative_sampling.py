@@ -44,7 +44,7 @@ from data_pipeline.manifest import Manifest
 from data_pipeline.negatives import CorpusSampler, CrossBatchMemory, item_counts
 from data_pipeline.schema import IMPRESSION_NEGATIVES
 from data_pipeline.streaming_frequency import StreamingFrequencyEstimator
-from models.retrieval_loss import ScoredCandidates
+from models.retrieval_loss import ScoredCandidates, sample_valid_columns
 from models.tower_outputs import TowerOutputs
 from trainer.build import item_store
 from trainer.features import ResolvedFeatures
@@ -235,6 +235,14 @@ class NegativeSampling:
     ) -> SharedCandidates:
         """The candidates every row scores against, before the memory: in-batch items (every
         rank's with ``loss.global_negatives``) and corpus samples, with their logQ."""
+        fresh, in_batch, positive_index, sources = self._fresh(outputs, batch, extra)
+        return SharedCandidates(fresh, in_batch, positive_index, self._log_q(fresh.ids, sources))
+
+    def _fresh(
+        self, outputs: TowerOutputs, batch: Batch, extra: ExtraItems | None
+    ) -> tuple[CandidateBlock, CandidateBlock, torch.Tensor, CandidateSources]:
+        """This step's shared candidates (in-batch, then corpus samples), the in-batch part,
+        each row's positive column [B] and the live count per source (memory 0)."""
         positive_ids = batch.item_ids
         # Padding rows (weight 0, a rank out of data) are no one's negatives.
         candidate_ids = torch.where(
@@ -250,7 +258,7 @@ class NegativeSampling:
             torch.cat([block.ids for block in blocks]),
         )
         sources = CandidateSources(int((in_batch.ids >= 0).sum()), 0, samples)
-        return SharedCandidates(fresh, in_batch, positive_index, self._log_q(fresh.ids, sources))
+        return fresh, in_batch, positive_index, sources
 
     def uses_shared_softmax(self, extra: ExtraItems | None) -> bool:
         """Whether the step's loss is the softmax over the shared candidates alone (no memory,
@@ -258,7 +266,66 @@ class NegativeSampling:
         :func:`models.blocked_softmax.shared_softmax_loss`."""
         family = self.config.loss.family
         hard = extra is not None and extra.ids.shape[0] > extra.num_samples
-        return family is LossFamily.SOFTMAX and self.memory is None and not hard
+        # Listwise distillation reads the per-row layout anyway: build it once.
+        per_row_needed = self.config.distillation.listwise.enabled
+        return (
+            family is LossFamily.SOFTMAX and self.memory is None and not hard and not per_row_needed
+        )
+
+    def uses_drawn_columns(self, extra: ExtraItems | None) -> bool:
+        """Whether the step's loss keeps ``loss.negatives_per_row`` drawn negatives of the
+        shared candidates alone (no memory, no per-row hard negatives, no listwise
+        distillation), so :meth:`score_drawn` scores only the drawn columns."""
+        loss = self.config.loss
+        hard = extra is not None and extra.ids.shape[0] > extra.num_samples
+        return (
+            loss.negatives_per_row is not None
+            and loss.family is not LossFamily.SOFTMAX
+            and self.memory is None
+            and not hard
+            and not self.config.distillation.listwise.enabled
+        )
+
+    def score_drawn(
+        self,
+        outputs: TowerOutputs,
+        batch: Batch,
+        extra: ExtraItems | None,
+        count: int,
+        generator: torch.Generator,
+    ) -> tuple[ScoredCandidates, CandidateBlock]:
+        """``count`` negatives per row drawn from the shared candidates and scored alone:
+        O(B * count * D) instead of the [B, C] layout of :meth:`score`, and the same draws as
+        :meth:`score` followed by :func:`models.retrieval_loss.sample_negative_columns` (same
+        generator state, same validity: padding, the row's positive column and, with
+        ``loss.mask_accidental_hits``, its positive's id). Returns [B, count] scores and the
+        in-batch block."""
+        shared = self.shared(outputs, batch, extra)
+        ids, positive_index = shared.block.ids, shared.positive_index
+        positive_ids = batch.item_ids
+        mask_hits = self.config.loss.mask_accidental_hits
+
+        def is_valid(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+            drawn = ids[columns]
+            valid = (drawn >= 0) & (columns != positive_index[rows].unsqueeze(1))
+            if mask_hits:
+                valid = valid & (drawn != positive_ids[rows].unsqueeze(1))
+            return valid
+
+        index, valid = sample_valid_columns(
+            positive_ids.shape[0], ids.shape[0], count, is_valid, generator, ids.device
+        )
+        user = outputs.user
+        embeddings = shared.block.embeddings[index]  # [B, k, D]
+        scored = ScoredCandidates(
+            positive=(user * outputs.item).sum(dim=1),
+            negatives=torch.bmm(embeddings, user.unsqueeze(2)).squeeze(2),
+            weights=valid.to(user.dtype),
+            positive_log_q=shared.log_q[positive_index],
+            negative_log_q=shared.log_q[index],
+            ids=ids[index],
+        )
+        return scored, shared.in_batch
 
     def score(
         self, outputs: TowerOutputs, batch: Batch, extra: ExtraItems | None, step: int
@@ -267,9 +334,7 @@ class NegativeSampling:
         the in-batch block (for :meth:`remember`)."""
         user, item = outputs.user, outputs.item
         positive_ids = batch.item_ids
-        shared = self.shared(outputs, batch, extra)
-        fresh, in_batch, positive_index = shared.block, shared.in_batch, shared.positive_index
-        samples = extra.num_samples if extra is not None else 0
+        fresh, in_batch, positive_index, fresh_sources = self._fresh(outputs, batch, extra)
         memory = self._memory_block(step, item)
         shared_ids = torch.cat([fresh.ids, memory.ids])
         if self.config.loss.family in SCORE_DIFFERENCE_LOSSES:
@@ -278,7 +343,7 @@ class NegativeSampling:
             memory_scores = user @ memory.embeddings.T
         negatives = torch.cat([user @ fresh.embeddings.T, memory_scores], dim=1)
         sources = CandidateSources(
-            int((in_batch.ids >= 0).sum()), int((memory.ids >= 0).sum()), samples
+            fresh_sources.in_batch, int((memory.ids >= 0).sum()), fresh_sources.corpus
         )
         shared_log_q = self._log_q(shared_ids, sources)
         weights = (shared_ids >= 0).to(user.dtype).expand_as(negatives).clone()
