@@ -16,45 +16,20 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench.runs import logged_samples_per_second, training_only_overrides
 from bench.table import print_table
-from trainer.runtime.run_logger import read_metrics
 
 COLUMNS = ["launcher", "ranks", "threads per rank", "samples/s", "ratio vs local"]
 CLI = [sys.executable, "-m", "launch.cli"]
 # Rank 0's start-up line (trainer.runtime.distributed.apply_threads).
 THREADS_LINE = re.compile(r"threads per rank: (\d+) intra-op, \d+ inter-op \(([^)]*)\)")
 SUBMITTED = re.compile(r"submitted SLURM job (\d+)")
-
-
-def run_overrides(data: str, run_dir: Path, steps: int, extra: list[str]) -> list[str]:
-    """Training only, for ``steps`` steps: no validation, no final evaluation, no wandb."""
-    return [
-        f"data.path={data}",
-        f"run.dir={run_dir}",
-        f"train.max_steps={steps}",
-        "train.epochs=100",
-        "train.log_every_steps=25",
-        "train.progress_bar=false",
-        "eval.every_epoch=false",
-        "eval.at_end=false",
-        "logging.wandb=false",
-        *extra,
-    ]
-
-
-def logged_samples_per_second(run_dir: Path) -> float:
-    """Median samples/s of the run's logging windows, the first (warm-up) left out."""
-    rates = [r["samples_per_s"] for r in read_metrics(run_dir) if "samples_per_s" in r]
-    if not rates:
-        raise RuntimeError(f"{run_dir}: the metrics log has no samples_per_s record")
-    return statistics.median(rates[1:] or rates)
 
 
 def logged_threads(log: str) -> str:
@@ -150,10 +125,10 @@ def run(
     with tempfile.TemporaryDirectory(prefix="twotower-launchers-") as root:
         local_dir, slurm_dir = Path(root, "local"), Path(root, "slurm")
         data = str(Path(data).absolute())  # the SLURM tasks may start elsewhere
-        local = run_overrides(data, local_dir, steps, extra or [])
+        local = training_only_overrides(data, local_dir, steps, extra or [])
         rows.append(run_local(config, local, ranks, threads_per_rank, local_dir))
         if shutil.which("sinfo") is not None:
-            slurm = run_overrides(data, slurm_dir, steps, extra or [])
+            slurm = training_only_overrides(data, slurm_dir, steps, extra or [])
             rows.append(
                 run_slurm(config, slurm, ranks, threads_per_rank, slurm_dir, partition, timeout_s)
             )

@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
@@ -261,17 +262,36 @@ def train_rank(args: argparse.Namespace) -> None:
         dist.destroy_process_group()
 
 
-def run_peer(
-    batch_size: int,
-    ranks: int,
-    steps: int,
-    num_embeddings: int = 1_000_000,
-    embedding_dim: int = 64,
-    layer_sizes: tuple[int, ...] = (128, 64),
-    threads: int = 1,
-    warmup_steps: int = 20,
-    pipeline: Pipeline = Pipeline.SPARSE_DIST,
-) -> dict:
+@dataclass(frozen=True)
+class PeerSpec:
+    """One peer measurement: ``ranks`` processes, each at ``batch_size`` rows per step."""
+
+    batch_size: int
+    ranks: int
+    steps: int
+    num_embeddings: int = 1_000_000
+    embedding_dim: int = 64
+    layer_sizes: tuple[int, ...] = (128, 64)
+    threads: int = 1
+    warmup_steps: int = 20
+    pipeline: Pipeline = Pipeline.SPARSE_DIST
+
+    def arguments(self) -> list[str]:
+        """The per-rank entry point's flags (``--result-json`` aside)."""
+        return [
+            f"--batch-size={self.batch_size}",
+            f"--steps={self.steps}",
+            f"--warmup-steps={self.warmup_steps}",
+            f"--num-embeddings={self.num_embeddings}",
+            f"--embedding-dim={self.embedding_dim}",
+            f"--threads={self.threads}",
+            f"--pipeline={self.pipeline.value}",
+            "--layer-sizes",
+            *map(str, self.layer_sizes),
+        ]
+
+
+def run_peer(spec: PeerSpec) -> dict:
     """Launches the ranks under torchrun; returns rank 0's JSON (samples_per_s, seconds,
     pipeline, sharding). Raises RuntimeError with the ranks' stderr tail if torchrun fails."""
     with tempfile.TemporaryDirectory(prefix="peer_torchrec_") as folder:
@@ -281,54 +301,21 @@ def run_peer(
             "-m",
             "torch.distributed.run",
             "--standalone",
-            f"--nproc_per_node={ranks}",
+            f"--nproc_per_node={spec.ranks}",
             "-m",
             MODULE,
             f"--result-json={result}",
-            f"--batch-size={batch_size}",
-            f"--steps={steps}",
-            f"--warmup-steps={warmup_steps}",
-            f"--num-embeddings={num_embeddings}",
-            f"--embedding-dim={embedding_dim}",
-            f"--threads={threads}",
-            f"--pipeline={pipeline.value}",
-            "--layer-sizes",
-            *map(str, layer_sizes),
+            *spec.arguments(),
         ]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads)}
         with open(log, "w") as stderr:
             code = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
         if code.returncode != 0 or not result.exists():
             raise RuntimeError(
-                f"peer at batch {batch_size}, {ranks} rank(s) exited {code.returncode}:\n"
-                f"{log.read_text()[-3000:]}"
+                f"peer at batch {spec.batch_size}, {spec.ranks} rank(s) exited "
+                f"{code.returncode}:\n{log.read_text()[-3000:]}"
             )
         return json.loads(result.read_text())
-
-
-def peer_samples_per_second(
-    batch_size: int,
-    ranks: int,
-    steps: int,
-    num_embeddings: int = 1_000_000,
-    embedding_dim: int = 64,
-    layer_sizes: tuple[int, ...] = (128, 64),
-    threads: int = 1,
-    warmup_steps: int = 20,
-    pipeline: Pipeline = Pipeline.SPARSE_DIST,
-) -> float:
-    """Global samples/s of the TorchRec-example peer (see the module docstring)."""
-    return run_peer(
-        batch_size,
-        ranks,
-        steps,
-        num_embeddings,
-        embedding_dim,
-        layer_sizes,
-        threads,
-        warmup_steps,
-        pipeline,
-    )["samples_per_s"]
 
 
 def _positive(text: str) -> int:
@@ -366,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = []
     for ranks in args.ranks:
         for batch_size in args.batch_size:
-            result = run_peer(
+            spec = PeerSpec(
                 batch_size,
                 ranks,
                 args.steps,
@@ -377,6 +364,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 args.warmup_steps,
                 args.pipeline,
             )
+            result = run_peer(spec)
             rows.append(
                 {
                     "batch": batch_size,

@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity
 from torch.profiler import profile as torch_profile
 
 from bench.plain_two_tower import build_plain_model, step_context
+from bench.runs import run_overrides
 from config import ExperimentConfig, load_config
 from data_pipeline.loader import build_event_loader
 from data_pipeline.manifest import Manifest
@@ -30,23 +31,6 @@ from trainer.runtime.distributed import DistributedEnv, init_distributed, seed_e
 from trainer.step import StepContext, train_step
 
 WARMUP_STEPS = 10
-
-
-def run_overrides(data: str, run_dir: str, steps: int, extra: list[str]) -> list[str]:
-    return [
-        f"data.path={data}",
-        f"run.dir={run_dir}",
-        f"train.max_steps={steps}",
-        "train.log_every_steps=25",
-        "eval.at_end=false",
-        "logging.wandb=false",
-        "train.progress_bar=false",
-        "train.epochs=100",
-        # The plain PyTorch baseline mirrors plain id features only (no weighted tables or
-        # dense counters), so both implementations read the same features.
-        "features.groups=[id,history,categorical]",
-        *extra,
-    ]
 
 
 def _torchrec(

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from bench.runs import samples_per_second
 from bench.table import print_table
-from bench.train import samples_per_second
 from launch.sweep import load_sweep
 
 COLUMNS = ["variant", "samples/s", "ratio vs first"]
