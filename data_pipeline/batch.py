@@ -28,6 +28,7 @@ from data_pipeline.schema import (
     SchemaError,
     label_column,
 )
+from data_pipeline.tensor_pack import TensorSpec, from_payload, pack, to_payload, unpack
 
 
 @dataclass
@@ -73,10 +74,57 @@ class Batch:
     def pin_memory(self) -> Batch:
         return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
 
+    def __reduce__(self) -> tuple:
+        """Pickles as one packed buffer (:mod:`data_pipeline.tensor_pack`): a loader worker
+        hands the batch to the trainer by value (small) or in one shared-memory transfer, not
+        one per tensor."""
+        tensors: list[torch.Tensor] = []
+        sides = []
+        for features in (self.user_features, self.item_features):
+            weights = features.weights_or_none()
+            tensors += [features.values(), features.lengths()]
+            tensors += [] if weights is None else [weights]
+            sides.append((list(features.keys()), features.stride(), weights is not None))
+        dense = [getattr(self, name) for name in DENSE_FIELDS]
+        buffer, specs = pack([t.cpu() for t in [*tensors, *dense]])
+        return (_unpickle_batch, (to_payload(buffer), specs, sides))
+
     def as_padding(self) -> Batch:
         """The same rows with zero weight: keeps collectives in step when this rank is out of
         data while others still train, without teaching the model anything."""
         return replace(self, weight=torch.zeros_like(self.weight))
+
+
+DENSE_FIELDS = (
+    "labels",
+    "position",
+    "user_ids",
+    "item_ids",
+    "ranker_score",
+    "impression_negatives",
+    "weight",
+    "timestamp",
+)
+
+
+def _unpickle_batch(
+    payload: torch.Tensor | np.ndarray,
+    specs: list[TensorSpec],
+    sides: list[tuple[list[str], int, bool]],
+) -> Batch:
+    """The inverse of ``Batch.__reduce__``: views into the one buffer."""
+    tensors = iter(unpack(from_payload(payload), specs))
+    kjts = []
+    for keys, stride, weighted in sides:
+        values, lengths = next(tensors), next(tensors)
+        weights = next(tensors) if weighted else None
+        kjts.append(
+            KeyedJaggedTensor(
+                keys=keys, values=values, lengths=lengths, weights=weights, stride=stride
+            )
+        )
+    dense = {name: next(tensors) for name in DENSE_FIELDS}
+    return Batch(user_features=kjts[0], item_features=kjts[1], **dense)
 
 
 def _column_numpy(table: pa.Table, name: str) -> np.ndarray:

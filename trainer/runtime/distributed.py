@@ -160,7 +160,9 @@ def seed_everything(seed: int) -> None:
 
 
 def any_rank_has(flag: bool, device: torch.device) -> bool:
-    """Whether ``flag`` holds on any rank: one small all-reduce."""
+    """Whether ``flag`` holds on any rank: one small all-reduce (none for a single rank)."""
+    if dist.get_world_size() == 1:
+        return flag
     value = torch.tensor([int(flag)], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())

@@ -78,9 +78,12 @@ class StepGuard:
         """Collective: call on every rank with this rank's loss of ``step`` (0-based)."""
         local_bad = not bool(torch.isfinite(loss.detach()))
         requested = self.stop is not None and self.stop.requested
-        flags = torch.tensor([int(local_bad), int(requested)], device=self.env.device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        skip, stop = bool(flags[0]), bool(flags[1])
+        if self.env.world_size == 1:  # nothing to agree on
+            skip, stop = local_bad, requested
+        else:
+            flags = torch.tensor([int(local_bad), int(requested)], device=self.env.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            skip, stop = bool(flags[0]), bool(flags[1])
         if local_bad and self.bad_batch_dir is not None:
             name = f"step-{step + 1}-rank-{self.env.rank}.pt"
             saved = save_batch(batch, self.bad_batch_dir / name)
@@ -114,17 +117,18 @@ def count_skip(
 
 
 def save_batch(batch: Batch, path: Path) -> Path:
-    """Writes a batch as plain tensors (readable with ``torch.load(weights_only=True)``)."""
+    """Writes a batch as plain tensors (readable with ``torch.load(weights_only=True)``); each
+    is copied out, since a loader's batch views one packed buffer."""
     tensors: dict[str, object] = {}
     for side, features in (("user", batch.user_features), ("item", batch.item_features)):
         tensors[f"{side}_keys"] = list(features.keys())
-        tensors[f"{side}_values"] = features.values().cpu()
-        tensors[f"{side}_lengths"] = features.lengths().cpu()
+        tensors[f"{side}_values"] = features.values().cpu().clone()
+        tensors[f"{side}_lengths"] = features.lengths().cpu().clone()
         if features.weights_or_none() is not None:
-            tensors[f"{side}_weights"] = features.weights().cpu()
+            tensors[f"{side}_weights"] = features.weights().cpu().clone()
     for name in ("labels", "position", "user_ids", "item_ids", "ranker_score", "weight"):
-        tensors[name] = getattr(batch, name).cpu()
-    tensors["impression_negatives"] = batch.impression_negatives.cpu()
+        tensors[name] = getattr(batch, name).cpu().clone()
+    tensors["impression_negatives"] = batch.impression_negatives.cpu().clone()
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(tensors, path)
     return path
