@@ -17,8 +17,9 @@ from trainer.runtime.threads import ThreadChoice, thread_environment
 def training_only_overrides(
     data: str, run_dir: str | Path, steps: int, extra: list[str]
 ) -> list[str]:
-    """Training only, for ``steps`` steps: no validation, no final evaluation, no wandb, no
-    progress bar; ``extra`` last (so it wins)."""
+    """Training only, for ``steps`` steps: no validation (not even the final one that picks
+    the best step), no final evaluation, no wandb, no progress bar; ``extra`` last (so it
+    wins)."""
     return [
         f"data.path={data}",
         f"run.dir={run_dir}",
@@ -27,6 +28,7 @@ def training_only_overrides(
         "train.log_every_steps=25",
         "train.progress_bar=false",
         "eval.every_epoch=false",
+        "eval.every_n_steps=null",  # else a final validation picks the best step
         "eval.at_end=false",
         "logging.wandb=false",
         *extra,
