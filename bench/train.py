@@ -5,9 +5,10 @@ example (``--peer``) and against a plain-PyTorch baseline.
         [--ranks 1 2] [--threads 1] [--families logged_bce softmax] [--steps 100]
     python -m bench.train --data data/synthetic [--config configs/synthetic.yaml] [--steps 300]
         [--ranks 1 2] [--repeats 1] [key=value ...]
-    python -m bench.train --data data/synthetic --profile [--steps 60]
+    python -m bench.train --data data/synthetic --profile [--steps 60] [--implementations torchrec]
 
-``--peer``: see ``bench.train_peer``. Otherwise every implementation runs the trainer's own step
+Config overrides (``key=value``) follow ``--`` when a list flag (``--batch-size``, ``--ranks``,
+``--families``, ``--implementations``) comes last. ``--peer``: see ``bench.train_peer``. Otherwise every implementation runs the trainer's own step
 and loop on the same Parquet loader and ``Batch`` objects, launched by torchrun at each rank
 count (gloo on CPU): the TorchRec model (sharded ``EmbeddingBagCollection``, fused table
 optimizer, DMP) and ``bench.plain_two_tower`` (``nn.EmbeddingBag``, the matching PyTorch
@@ -29,7 +30,8 @@ from pathlib import Path
 from bench import train_peer
 from bench.runs import IMPLEMENTATIONS, TORCHREC, samples_per_second
 from bench.table import print_table
-from bench.train_profile import profile
+from bench.train_profile import BUILDERS, profile
+from config import LossFamily
 
 COLUMNS = ["implementation", "ranks", "samples/s", "ratio vs best plain PyTorch"]
 
@@ -76,12 +78,26 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile one rank instead")
     parser.add_argument("--top", type=int, default=15, help="operators per profile table")
     parser.add_argument(
+        "--implementations",
+        nargs="+",
+        choices=list(BUILDERS),
+        default=list(BUILDERS),
+        help="which implementations --profile trains",
+    )
+    parser.add_argument(
         "--peer", action="store_true", help="side by side with TorchRec's retrieval example"
     )
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1024, 4096, 16384])
-    parser.add_argument("--families", nargs="+", default=["logged_bce", "softmax"])
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        choices=[family.value for family in LossFamily],
+        default=["logged_bce", "softmax"],
+    )
     parser.add_argument("--threads", type=int, default=1, help="threads per rank, both sides")
-    parser.add_argument("overrides", nargs="*", help="config key=value overrides")
+    parser.add_argument(
+        "overrides", nargs="*", help="config key=value overrides (after --, following a list flag)"
+    )
     args = parser.parse_args()
     if not Path(args.data, "manifest.json").exists():
         raise SystemExit(f"{args.data}: prepare a dataset first (twotower prepare synthetic ...)")
@@ -100,7 +116,14 @@ def main() -> None:
         return
     if args.profile:
         logging.basicConfig(level=logging.WARNING)
-        profile(args.config, args.data, args.steps, args.overrides, args.top)
+        profile(
+            args.config,
+            args.data,
+            args.steps,
+            args.overrides,
+            args.top,
+            tuple(args.implementations),
+        )
         return
     rows = run(args.config, args.data, args.steps, args.overrides, tuple(args.ranks), args.repeats)
     print_table(rows, COLUMNS)

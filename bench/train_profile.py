@@ -74,10 +74,17 @@ def _quiet(*_: object) -> None:
     return None
 
 
-def profile(config_path: str, data: str, steps: int, extra: list[str], top: int) -> None:
-    """Prints ms/step of each implementation over ``steps`` steps, timed step by step in
-    alternation (so background load hits both alike), then each one's top ``top`` operators by
-    self CPU time over the same steps under the profiler."""
+def profile(
+    config_path: str,
+    data: str,
+    steps: int,
+    extra: list[str],
+    top: int,
+    names: tuple[str, ...] = tuple(BUILDERS),
+) -> None:
+    """Prints ms/step of each implementation in ``names`` over ``steps`` steps, timed step by
+    step in alternation (so background load hits both alike), then each one's top ``top``
+    operators by self CPU time over the same steps under the profiler."""
     env = init_distributed()
     try:
         config = load_config(config_path, run_overrides(data, "runs/profile", steps, extra))
@@ -90,9 +97,9 @@ def profile(config_path: str, data: str, steps: int, extra: list[str], top: int)
         )
         batches = list(islice(iter(loader), WARMUP_STEPS + steps))
         runs = {}
-        for name, build in BUILDERS.items():
+        for name in names:
             seed_everything(config.seed)
-            runs[name] = build(manifest, config, env)
+            runs[name] = BUILDERS[name](manifest, config, env)
         for step, batch in enumerate(batches[:WARMUP_STEPS]):
             for model, context in runs.values():
                 train_step(model, batch, step, context)

@@ -80,7 +80,7 @@ class Batch:
         one per tensor."""
         tensors: list[torch.Tensor] = []
         sides = []
-        for features in (self.user_features, self.item_features):
+        for features in (getattr(self, name) for name in KJT_FIELDS):
             weights = features.weights_or_none()
             tensors += [features.values(), features.lengths()]
             tensors += [] if weights is None else [weights]
@@ -95,16 +95,8 @@ class Batch:
         return replace(self, weight=torch.zeros_like(self.weight))
 
 
-DENSE_FIELDS = (
-    "labels",
-    "position",
-    "user_ids",
-    "item_ids",
-    "ranker_score",
-    "impression_negatives",
-    "weight",
-    "timestamp",
-)
+KJT_FIELDS = ("user_features", "item_features")
+DENSE_FIELDS = tuple(f.name for f in fields(Batch) if f.name not in KJT_FIELDS)
 
 
 def _unpickle_batch(
@@ -124,7 +116,7 @@ def _unpickle_batch(
             )
         )
     dense = {name: next(tensors) for name in DENSE_FIELDS}
-    return Batch(user_features=kjts[0], item_features=kjts[1], **dense)
+    return Batch(**dict(zip(KJT_FIELDS, kjts)), **dense)
 
 
 def _column_numpy(table: pa.Table, name: str) -> np.ndarray:

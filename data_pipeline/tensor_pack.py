@@ -11,6 +11,7 @@ through shared memory (one handshake).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,8 +37,7 @@ def pack(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[TensorSpec
     specs, offset = [], 0
     for tensor in tensors:
         specs.append(TensorSpec(offset, tensor.dtype, tuple(tensor.shape)))
-        nbytes = tensor.numel() * tensor.element_size()
-        offset += -(-nbytes // ALIGNMENT) * ALIGNMENT
+        offset += -(-tensor.numel() * tensor.element_size() // ALIGNMENT) * ALIGNMENT
     buffer = torch.empty(offset, dtype=torch.uint8)
     for tensor, spec in zip(tensors, specs):
         _view(buffer, spec).copy_(tensor)
@@ -50,11 +50,7 @@ def unpack(buffer: torch.Tensor, specs: Sequence[TensorSpec]) -> list[torch.Tens
 
 
 def _view(buffer: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
-    numel = 1
-    for size in spec.shape:
-        numel *= size
-    itemsize = torch.empty(0, dtype=spec.dtype).element_size()
-    flat = buffer[spec.offset : spec.offset + numel * itemsize]
+    flat = buffer[spec.offset : spec.offset + math.prod(spec.shape) * spec.dtype.itemsize]
     return flat.view(spec.dtype).view(spec.shape)
 
 

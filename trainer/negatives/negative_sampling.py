@@ -261,30 +261,27 @@ class NegativeSampling:
         return fresh, in_batch, positive_index, sources
 
     def uses_shared_softmax(self, extra: ExtraItems | None) -> bool:
-        """Whether the step's loss is the softmax over the shared candidates alone (no memory,
-        no per-row hard negatives), scored in linear memory by
-        :func:`models.blocked_softmax.shared_softmax_loss`."""
-        family = self.config.loss.family
-        hard = extra is not None and extra.ids.shape[0] > extra.num_samples
-        # Listwise distillation reads the per-row layout anyway: build it once.
-        per_row_needed = self.config.distillation.listwise.enabled
-        return (
-            family is LossFamily.SOFTMAX and self.memory is None and not hard and not per_row_needed
-        )
+        """Whether the step's loss is the softmax over the shared candidates alone, scored in
+        linear memory by :func:`models.blocked_softmax.shared_softmax_loss`."""
+        return self.config.loss.family is LossFamily.SOFTMAX and self._shared_only(extra)
 
     def uses_drawn_columns(self, extra: ExtraItems | None) -> bool:
         """Whether the step's loss keeps ``loss.negatives_per_row`` drawn negatives of the
-        shared candidates alone (no memory, no per-row hard negatives, no listwise
-        distillation), so :meth:`score_drawn` scores only the drawn columns."""
+        shared candidates alone, so :meth:`score_drawn` scores only the drawn columns."""
         loss = self.config.loss
-        hard = extra is not None and extra.ids.shape[0] > extra.num_samples
         return (
             loss.negatives_per_row is not None
             and loss.family is not LossFamily.SOFTMAX
-            and self.memory is None
-            and not hard
-            and not self.config.distillation.listwise.enabled
+            and self._shared_only(extra)
         )
+
+    def _shared_only(self, extra: ExtraItems | None) -> bool:
+        """Whether every row's candidates are the shared ones alone: no memory, no per-row hard
+        negatives, and no listwise distillation (which reads the per-row layout anyway, so it
+        is built once)."""
+        hard = extra is not None and extra.ids.shape[0] > extra.num_samples
+        listwise = self.config.distillation.listwise.enabled
+        return self.memory is None and not hard and not listwise
 
     def score_drawn(
         self,
@@ -306,11 +303,9 @@ class NegativeSampling:
         mask_hits = self.config.loss.mask_accidental_hits
 
         def is_valid(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-            drawn = ids[columns]
-            valid = (drawn >= 0) & (columns != positive_index[rows].unsqueeze(1))
-            if mask_hits:
-                valid = valid & (drawn != positive_ids[rows].unsqueeze(1))
-            return valid
+            return valid_negatives(
+                ids[columns], columns, positive_index[rows], positive_ids[rows], mask_hits
+            )
 
         index, valid = sample_valid_columns(
             positive_ids.shape[0], ids.shape[0], count, is_valid, generator, ids.device
@@ -346,11 +341,15 @@ class NegativeSampling:
             fresh_sources.in_batch, int((memory.ids >= 0).sum()), fresh_sources.corpus
         )
         shared_log_q = self._log_q(shared_ids, sources)
-        weights = (shared_ids >= 0).to(user.dtype).expand_as(negatives).clone()
-        if self.config.loss.mask_accidental_hits:
-            weights = weights * (shared_ids.unsqueeze(0) != positive_ids.unsqueeze(1))
-        rows = torch.arange(user.shape[0], device=user.device)
-        weights[rows, positive_index] = 0.0
+        columns = torch.arange(shared_ids.shape[0], device=shared_ids.device)
+        valid = valid_negatives(
+            shared_ids.unsqueeze(0),
+            columns.unsqueeze(0),
+            positive_index,
+            positive_ids,
+            self.config.loss.mask_accidental_hits,
+        )
+        weights = valid.to(user.dtype)
         log_q = shared_log_q.expand_as(negatives)
         scored = ScoredCandidates(
             positive=(user * item).sum(dim=1),
@@ -470,6 +469,31 @@ class NegativeSampling:
             negative_log_q=torch.cat([p.negative_log_q for p in parts], dim=1),
             ids=torch.cat([p.ids for p in parts if p.ids is not None], dim=1),
         )
+
+
+def valid_negatives(
+    candidate_ids: torch.Tensor,
+    columns: torch.Tensor,
+    positive_index: torch.Tensor,
+    positive_ids: torch.Tensor,
+    mask_accidental_hits: bool,
+) -> torch.Tensor:
+    """Which candidates may be negatives of their row: not padding (id -1), not the row's own
+    positive column and, with ``mask_accidental_hits``, not its positive's id.
+
+    Args:
+        candidate_ids: [B, m] or [1, m] ids of the candidates (broadcast over rows).
+        columns: the same shape, their columns in the shared block.
+        positive_index: [B] each row's positive column.
+        positive_ids: [B] each row's positive id.
+        mask_accidental_hits: also drop candidates with the positive's id.
+    Returns:
+        [B, m] bool.
+    """
+    valid = (candidate_ids >= 0) & (columns != positive_index.unsqueeze(1))
+    if mask_accidental_hits:
+        valid = valid & (candidate_ids != positive_ids.unsqueeze(1))
+    return valid
 
 
 def _no_log_q(ids: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -160,12 +161,17 @@ def seed_everything(seed: int) -> None:
 
 
 def any_rank_has(flag: bool, device: torch.device) -> bool:
-    """Whether ``flag`` holds on any rank: one small all-reduce (none for a single rank)."""
+    """Whether ``flag`` holds on any rank (:func:`any_rank_has_each` of one flag)."""
+    return any_rank_has_each([flag], device)[0]
+
+
+def any_rank_has_each(flags: Sequence[bool], device: torch.device) -> list[bool]:
+    """Whether each flag holds on any rank: one small all-reduce (none for a single rank)."""
     if dist.get_world_size() == 1:
-        return flag
-    value = torch.tensor([int(flag)], device=device)
+        return list(flags)
+    value = torch.tensor([int(flag) for flag in flags], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return [bool(v) for v in value.tolist()]
 
 
 def shutdown() -> None:

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from config import NonFinitePolicy
 from data_pipeline.batch import Batch
 from trainer.runtime.checkpoint import Progress
-from trainer.runtime.distributed import DistributedEnv
+from trainer.runtime.distributed import DistributedEnv, any_rank_has_each
 from trainer.runtime.signals import StopSignals
 
 logger = logging.getLogger(__name__)
@@ -78,12 +77,7 @@ class StepGuard:
         """Collective: call on every rank with this rank's loss of ``step`` (0-based)."""
         local_bad = not bool(torch.isfinite(loss.detach()))
         requested = self.stop is not None and self.stop.requested
-        if self.env.world_size == 1:  # nothing to agree on
-            skip, stop = local_bad, requested
-        else:
-            flags = torch.tensor([int(local_bad), int(requested)], device=self.env.device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            skip, stop = bool(flags[0]), bool(flags[1])
+        skip, stop = any_rank_has_each([local_bad, requested], self.env.device)
         if local_bad and self.bad_batch_dir is not None:
             name = f"step-{step + 1}-rank-{self.env.rank}.pt"
             saved = save_batch(batch, self.bad_batch_dir / name)
