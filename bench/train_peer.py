@@ -8,6 +8,11 @@ labels, fused RowWiseAdagrad, ``TrainPipelineSparseDist``) and the trainer's own
 Parquet data at the same table rows, embedding dim, MLP and batch, ids only
 (``features.groups=[id]``), once per loss family. Each process runs ``--threads`` intra-op threads
 on both sides. The ratio is the trainer's samples/s over the peer's at the same ranks and batch.
+
+When both ``logged_bce`` and ``softmax`` run, a bound row adds the softmax's irreducible score
+work (``bench.score_floor``: three GEMMs and three passes over the [B, B] scores, timed alone at
+the same thread count) to the BCE step of the same run; the softmax row's "step vs bound" is
+its step time over that bound's.
 """
 
 from __future__ import annotations
@@ -16,10 +21,12 @@ from dataclasses import dataclass
 
 from bench.peer_torchrec_example import PeerSpec, run_peer
 from bench.runs import samples_per_second
+from bench.score_floor import score_work_seconds
 from data_pipeline.manifest import Manifest
 
-COLUMNS = ["implementation", "ranks", "batch", "samples/s", "ratio vs peer"]
+COLUMNS = ["implementation", "ranks", "batch", "samples/s", "ratio vs peer", "step vs bound"]
 PEER = "TorchRec examples/retrieval"
+BOUND = "bound: logged_bce step + softmax score work alone"
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,7 @@ def run(
             )
             peer = run_peer(spec)["samples_per_s"]
             rows.append(_row(PEER, nproc, batch, peer, peer))
+            rates = {}
             for family in families:
                 overrides = [
                     *shape.overrides(),
@@ -86,8 +94,27 @@ def run(
                 rate = samples_per_second(
                     config, data, nproc, steps, overrides, threads_per_rank=threads
                 )
+                rates[family] = rate
                 rows.append(_row(f"twotower, loss.family={family}", nproc, batch, rate, peer))
+            if {"logged_bce", "softmax"} <= rates.keys():
+                rows += _bound_rows(rates, nproc, batch, peer, threads, shape)
     return rows
+
+
+def _bound_rows(
+    rates: dict[str, float], nproc: int, batch: int, peer: float, threads: int, shape: Shape
+) -> list[dict]:
+    """The bound row, and the softmax row's step time against it (rates are global samples/s,
+    so one rank's step takes ``nproc * batch / rate`` seconds)."""
+    bce_step = nproc * batch / rates["logged_bce"]
+    bound_step = bce_step + score_work_seconds(batch, batch, shape.output_dim, threads)
+    bound = _row(BOUND, nproc, batch, nproc * batch / bound_step, peer)
+    softmax_step = nproc * batch / rates["softmax"]
+    versus = {
+        "implementation": "  softmax step time / bound",
+        "step vs bound": softmax_step / bound_step,
+    }
+    return [bound, versus]
 
 
 def _row(name: str, ranks: int, batch: int, rate: float, peer: float) -> dict:

@@ -2,21 +2,23 @@
 
 The in-batch softmax scores B rows against C shared candidates. Building the [B, C] logits,
 masks and log-softmax as separate tensors costs many full passes and O(B * C) memory per
-intermediate. Here the logits of ``block_rows`` rows at a time come out of one GEMM with the
-temperature and the per-column bias (logQ, -inf for padding) folded in, row-specific exclusions
-(accidental hits: a candidate with the row's own positive id) are written by index, and only the
-per-row logsumexp [B] is kept; backward recomputes each block (:class:`BlockedLogSumExp`).
-Peak extra memory is O(block_rows * C).
+intermediate. Here the logits of ``block_rows`` rows at a time come out of one GEMM into one
+reused [block_rows, C] buffer, with the temperature and the per-column bias (logQ, -inf for
+padding) folded into its inputs; row-specific exclusions (accidental hits: a candidate with the row's own
+positive id) are written by index. The loss is a scalar, so its gradients are known as soon as a
+block's softmax is: each block's probabilities feed the two gradient GEMMs right away and the
+block is dropped (:class:`SharedSoftmaxCrossEntropy`). Per step that is three GEMMs over the
+score block (logits, query gradient, candidate gradient) and four cheap passes over it (row max,
+shift, exp, row sum); peak extra memory is O(block_rows * C).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-
-from models.losses import weighted_mean
 
 
 def hit_pairs(row_ids: Tensor, candidate_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -41,24 +43,44 @@ def hit_pairs(row_ids: Tensor, candidate_ids: Tensor) -> tuple[Tensor, Tensor]:
     return rows, order[starts + offsets]
 
 
-def _block_logits(
-    query: Tensor, candidates_t: Tensor, bias: Tensor, start: int, stop: int, hits: tuple
-) -> Tensor:
-    """[stop - start, C] logits q c^T + bias with the block's hits set to -inf."""
-    logits = torch.addmm(bias.unsqueeze(0), query[start:stop], candidates_t)
-    rows, columns, bounds = hits
-    first, last = int(bounds[start]), int(bounds[stop])
-    if last > first:
-        logits[rows[first:last] - start, columns[first:last]] = float("-inf")
-    return logits
+@dataclass(frozen=True)
+class _Exclusions:
+    """(row, column) entries dropped for one row each, sorted by row, with each row's range.
+
+    Args:
+        rows: [H] int64 sorted.
+        columns: [H] int64.
+        bounds: [B + 1] int64 on the CPU: row r's entries are ``bounds[r]:bounds[r + 1]``.
+    """
+
+    rows: Tensor
+    columns: Tensor
+    bounds: Tensor
+
+    @classmethod
+    def of(cls, rows: Tensor, columns: Tensor, num_rows: int) -> _Exclusions:
+        order = rows.argsort(stable=True)
+        rows, columns = rows[order], columns[order]
+        starts = torch.arange(num_rows + 1, device=rows.device)
+        return cls(rows, columns, torch.searchsorted(rows, starts).cpu())
+
+    def apply(self, logits: Tensor, start: int, stop: int) -> None:
+        """Sets the excluded entries of rows ``start:stop`` to -inf in ``logits`` [stop-start, C]
+        (contiguous)."""
+        first, last = int(self.bounds[start]), int(self.bounds[stop])
+        if last > first:
+            flat = (self.rows[first:last] - start) * logits.shape[1] + self.columns[first:last]
+            logits.view(-1).index_fill_(0, flat, float("-inf"))
 
 
-class BlockedLogSumExp(torch.autograd.Function):
-    """lse_i = log sum_j exp(q_i . c_j + bias_j) over the columns j not excluded for row i.
+class SharedSoftmaxCrossEntropy(torch.autograd.Function):
+    """sum_i w_i * softplus(lse_i - p_i) / sum_i w_i, with
+    lse_i = log sum_j exp(q_i . c_j + bias_j) over the columns j not excluded for row i.
 
-    Forward keeps only lse [B]; backward recomputes each block's logits, so the extra memory
-    is one [block_rows, C] block: forward one GEMM and the logsumexp's passes, backward one
-    GEMM, one exp in place and two GEMMs reading the block. ``bias`` takes no gradient.
+    ``softplus(lse_i - p_i) = logaddexp(p_i, lse_i) - p_i`` is row i's cross-entropy with its
+    positive logit p_i against those columns. The output is a scalar, so forward computes the
+    gradients of query, candidates and positive block by block and backward only scales them by
+    the incoming gradient. ``bias`` and the weights take no gradient; no double backward.
     """
 
     @staticmethod
@@ -66,73 +88,59 @@ class BlockedLogSumExp(torch.autograd.Function):
         ctx: Any,
         query: Tensor,
         candidates: Tensor,
+        positive: Tensor,
         bias: Tensor,
-        hit_rows: Tensor,
-        hit_columns: Tensor,
+        exclusions: _Exclusions,
+        row_weights: Tensor,
         block_rows: int,
+        with_gradients: bool,
     ) -> Tensor:
-        rows = query.shape[0]
-        # Hits sorted by row, with each block's range found by searchsorted.
-        order = hit_rows.argsort(stable=True)
-        hit_rows, hit_columns = hit_rows[order], hit_columns[order]
-        starts = torch.arange(0, rows + 1, device=query.device).clamp_max(rows)
-        bounds = torch.searchsorted(hit_rows, starts).cpu()
-        hits = (hit_rows, hit_columns, bounds)
-        candidates_t = candidates.detach().T
+        rows, num_candidates = query.shape[0], candidates.shape[0]
+        scale = row_weights / row_weights.sum().clamp_min(1e-12)  # d loss / d per-row loss
         lse = query.new_empty(rows)
+        grad_query = torch.empty_like(query) if with_gradients else None
+        grad_candidates = torch.zeros_like(candidates) if with_gradients else None
+        grad_positive = torch.empty_like(positive) if with_gradients else None
+        # The bias rides in the GEMM as one more input column: [q, 1] . [c, bias].
+        query_ones = torch.cat([query, query.new_ones(rows, 1)], dim=1)
+        candidates_bias_t = torch.cat([candidates, bias.unsqueeze(1)], dim=1).T
+        buffer = query.new_empty(min(block_rows, rows), num_candidates)
         for start in range(0, rows, block_rows):
             stop = min(start + block_rows, rows)
-            logits = _block_logits(query.detach(), candidates_t, bias, start, stop, hits)
-            lse[start:stop] = torch.logsumexp(logits, dim=1)
-        ctx.save_for_backward(query, candidates, bias, hit_rows, hit_columns, bounds, lse)
-        ctx.block_rows = block_rows
-        return lse
+            logits = torch.mm(query_ones[start:stop], candidates_bias_t, out=buffer[: stop - start])
+            exclusions.apply(logits, start, stop)
+            peak = logits.amax(dim=1, keepdim=True)
+            peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+            total = logits.sub_(peak).exp_().sum(dim=1, keepdim=True)  # logits now exp(l - peak)
+            lse[start:stop] = (total.log() + peak).squeeze(1)
+            if grad_query is None or grad_candidates is None or grad_positive is None:
+                continue
+            # d loss / d lse_i = scale_i * sigmoid(lse_i - p_i); softmax_ij = exp_ij / total_i.
+            d_lse = scale[start:stop] * torch.sigmoid(lse[start:stop] - positive[start:stop])
+            grad_positive[start:stop] = -d_lse
+            row_factor = torch.where(total > 0, d_lse.unsqueeze(1) / total, torch.zeros_like(total))
+            block_query = grad_query[start:stop]
+            torch.mm(logits, candidates, out=block_query)
+            block_query.mul_(row_factor)
+            grad_candidates.addmm_(logits.T, row_factor * query[start:stop])
+        per_row = torch.nn.functional.softplus(lse - positive).where(torch.isfinite(lse), 0.0)
+        if with_gradients:
+            ctx.save_for_backward(grad_query, grad_candidates, grad_positive)
+        return (per_row * scale).sum()
 
     @staticmethod
-    def backward(ctx: Any, grad_lse: Tensor) -> tuple:  # type: ignore[override]
-        query, candidates, bias, hit_rows, hit_columns, bounds, lse = ctx.saved_tensors
-        hits = (hit_rows, hit_columns, bounds)
-        need_query, need_candidates = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_query = torch.zeros_like(query) if need_query else None
-        grad_candidates = torch.zeros_like(candidates) if need_candidates else None
-        # A row with every column excluded has lse = -inf and probabilities 0.
-        safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-        candidates_t = candidates.T
-        rows = query.shape[0]
-        for start in range(0, rows, ctx.block_rows):
-            stop = min(start + ctx.block_rows, rows)
-            logits = _block_logits(query, candidates_t, bias, start, stop, hits)
-            probs = logits.sub_(safe_lse[start:stop].unsqueeze(1)).exp_()  # softmax, in place
-            scale = grad_lse[start:stop].unsqueeze(1)
-            if grad_query is not None:
-                grad_query[start:stop] = scale * (probs @ candidates)
-            if grad_candidates is not None:
-                grad_candidates.addmm_(probs.T, scale * query[start:stop])
-        return grad_query, grad_candidates, None, None, None, None
-
-
-def blocked_logsumexp(
-    query: Tensor,
-    candidates: Tensor,
-    bias: Tensor,
-    exclude: tuple[Tensor, Tensor],
-    block_rows: int,
-) -> Tensor:
-    """Per-row logsumexp of ``query @ candidates.T + bias`` without the excluded entries.
-
-    Args:
-        query: [B, D] (already divided by the temperature).
-        candidates: [C, D].
-        bias: [C] per-column additive term (-log q; -inf drops a column for every row).
-        exclude: (rows [H], columns [H]) entries dropped for one row each.
-        block_rows: rows scored at a time (the memory bound).
-    Returns:
-        [B] (-inf for a row with no column left).
-    """
-    rows, columns = exclude
-    return BlockedLogSumExp.apply(
-        query, candidates, bias.detach().to(query.dtype), rows, columns, max(1, block_rows)
-    )
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple:  # type: ignore[override]
+        grad_query, grad_candidates, grad_positive = ctx.saved_tensors
+        return (
+            grad_query * grad_loss,
+            grad_candidates * grad_loss,
+            grad_positive * grad_loss,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def shared_softmax_loss(
@@ -162,25 +170,30 @@ def shared_softmax_loss(
         positive_index: [B] int64 column of row i's positive among the candidates.
         positive_ids: [B] int64 id of each row's positive.
         temperature: [] or float.
-        row_weights: [B] >= 0.
+        row_weights: [B] >= 0 (no gradient).
         mask_accidental_hits: drop candidates sharing the positive's id.
-        block_rows: rows per scored block.
+        block_rows: rows per scored block (the memory bound: one [block_rows, C] buffer).
     Returns:
-        scalar: sum_i w_i * CE_i / sum_i w_i.
+        scalar: sum_i w_i * CE_i / sum_i w_i (0 when every weight is 0).
     """
     query = user / temperature
-    positive = (query * candidates[positive_index]).sum(dim=1) - candidate_log_q[positive_index]
-    bias = torch.where(
-        candidate_ids >= 0, -candidate_log_q, torch.full_like(candidate_log_q, float("-inf"))
-    )
+    log_q = candidate_log_q.detach()
+    positive = (query * candidates[positive_index]).sum(dim=1) - log_q[positive_index]
+    bias = torch.where(candidate_ids >= 0, -log_q, torch.full_like(log_q, float("-inf")))
+    own_rows = torch.arange(user.shape[0], device=user.device)
     if mask_accidental_hits:
         rows, columns = hit_pairs(torch.where(positive_ids >= 0, positive_ids, -1), candidate_ids)
-        own_rows = torch.arange(user.shape[0], device=user.device)
-        rows = torch.cat([rows, own_rows])
-        columns = torch.cat([columns, positive_index])
+        rows, columns = torch.cat([rows, own_rows]), torch.cat([columns, positive_index])
     else:
-        rows = torch.arange(user.shape[0], device=user.device)
-        columns = positive_index
-    lse = blocked_logsumexp(query, candidates, bias, (rows, columns), block_rows)
-    per_row = torch.logaddexp(positive, lse) - positive
-    return weighted_mean(per_row, row_weights)
+        rows, columns = own_rows, positive_index
+    with_gradients = torch.is_grad_enabled() and (query.requires_grad or candidates.requires_grad)
+    return SharedSoftmaxCrossEntropy.apply(
+        query,
+        candidates,
+        positive,
+        bias.to(query.dtype),
+        _Exclusions.of(rows, columns, user.shape[0]),
+        row_weights.detach().to(query.dtype),
+        max(1, block_rows),
+        with_gradients,
+    )

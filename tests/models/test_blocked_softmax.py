@@ -67,3 +67,40 @@ def test_hit_pairs_match_brute_force() -> None:
     brute = (rows.unsqueeze(1) == candidates.unsqueeze(0)) & (rows >= 0).unsqueeze(1)
     assert got == set(map(tuple, brute.nonzero().tolist()))
     assert len(got) == r.numel()
+
+
+def test_value_without_gradients_equals_training_value() -> None:
+    user, item, ids, log_q, weights, temperature = _inputs(3)
+    args = (ids, log_q, torch.arange(37), ids, temperature, weights, True, 7)
+    trained = shared_softmax_loss(user, item, *args)
+    with torch.no_grad():
+        evaluated = shared_softmax_loss(user, item, *args)
+    assert not evaluated.requires_grad
+    torch.testing.assert_close(evaluated, trained.detach())
+
+
+def test_rows_without_weight_or_negatives_contribute_nothing() -> None:
+    """Every weight 0: loss 0 and zero gradients. A row whose only candidates are its own
+    positive and its hits has no negatives: it adds nothing, and nothing is NaN."""
+    user, item, ids, log_q, weights, temperature = _inputs(4, rows=6, dim=4)
+    ids = torch.tensor([5, 5, 5, -1, 5, 5])
+    zero = shared_softmax_loss(
+        user, item, ids, log_q, torch.arange(6), ids, temperature, weights * 0, True, 2
+    )
+    grads = torch.autograd.grad(zero, (user, item))
+    assert zero.item() == 0.0 and all((g == 0).all() for g in grads)
+    real_rows = (ids >= 0).double()  # the padding row has weight 0, as in a batch
+    loss = shared_softmax_loss(
+        user, item, ids, log_q, torch.arange(6), ids, temperature, real_rows, True, 4
+    )
+    grads = torch.autograd.grad(loss, (user, item, temperature))
+    assert loss.item() == 0.0 and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_gradient_scales_with_the_incoming_gradient() -> None:
+    user, item, ids, log_q, weights, temperature = _inputs(5)
+    args = (ids, log_q, torch.arange(37), ids, temperature, weights, True, 16)
+    once = torch.autograd.grad(shared_softmax_loss(user, item, *args), (user, item))
+    thrice = torch.autograd.grad(3.0 * shared_softmax_loss(user, item, *args), (user, item))
+    for a, b in zip(once, thrice):
+        torch.testing.assert_close(3.0 * a, b)
