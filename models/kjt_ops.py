@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torchrec import KeyedJaggedTensor
+from torchrec.pt2.checks import is_non_strict_exporting
 
 
 def select_keys(features: KeyedJaggedTensor, keys: list[str]) -> KeyedJaggedTensor:
@@ -12,7 +13,39 @@ def select_keys(features: KeyedJaggedTensor, keys: list[str]) -> KeyedJaggedTens
     missing = [key for key in keys if key not in index]
     if missing:
         raise KeyError(f"features {missing} are not in the input (have {features.keys()})")
-    return features.permute([index[key] for key in keys])
+    indices = [index[key] for key in keys]
+    if is_non_strict_exporting():
+        return _select_by_position(features, keys, indices)
+    return features.permute(indices)
+
+
+def _select_by_position(
+    features: KeyedJaggedTensor, keys: list[str], indices: list[int]
+) -> KeyedJaggedTensor:
+    """``features.permute(indices)`` (distinct keys) for ``torch.export``: the same KJT, built
+    by gathering value positions. TorchRec's permute asserts at export time that the selected bags hold at
+    least one id, which a served batch breaks whenever every selected bag is empty (the item
+    side's features in the user tower, users without history)."""
+    num_keys, stride = len(features.keys()), features.stride()
+    lengths = features.lengths().view(num_keys, stride)
+    values = features.values()
+    device = values.device
+    key_of_value = torch.repeat_interleave(
+        torch.arange(num_keys, device=device), lengths.sum(dim=1), output_size=values.numel()
+    )
+    new_rank = torch.full((num_keys,), len(indices), dtype=torch.int64, device=device)
+    new_rank[torch.tensor(indices, device=device)] = torch.arange(len(indices), device=device)
+    rank = new_rank[key_of_value]  # [N]: the value's key in the output order (len: dropped)
+    positions = torch.nonzero(rank < len(indices)).squeeze(1)
+    positions = positions[torch.argsort(rank[positions], stable=True)]
+    weights = features.weights_or_none()
+    return KeyedJaggedTensor(
+        keys=list(keys),
+        values=values[positions],
+        weights=weights[positions] if weights is not None else None,
+        lengths=lengths[torch.tensor(indices, device=device)].reshape(-1),
+        stride=stride,
+    )
 
 
 def without_weights(features: KeyedJaggedTensor) -> KeyedJaggedTensor:

@@ -54,22 +54,37 @@ VARIANTS = {
     # Every feature kind (weighted search tokens and affinities on the user side, so the
     # exported program's weights input matters; text and a dense counter on the item side).
     "all_kinds": ["data.recent_history=3"],
+    # The `make demo` feature groups: weighted text on the item side only, so the user tower's
+    # weighted bags are all empty in every served batch.
+    "demo_groups": ["data.recent_history=3", "features.groups=[id,history,categorical,text]"],
 }
+ALL_KINDS_VARIANTS = ("all_kinds", "demo_groups")
 
 
 def _train_rank(rank: int, world_size: int, overrides: list[str]) -> int:
     return train(load_config(None, overrides)).steps
 
 
+def without_history(rows: pa.Table) -> pa.Table:
+    """``rows`` with every history list column (``hist_*``) emptied: users seen for the first
+    time."""
+    for index, field in enumerate(rows.schema):
+        if field.name.startswith("hist_") and pa.types.is_list(field.type):
+            empty = pa.array([[]] * rows.num_rows, field.type)
+            rows = rows.set_column(index, field, empty)
+    return rows
+
+
 def _export_rank(
-    rank: int, world_size: int, run_dir: str, out_dir: str, users_path: str
+    rank: int, world_size: int, run_dir: str, out_dir: str, users_path: str, new_users_path: str
 ) -> dict[str, Any]:
-    """Export, then evaluation's ranking of the users' rows and the item tower's embeddings of
-    the whole corpus (one forward), both from the live model."""
+    """Export, then evaluation's ranking of the users' rows (with and without their history)
+    and the item tower's embeddings of the whole corpus (one forward), from the live model."""
     info = export_run(run_dir, out_dir, faiss_index=True)
     model, manifest, config, meta = load_run_model(Path(run_dir))
     env = init_distributed()
     scores, ids = rank_rows(model, manifest, config, env, pq.read_table(users_path), K)
+    new_scores, new_ids = rank_rows(model, manifest, config, env, pq.read_table(new_users_path), K)
     names = manifest.schema.side_arrow_schema(Side.ITEM).names
     items = read_split_columns(config.data.path, manifest, "items", names).sort_by(ITEM_ID)
     batch = batch_builder(manifest, config)(items)
@@ -80,6 +95,8 @@ def _export_rank(
         "step": meta["step"],
         "scores": scores,
         "ids": ids,
+        "new_user_scores": new_scores,
+        "new_user_ids": new_ids,
         "items": item_embeddings,
     }
 
@@ -88,14 +105,25 @@ def _export_rank(
 def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp(request.param)
     root = write_tiny_dataset(
-        tmp / "data", history_timestamps=True, all_kinds=request.param == "all_kinds"
+        tmp / "data", history_timestamps=True, all_kinds=request.param in ALL_KINDS_VARIANTS
     )
     run_dir, out_dir = tmp / "run", tmp / "export"
     overrides = [*TINY, *VARIANTS[request.param], f"data.path={root}", f"run.dir={run_dir}"]
     steps = run_distributed(_train_rank, 2, overrides)[0]
     users = Manifest.load(root).split_paths(str(root), "test")[0]
-    result = run_distributed(_export_rank, 1, str(run_dir), str(out_dir), str(users))[0]
-    return {**result, "steps": steps, "run": run_dir, "out": out_dir, "users": Path(users)}
+    new_users = tmp / "new_users.parquet"
+    pq.write_table(without_history(pq.read_table(users)), new_users)
+    result = run_distributed(
+        _export_rank, 1, str(run_dir), str(out_dir), str(users), str(new_users)
+    )[0]
+    return {
+        **result,
+        "steps": steps,
+        "run": run_dir,
+        "out": out_dir,
+        "users": Path(users),
+        "new_users": new_users,
+    }
 
 
 def test_retrieve_reproduces_evaluation_topk(exported: dict) -> None:
@@ -108,6 +136,15 @@ def test_retrieve_reproduces_evaluation_topk(exported: dict) -> None:
     assert table.column("row").to_pylist()[::K] == list(range(USERS))
     users = pq.read_table(exported["users"]).column("user_id").to_numpy()
     assert np.array_equal(table.column("user_id").to_numpy()[::K], users)
+
+
+def test_users_without_history_get_the_evaluation_topk(exported: dict) -> None:
+    """Every history bag of the served batch is empty: still the evaluation's ranking."""
+    table = retrieve(exported["out"], exported["new_users"], K)
+    ids = table.column(ITEM_ID).to_numpy().reshape(USERS, K)
+    assert np.array_equal(ids, exported["new_user_ids"].numpy())
+    scores = table.column("score").to_numpy().reshape(USERS, K)
+    np.testing.assert_array_equal(scores, exported["new_user_scores"].numpy())
 
 
 def test_item_index_matches_item_tower(exported: dict) -> None:
