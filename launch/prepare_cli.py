@@ -1,12 +1,14 @@
-"""``twotower prepare``: the dataset converters' command line (MovieLens, the synthetic world),
-their split protocols and the synthetic world's feature breadth. Converters load lazily, so
-``twotower --help`` imports none of them."""
+"""``twotower prepare``: the dataset converters' command line (MovieLens, the synthetic world, a
+user's own log), their split protocols and the synthetic world's feature breadth. Converters load
+lazily, so ``twotower --help`` imports none of them."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from launch.prepare_events_cli import add_events_parser, prepare_events_command
 
 if TYPE_CHECKING:
     from data_pipeline.datasets.split import SplitConfig
@@ -22,6 +24,14 @@ def add_prepare_parsers(commands: argparse._SubParsersAction) -> None:
     datasets = prepare.add_subparsers(dest="dataset", required=True)
     _add_movielens_parser(datasets)
     _add_synthetic_parser(datasets)
+    events = add_events_parser(datasets)
+    _add_split_options(
+        events,
+        SPLIT_DEFAULTS["events"],
+        "leave-last-out: per user, last event test, second-to-last valid; temporal (needs "
+        "--timestamp-column): global cut at event-time quantiles T1 < T2",
+        "event-time",
+    )
 
 
 def _add_movielens_parser(datasets: argparse._SubParsersAction) -> None:
@@ -132,6 +142,7 @@ def _add_synthetic_parser(datasets: argparse._SubParsersAction) -> None:
 SPLIT_DEFAULTS = {
     "movielens": ("leave-last-out", 0.8, 0.9),
     "synthetic": ("temporal", 0.9, 0.95),
+    "events": ("leave-last-out", 0.8, 0.9),
 }
 
 
@@ -264,7 +275,9 @@ def _synthetic_features(args: argparse.Namespace) -> SyntheticFeatures:
 
 def prepare(args: argparse.Namespace) -> int:
     split = _split_config(args)
-    if args.dataset == "movielens":
+    if args.dataset == "events":
+        manifest = prepare_events_command(args, split)
+    elif args.dataset == "movielens":
         from data_pipeline.datasets.movielens import prepare_movielens
 
         manifest = prepare_movielens(

@@ -28,6 +28,7 @@ items first seen after ``T1`` stay in (cold-start queries count, as they would o
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -152,14 +153,26 @@ def temporal_thresholds(
     Raises:
         ValueError: bad quantiles, or a split that would be empty (names the flag to change).
     """
-    check_quantiles(valid_quantile, test_quantile)
     ordered = np.sort(np.asarray(timestamp, dtype=np.int64))
-    n = int(ordered.shape[0])
+    return thresholds_at(
+        lambda position: int(ordered[position]),
+        int(ordered.shape[0]),
+        valid_quantile,
+        test_quantile,
+    )
+
+
+def thresholds_at(
+    at: Callable[[int], int], n: int, valid_quantile: float, test_quantile: float
+) -> TemporalThresholds:
+    """:func:`temporal_thresholds` of ``n`` events given ``at(position)``, the time of the event
+    at a 0-based position of the log sorted by time (for logs counted, not held, in memory)."""
+    check_quantiles(valid_quantile, test_quantile)
     if n == 0:
         raise ValueError("temporal split of an empty event log")
-    valid_start = int(ordered[min(n - 1, math.floor(valid_quantile * n))])
-    test_start = int(ordered[min(n - 1, math.floor(test_quantile * n))])
-    if valid_start == int(ordered[0]):
+    valid_start = at(min(n - 1, math.floor(valid_quantile * n)))
+    test_start = at(min(n - 1, math.floor(test_quantile * n)))
+    if valid_start == at(0):
         raise ValueError(
             f"--valid-quantile {valid_quantile}: T1 = {valid_start} is the log's first second, "
             "so train would be empty; raise --valid-quantile"
