@@ -36,6 +36,7 @@ from torchrec import KeyedJaggedTensor
 from config import ConfigError, ExperimentConfig, load_config, to_yaml
 from data_pipeline.batch import BatchBuilder
 from data_pipeline.manifest import Manifest
+from data_pipeline.raw_ids import copy_raw_ids
 from data_pipeline.schema import ITEM_ID
 from models.two_tower import TwoTowerModel
 from trainer.build import batch_builder, build_unsharded_model
@@ -224,6 +225,7 @@ def export_run(
     (out_dir / CONFIG_FILE).write_text(to_yaml(config))
     (out_dir / "dataset").mkdir(exist_ok=True)
     manifest.save(out_dir / "dataset")
+    copy_raw_ids(manifest, config.data.path, out_dir / "dataset")
     info = _export_info(model, builder, config, meta, run_dir, len(item_ids), faiss_index)
     (out_dir / EXPORT_MANIFEST).write_text(json.dumps(info, indent=2))
     logger.info(

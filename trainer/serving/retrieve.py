@@ -24,6 +24,7 @@ from torch import nn
 from config import load_config
 from data_pipeline.batch import BatchBuilder
 from data_pipeline.manifest import Manifest
+from data_pipeline.raw_ids import read_raw_ids
 from data_pipeline.schema import ITEM_ID, USER_ID, SchemaError
 from trainer.build import batch_builder
 from trainer.mips import exact_topk
@@ -43,6 +44,8 @@ class ExportedModel:
         builder: Arrow rows -> user features, as in training and evaluation.
         item_ids: [N] int64, ascending.
         item_embeddings: [N, D] float32.
+        raw_ids: ``{"users": [U], "items": [I]}`` raw id per dense id, where the dataset has
+            them (``data_pipeline.raw_ids``).
     """
 
     info: dict[str, Any]
@@ -50,6 +53,7 @@ class ExportedModel:
     builder: BatchBuilder
     item_ids: torch.Tensor
     item_embeddings: torch.Tensor
+    raw_ids: dict[str, np.ndarray]
 
 
 def load_export(export_dir: str | Path) -> ExportedModel:
@@ -59,9 +63,8 @@ def load_export(export_dir: str | Path) -> ExportedModel:
     if not info_path.exists():
         raise FileNotFoundError(f"{info_path}: not an export folder (run `twotower export`)")
     info = json.loads(info_path.read_text())
-    builder = batch_builder(
-        Manifest.load(export_dir / "dataset"), load_config(export_dir / CONFIG_FILE)
-    )
+    manifest = Manifest.load(export_dir / "dataset")
+    builder = batch_builder(manifest, load_config(export_dir / CONFIG_FILE))
     expected = [f.name for f in builder.schema.user_features()]
     if expected != info["user_features"]:
         raise ValueError(
@@ -73,7 +76,8 @@ def load_export(export_dir: str | Path) -> ExportedModel:
         raise FileNotFoundError(f"{program_path}: exported user program missing")
     program = torch.export.load(program_path).module()
     item_ids, item_embeddings = read_item_index(export_dir / info["item_index"])
-    return ExportedModel(info, program, builder, item_ids, item_embeddings)
+    raw_ids = read_raw_ids(manifest, export_dir / "dataset")
+    return ExportedModel(info, program, builder, item_ids, item_embeddings, raw_ids)
 
 
 @torch.no_grad()
@@ -110,7 +114,21 @@ def retrieve(export_dir: str | Path, users_path: str | Path, k: int) -> pa.Table
         raise SchemaError(f"{users_path}: {error}") from error
     scores, ids = exact_topk(queries, exported.item_embeddings, k, corpus_ids=exported.item_ids)
     user_ids = users.column(USER_ID).to_numpy() if USER_ID in users.column_names else None
-    return ranking_table(scores, ids, user_ids)
+    return with_raw_ids(ranking_table(scores, ids, user_ids), exported.raw_ids)
+
+
+def with_raw_ids(table: pa.Table, raw_ids: dict[str, np.ndarray]) -> pa.Table:
+    """``table`` (:func:`ranking_table`) with ``raw_user_id`` / ``raw_item_id`` beside the dense
+    ids, where the export has the maps."""
+    for side, column, name in (
+        ("users", USER_ID, "raw_user_id"),
+        ("items", ITEM_ID, "raw_item_id"),
+    ):
+        if side in raw_ids and column in table.column_names:
+            dense = table.column(column).to_numpy()
+            position = table.column_names.index(column) + 1
+            table = table.add_column(position, name, pa.array(raw_ids[side][dense]))
+    return table
 
 
 def ranking_table(
@@ -137,11 +155,13 @@ def ranking_table(
 
 
 def format_rankings(table: pa.Table, shown: int = 10) -> str:
-    """One line per query: its row, user id and first ``shown`` item ids."""
+    """One line per query: its row, user id and first ``shown`` item ids (raw where known)."""
     rows = table.column(ROW).to_numpy()
-    items = table.column(ITEM_ID).to_numpy()
-    has_user = USER_ID in table.column_names
-    users = table.column(USER_ID).to_numpy() if has_user else None
+    item_column = "raw_item_id" if "raw_item_id" in table.column_names else ITEM_ID
+    items = table.column(item_column).to_numpy(zero_copy_only=False)
+    user_column = "raw_user_id" if "raw_user_id" in table.column_names else USER_ID
+    has_user = user_column in table.column_names
+    users = table.column(user_column).to_numpy(zero_copy_only=False) if has_user else None
     lines = []
     for row in np.unique(rows):
         mask = rows == row
