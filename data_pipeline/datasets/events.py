@@ -8,8 +8,10 @@ Passes, none holding the log (:mod:`data_pipeline.datasets.events_spill`):
 3. de-duplicate per user (``dedup``), then the k-core fixed point (``min_user_events``,
    ``min_item_events``), then renumber the surviving ids densely;
 4. count events per second and per user: the temporal thresholds and every split's size;
-5. per partition: timeline, split (leave-last-out or global temporal), point-in-time history,
-   user/item table features and time context, written to ``train/ valid/ test/``.
+5. with a timestamp: point-in-time item counters, through two more spills by item and back
+   (:mod:`~data_pipeline.datasets.events_counters`);
+6. per partition: timeline, split (leave-last-out or global temporal), point-in-time history,
+   user/item table features, counters and time context, written to ``train/ valid/ test/``.
 
 Everything is written to a staging folder beside ``out`` and moved into place at the end, so a
 bad input leaves a previous dataset in ``out`` untouched and no half-written one. Output::
@@ -20,7 +22,7 @@ bad input leaves a previous dataset in ``out`` untouched and no half-written one
     manifest.json
 
 Without a timestamp column the order of appearance is the time (history and leave-last-out
-follow it; time context is left out; the temporal split needs real times). Same input, same
+follow it; time context and counters are left out; the temporal split needs real times). Same input, same
 output bytes.
 """
 
@@ -42,6 +44,7 @@ from data_pipeline.datasets.event_features import (
     time_context,
     time_context_specs,
 )
+from data_pipeline.datasets.events_counters import EventCounters, event_counters
 from data_pipeline.datasets.events_features import SideTableFeatures, side_table_features
 from data_pipeline.datasets.events_mapping import EventMapping
 from data_pipeline.datasets.events_source import (
@@ -64,7 +67,12 @@ from data_pipeline.datasets.events_spill import (
     k_core,
     partitions_for,
 )
-from data_pipeline.datasets.history import build_timeline, history_for_rows, strictly_earlier_rank
+from data_pipeline.datasets.history import (
+    UserTimeline,
+    build_timeline,
+    history_for_rows,
+    strictly_earlier_rank,
+)
 from data_pipeline.datasets.movielens import split_row_group_rows
 from data_pipeline.datasets.output import write_side_file, write_side_table
 from data_pipeline.datasets.split import (
@@ -113,6 +121,7 @@ class EventsOptions:
         text: hashing of text columns.
         input_format: force one format for every input file (default: by suffix).
         chunk_rows: rows per input chunk.
+        counters: point-in-time item counters (with a timestamp column only).
     """
 
     split: SplitConfig = SplitConfig()
@@ -123,6 +132,7 @@ class EventsOptions:
     text: TextHashConfig = TextHashConfig(1 << 15, 16, bigrams=True)
     input_format: InputFormat | None = None
     chunk_rows: int = CHUNK_ROWS
+    counters: bool = True
 
 
 def prepare_events(
@@ -210,25 +220,46 @@ def _prepare(
     thresholds = None
     if options.split.protocol is SplitProtocol.TEMPORAL:
         thresholds = counts.thresholds(options.split.valid_quantile, options.split.test_quantile)
+    counters = None
+    if real_time and options.counters:
+        counters = event_counters(
+            lambda: ((events, split_of(events, thresholds)[0]) for events in log.partitions()),
+            log.spill.partitions,
+            staging / "_spill",
+            mapping.labels,
+            len(log.items),
+            thresholds.valid_start if thresholds is not None else None,
+        )
     user_side = side_table_features(mapping.users, Side.USER, log.users, options.text)
     item_side = side_table_features(mapping.items, Side.ITEM, log.items, options.text)
-    schema = _schema(mapping, user_side, item_side, real_time)
-    sizes = _split_sizes(counts, user_events, thresholds)
-    splits = _write_splits(staging, log, schema, user_side, item_side, thresholds, sizes, options)
+    sources = _RowSources(
+        _schema(mapping, user_side, item_side, real_time, counters),
+        user_side,
+        item_side,
+        thresholds,
+        counters,
+        options,
+    )
+    splits = _write_splits(staging, log, sources, _split_sizes(counts, user_events, thresholds))
     splits["users"] = write_side_table(
-        staging, schema, Side.USER, user_side.features.columns, options.row_group_rows
+        staging, sources.schema, Side.USER, user_side.features.columns, options.row_group_rows
     )
+    item_columns = {**item_side.features.columns, **(counters.snapshot if counters else {})}
     splits["items"] = write_side_table(
-        staging, schema, Side.ITEM, item_side.features.columns, options.row_group_rows
+        staging, sources.schema, Side.ITEM, item_columns, options.row_group_rows
     )
+    extra = _extra(staging, log, counts, user_events, splits, thresholds, user_side, item_side)
+    if counters is not None:
+        extra["counters"] = counters.to_manifest(mapping.labels)
     manifest = Manifest(
         dataset=DATASET,
-        schema=schema,
-        tables=_tables(log, user_side, item_side, real_time, options),
+        schema=sources.schema,
+        tables=_tables(user_side, item_side, real_time, counters, options),
         splits=splits,
         history_length=options.history_length,
         source=_source(files, mapping),
-        extra=_extra(staging, log, counts, user_events, splits, thresholds, user_side, item_side),
+        extra=extra,
+        counters=counters.statistics if counters is not None else {},
     )
     manifest.save(staging)
     return manifest
@@ -248,7 +279,7 @@ def _spilled_log(
     users, items = distinct_users.id_map(), distinct_items.id_map()
     partitions = partitions_for(events, options.partition_events)
     labels = mapping.label_names()
-    with PartitionSpill(staging / "_spill", partitions, labels) as spill:
+    with PartitionSpill.of_events(staging / "_spill" / "events", partitions, labels) as spill:
         order = 0
         for chunk in event_chunks(files, mapping, options.input_format, options.chunk_rows):
             positions = np.arange(order, order + chunk.rows, dtype=np.int64)
@@ -282,11 +313,13 @@ def _schema(
     user_side: SideTableFeatures,
     item_side: SideTableFeatures,
     real_time: bool,
+    counters: EventCounters | None,
 ) -> EventSchema:
     history = FeatureSpec(HISTORY_ITEMS, Side.USER, FeatureKind.IDS, ITEM_ID)
     context = time_context_specs() if real_time else []
+    counter_specs = counters.specs() if counters is not None else []
     return EventSchema(
-        features=(*user_side.specs, history, *context, *item_side.specs),
+        features=(*user_side.specs, history, *context, *item_side.specs, *counter_specs),
         labels=mapping.label_names(),
         history_actions=mapping.labels,
         has_position=True,
@@ -308,22 +341,39 @@ def _split_sizes(
     return dict(zip(SPLIT_NAMES, (int(c) for c in per_code), strict=True))
 
 
+@dataclass(frozen=True)
+class _RowSources:
+    """What every event row is built from besides its partition's events."""
+
+    schema: EventSchema
+    user_side: SideTableFeatures
+    item_side: SideTableFeatures
+    thresholds: TemporalThresholds | None
+    counters: EventCounters | None
+    options: EventsOptions
+
+
+def split_of(
+    events: dict[str, np.ndarray], thresholds: TemporalThresholds | None
+) -> tuple[np.ndarray, np.ndarray, UserTimeline]:
+    """[R] int8 split codes of one user partition's events, each event's history ``earlier``
+    (:func:`~data_pipeline.datasets.history.history_for_rows`) and the timeline."""
+    timeline = build_timeline(events[USER], events[TIME], events[ITEM])
+    if thresholds is None:
+        return leave_last_out(timeline), timeline.rank, timeline
+    earlier = strictly_earlier_rank(timeline, events[TIME])
+    return temporal_split(events[TIME], thresholds), earlier, timeline
+
+
 def _write_splits(
-    staging: Path,
-    log: _Log,
-    schema: EventSchema,
-    user_side: SideTableFeatures,
-    item_side: SideTableFeatures,
-    thresholds: TemporalThresholds | None,
-    sizes: dict[str, int],
-    options: EventsOptions,
+    staging: Path, log: _Log, sources: _RowSources, sizes: dict[str, int]
 ) -> dict[str, SplitInfo]:
-    arrow_schema = schema.event_arrow_schema()
+    options = sources.options
     writers = {
         name: ShardWriter(
             staging,
             name,
-            arrow_schema,
+            sources.schema.event_arrow_schema(),
             options.rows_per_file,
             split_row_group_rows(sizes[name], options.row_group_rows),
         )
@@ -332,10 +382,8 @@ def _write_splits(
     for writer in writers.values():
         writer.__enter__()
     try:
-        for events in log.partitions():
-            for code, table in _partition_tables(
-                events, log, schema, user_side, item_side, thresholds, options
-            ):
+        for partition, events in enumerate(log.partitions()):
+            for code, table in _partition_tables(partition, events, log, sources):
                 writers[SPLIT_NAMES[code]].write(table)
     finally:
         for writer in writers.values():
@@ -344,32 +392,30 @@ def _write_splits(
 
 
 def _partition_tables(
-    events: dict[str, np.ndarray],
-    log: _Log,
-    schema: EventSchema,
-    user_side: SideTableFeatures,
-    item_side: SideTableFeatures,
-    thresholds: TemporalThresholds | None,
-    options: EventsOptions,
+    partition: int, events: dict[str, np.ndarray], log: _Log, sources: _RowSources
 ) -> Iterator[tuple[int, pa.Table]]:
     """(split code, event rows) of one partition, each split in (timestamp, user, item) order."""
     user, item, timestamp = events[USER], events[ITEM], events[TIME]
-    timeline = build_timeline(user, timestamp, item)
-    if thresholds is None:
-        codes, earlier = leave_last_out(timeline), timeline.rank
-    else:
-        codes, earlier = (
-            temporal_split(timestamp, thresholds),
-            strictly_earlier_rank(timeline, timestamp),
-        )
+    codes, earlier, timeline = split_of(events, sources.thresholds)
+    counts = (
+        sources.counters.per_event(partition, events[ORDER]) if sources.counters is not None else {}
+    )
     actions = {a: (events[a] > 0).astype(np.int8) for a in log.mapping.labels}
+    names = sources.schema.event_arrow_schema().names
+    context = any(f.name in TIME_CONTEXT_TABLES for f in sources.schema.features)
     output_order = np.lexsort((item, user, timestamp))
     for code in range(len(SPLIT_NAMES)):
         rows = output_order[codes[output_order] == code]
-        for start in range(0, int(rows.shape[0]), options.chunk_rows):
-            chunk = rows[start : start + options.chunk_rows]
+        for start in range(0, int(rows.shape[0]), sources.options.chunk_rows):
+            chunk = rows[start : start + sources.options.chunk_rows]
             history = history_for_rows(
-                timeline, item, actions, chunk, options.history_length, timestamp, earlier=earlier
+                timeline,
+                item,
+                actions,
+                chunk,
+                sources.options.history_length,
+                timestamp,
+                earlier=earlier,
             )
             columns: dict[str, Any] = {
                 USER_ID: user[chunk],
@@ -380,21 +426,24 @@ def _partition_tables(
                 HISTORY_ITEMS: history.item_ids_arrow(),
                 **{history_action_column(a): history.action_arrow(a) for a in actions},
                 HISTORY_TIMESTAMPS: history.timestamps_arrow(),
+                **{name: values[chunk] for name, values in counts.items()},
             }
-            taken = [user_side.features.take(user[chunk]), item_side.features.take(item[chunk])]
-            if any(f.name in TIME_CONTEXT_TABLES for f in schema.features):
+            taken = [
+                sources.user_side.features.take(user[chunk]),
+                sources.item_side.features.take(item[chunk]),
+            ]
+            if context:
                 taken.append(time_context(timestamp[chunk]))
             for part in taken:
                 columns.update({k: v for k, v in part.items() if k not in columns})
-            names = schema.event_arrow_schema().names
             yield code, pa.table({name: columns[name] for name in names})
 
 
 def _tables(
-    log: _Log,
     user_side: SideTableFeatures,
     item_side: SideTableFeatures,
     real_time: bool,
+    counters: EventCounters | None,
     options: EventsOptions,
 ) -> dict[str, int]:
     tables = {**user_side.features.table_sizes, **item_side.features.table_sizes}
@@ -402,6 +451,8 @@ def _tables(
         tables.update(TIME_CONTEXT_TABLES)
     if item_side.text:
         tables[TEXT_TABLE] = options.text.vocab_size
+    if counters is not None:
+        tables.update(counters.tables())
     return tables
 
 

@@ -89,27 +89,33 @@ def partitions_for(events: int, partition_events: int) -> int:
 
 
 class PartitionSpill:
-    """Events in dense ids, spilled to ``folder/part-PPPPP.parquet`` by ``user mod P``.
+    """Rows spilled to ``folder/part-PPPPP.parquet`` by ``key mod P``.
 
-    Columns: ``user``, ``item``, ``timestamp`` (int64), ``order`` (int64 position of the event
-    in the whole log: file by file, row by row) and one float32 column per label.
+    Args:
+        folder: where the partition files go.
+        partitions: P.
+        fields: the columns (name -> Arrow type) every written chunk has.
+        key: the int64 column that picks the partition (``user``: every event of a user in one
+            file).
     """
 
-    def __init__(self, folder: Path, partitions: int, labels: tuple[str, ...]) -> None:
+    def __init__(
+        self, folder: Path, partitions: int, fields: dict[str, pa.DataType], key: str = USER
+    ) -> None:
         self.folder = folder
         self.partitions = partitions
-        self.labels = labels
-        self.schema = pa.schema(
-            [
-                pa.field(USER, pa.int64()),
-                pa.field(ITEM, pa.int64()),
-                pa.field(TIME, pa.int64()),
-                pa.field(ORDER, pa.int64()),
-                *(pa.field(label, pa.float32()) for label in labels),
-            ]
-        )
+        self.key = key
+        self.schema = pa.schema([pa.field(name, kind) for name, kind in fields.items()])
         folder.mkdir(parents=True, exist_ok=True)
         self._writers: list[pq.ParquetWriter] | None = None
+
+    @classmethod
+    def of_events(cls, folder: Path, partitions: int, labels: tuple[str, ...]) -> PartitionSpill:
+        """The log's events by user: ``user``, ``item``, ``timestamp``, ``order`` (int64; order
+        = position of the event in the whole log, file by file, row by row) and one float32
+        column per label."""
+        fields = {USER: pa.int64(), ITEM: pa.int64(), TIME: pa.int64(), ORDER: pa.int64()}
+        return cls(folder, partitions, {**fields, **dict.fromkeys(labels, pa.float32())})
 
     def path(self, partition: int) -> Path:
         return self.folder / f"part-{partition:05d}.parquet"
@@ -126,12 +132,14 @@ class PartitionSpill:
         self._writers = None
 
     def write(self, columns: dict[str, np.ndarray]) -> None:
-        """One chunk of events: ``columns`` keyed like the schema, [R] each."""
+        """One chunk: ``columns`` keyed like the schema, [R] each."""
         assert self._writers is not None, "write inside `with PartitionSpill(...)`"
-        partition = columns[USER] % self.partitions
+        partition = columns[self.key] % self.partitions
         order = np.argsort(partition, kind="stable")
         bounds = np.searchsorted(partition[order], np.arange(self.partitions + 1))
-        table = pa.table({name: columns[name][order] for name in self.schema.names})
+        table = pa.table(
+            {name: columns[name][order] for name in self.schema.names}, schema=self.schema
+        )
         for p in range(self.partitions):
             if bounds[p + 1] > bounds[p]:
                 self._writers[p].write_table(
@@ -139,7 +147,7 @@ class PartitionSpill:
                 )
 
     def read(self, partition: int) -> dict[str, np.ndarray]:
-        """Every event of one partition in log order (``order`` ascending)."""
+        """Every row of one partition in log order (``order`` ascending)."""
         table = pq.read_table(self.path(partition))
         columns = {name: table.column(name).to_numpy() for name in self.schema.names}
         order = np.argsort(columns[ORDER], kind="stable")

@@ -353,3 +353,32 @@ def test_cli_with_a_mapping_file(tmp_path: Path) -> None:
     assert (
         cli_main(["prepare", "events", "--input", str(tmp_path / "none*.csv"), "--out", "x"]) == 2
     )
+
+
+def test_counters_against_brute_force(prepared: dict) -> None:
+    """Every row's item counters count the same item's events of the window strictly before
+    it; the items/ snapshot counts train events only, at max(train timestamp) + 1."""
+    out, manifest = prepared["out"], prepared["manifest"]
+    assert manifest.extra["counters"]["kinds"]["purchase"] == "purchase > 0"
+    assert set(manifest.counters) >= {"item_event_count_1d", "item_purchase_count_30d"}
+    splits = {s: _rows(out, s).to_pydict() for s in ("train", "valid", "test")}
+    every = [
+        (i, t, p, s)
+        for s, rows in splits.items()
+        for i, t, p in zip(rows["item_id"], rows["timestamp"], rows["label_purchase"])
+    ]
+    windows = {"1d": 86_400, "7d": 7 * 86_400, "30d": 30 * 86_400}
+    for split, rows in splits.items():
+        for index in range(0, len(rows["item_id"]), 7):
+            item, time = rows["item_id"][index], rows["timestamp"][index]
+            for window, seconds in windows.items():
+                events = [e for e in every if e[0] == item and time - seconds <= e[1] < time]
+                assert rows[f"item_event_count_{window}"][index] == len(events), split
+                purchases = sum(1 for e in events if e[2] > 0)
+                assert rows[f"item_purchase_count_{window}"][index] == purchases
+    train = [e for e in every if e[3] == "train"]
+    at = max(e[1] for e in train) + 1
+    assert manifest.extra["counters"]["snapshot_time"] == at
+    items = _rows(out, "items").to_pydict()
+    for item, count in zip(items["item_id"], items["item_event_count_7d"]):
+        assert count == sum(1 for e in train if e[0] == item and at - windows["7d"] <= e[1] < at)
