@@ -28,15 +28,25 @@ def add_events_parser(datasets: argparse._SubParsersAction) -> argparse.Argument
     )
     events.add_argument("--input", required=True, help="a file, folder or glob (required)")
     events.add_argument("--out", required=True, type=Path, help="dataset directory (required)")
-    events.add_argument("--mapping", type=Path, default=None, help="YAML column mapping")
+    events.add_argument(
+        "--mapping", type=Path, default=None, help="YAML column mapping (default: none, flags only)"
+    )
     events.add_argument(
         "--format",
         default=None,
         choices=["parquet", "csv", "tsv", "jsonl", "sequence"],
         help="input format of every file (default: by file suffix; .txt is sequence)",
     )
-    events.add_argument("--user-column", default=None, help="raw user id column (user_id)")
-    events.add_argument("--item-column", default=None, help="raw item id column (item_id)")
+    events.add_argument(
+        "--user-column",
+        default=None,
+        help="raw user id column (default: the mapping's, else user_id)",
+    )
+    events.add_argument(
+        "--item-column",
+        default=None,
+        help="raw item id column (default: the mapping's, else item_id)",
+    )
     events.add_argument(
         "--timestamp-column", default=None, help="event time column (default: order of appearance)"
     )
@@ -51,8 +61,18 @@ def add_events_parser(datasets: argparse._SubParsersAction) -> argparse.Argument
         choices=["keep_all", "first", "last"],
         help="repeated (user, item) pairs (default: keep_all)",
     )
-    events.add_argument("--min-user-events", type=int, default=None, help="k-core, users")
-    events.add_argument("--min-item-events", type=int, default=None, help="k-core, items")
+    events.add_argument(
+        "--min-user-events",
+        type=int,
+        default=None,
+        help="k-core: fewest events per user (default: the mapping's, else 1)",
+    )
+    events.add_argument(
+        "--min-item-events",
+        type=int,
+        default=None,
+        help="k-core: fewest events per item (default: the mapping's, else 1)",
+    )
     events.add_argument(
         "--history-length", type=int, default=50, help="most history events per row (%(default)s)"
     )
