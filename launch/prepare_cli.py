@@ -277,6 +277,9 @@ def prepare(args: argparse.Namespace) -> int:
     split = _split_config(args)
     if args.dataset == "events":
         manifest = prepare_events_command(args, split)
+        if manifest is None:
+            print(f"prepare events: stage {args.stage} done in the staging folder of {args.out}")
+            return 0
     elif args.dataset == "movielens":
         from data_pipeline.datasets.movielens import prepare_movielens
 

@@ -83,6 +83,27 @@ def add_events_parser(datasets: argparse._SubParsersAction) -> argparse.Argument
         help="events per on-disk partition, the memory bound of the per-user passes "
         "(default: %(default)s)",
     )
+    events.add_argument(
+        "--stage",
+        default="all",
+        choices=["all", "global", "partition", "merge"],
+        help="run one stage of a conversion split over several jobs: global (id maps, spill, "
+        "k-core, counters), partition (one partition's rows, with --partition), merge "
+        "(default: %(default)s, every stage in this process)",
+    )
+    events.add_argument(
+        "--partitions",
+        type=int,
+        default=None,
+        help="spill partitions N, one job each in the partition stage (default: events / "
+        "--partition-events)",
+    )
+    events.add_argument(
+        "--partition",
+        type=int,
+        default=None,
+        help="the partition P in 0 .. N-1 that --stage partition writes (default: none)",
+    )
     return events
 
 
@@ -118,13 +139,21 @@ def mapping_from_args(args: argparse.Namespace) -> EventMapping:
 
 
 def prepare_events_command(args: argparse.Namespace, split: SplitConfig) -> Any:
-    from data_pipeline.datasets.events import EventsOptions, prepare_events
+    from data_pipeline.datasets.events import EventsOptions, Stage, prepare_events
     from data_pipeline.datasets.events_source import InputFormat
 
+    if args.partitions is not None and args.partitions < 1:
+        raise ValueError(f"--partitions must be >= 1, got {args.partitions}")
+    stage = Stage(args.stage)
+    if (stage is Stage.PARTITION) != (args.partition is not None):
+        raise ValueError("--partition P goes with --stage partition, and only with it")
     options = EventsOptions(
         split=split,
         history_length=args.history_length,
         partition_events=args.partition_events,
         input_format=InputFormat(args.format) if args.format else None,
+        partitions=args.partitions,
     )
-    return prepare_events(args.input, args.out, mapping_from_args(args), options)
+    return prepare_events(
+        args.input, args.out, mapping_from_args(args), options, stage, args.partition
+    )

@@ -14,7 +14,14 @@ Passes, none holding the log (:mod:`data_pipeline.datasets.events_spill`):
    user/item table features, counters and time context, written to ``train/ valid/ test/``.
 
 Everything is written to a staging folder beside ``out`` and moved into place at the end, so a
-bad input leaves a previous dataset in ``out`` untouched and no half-written one. Output::
+bad input leaves a previous dataset in ``out`` untouched and no half-written one.
+
+Stages (``--stage``), for logs beyond one machine: ``global`` runs passes 1-5 with
+``--partitions N`` spill partitions and saves their state (:mod:`~data_pipeline.datasets.
+events_state`); ``partition --partition P`` writes partition P's rows (the N jobs may run at
+once, e.g. as a SLURM job array: ``launch.slurm_prepare``); ``merge`` gathers them, writes the
+side tables and the manifest and moves the dataset into place. ``all`` (the default) runs the
+three in one process, through the same files. Output::
 
     train/ valid/ test/   events; each split partition by partition, in (timestamp, user, item)
     items/ users/         one row per dense id with that side's features
@@ -28,25 +35,21 @@ output bytes.
 
 from __future__ import annotations
 
+import enum
+import json
 import logging
 import shutil
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
-from data_pipeline.datasets.event_features import (
-    TEXT_TABLE,
-    TIME_CONTEXT_TABLES,
-    time_context,
-    time_context_specs,
-)
+from data_pipeline.datasets.event_features import TEXT_TABLE, TIME_CONTEXT_TABLES
 from data_pipeline.datasets.events_counters import EventCounters, event_counters
 from data_pipeline.datasets.events_features import SideTableFeatures, side_table_features
 from data_pipeline.datasets.events_mapping import EventMapping
+from data_pipeline.datasets.events_rows import RowSources, event_schema, split_of, write_partition
 from data_pipeline.datasets.events_source import (
     CHUNK_ROWS,
     InputFormat,
@@ -60,52 +63,44 @@ from data_pipeline.datasets.events_spill import (
     TIME,
     USER,
     DistinctIds,
-    IdMap,
     PartitionSpill,
     TimeCounts,
-    deduplicated,
     k_core,
     partitions_for,
 )
-from data_pipeline.datasets.history import (
-    UserTimeline,
-    build_timeline,
-    history_for_rows,
-    strictly_earlier_rank,
+from data_pipeline.datasets.events_state import (
+    SPILL,
+    GlobalState,
+    SpilledLog,
+    load_state,
+    save_state,
 )
-from data_pipeline.datasets.movielens import split_row_group_rows
-from data_pipeline.datasets.output import write_side_file, write_side_table
+from data_pipeline.datasets.output import write_side_table
 from data_pipeline.datasets.split import (
     MIN_EVENTS_TO_HOLD_OUT,
     SPLIT_NAMES,
     SplitConfig,
     SplitProtocol,
     TemporalThresholds,
-    leave_last_out,
     temporal_split,
 )
-from data_pipeline.manifest import Manifest, SplitInfo, sha256_file
-from data_pipeline.schema import (
-    HISTORY_ITEMS,
-    HISTORY_TIMESTAMPS,
-    ITEM_ID,
-    POSITION,
-    TIMESTAMP,
-    USER_ID,
-    EventSchema,
-    FeatureKind,
-    FeatureSpec,
-    SchemaError,
-    Side,
-    history_action_column,
-    label_column,
-)
-from data_pipeline.shard_writer import ShardWriter
+from data_pipeline.manifest import Manifest, ShardFile, SplitInfo, sha256_file
+from data_pipeline.schema import SchemaError, Side
 from data_pipeline.text import TextHashConfig
 
 logger = logging.getLogger(__name__)
 
 DATASET = "events"
+PARTS = "parts"
+
+
+class Stage(enum.Enum):
+    """Which part of the conversion a process runs (module docstring)."""
+
+    ALL = "all"
+    GLOBAL = "global"
+    PARTITION = "partition"
+    MERGE = "merge"
 
 
 @dataclass(frozen=True)
@@ -122,6 +117,7 @@ class EventsOptions:
         input_format: force one format for every input file (default: by suffix).
         chunk_rows: rows per input chunk.
         counters: point-in-time item counters (with a timestamp column only).
+        partitions: spill partitions (the staged jobs' N); None: from ``partition_events``.
     """
 
     split: SplitConfig = SplitConfig()
@@ -133,19 +129,43 @@ class EventsOptions:
     input_format: InputFormat | None = None
     chunk_rows: int = CHUNK_ROWS
     counters: bool = True
+    partitions: int | None = None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The options every stage must share (the global stage fixes ``partitions``)."""
+        return {
+            "split": [
+                self.split.protocol.value,
+                self.split.valid_quantile,
+                self.split.test_quantile,
+            ],
+            "history_length": self.history_length,
+            "row_group_rows": self.row_group_rows,
+            "rows_per_file": self.rows_per_file,
+            "text": [self.text.vocab_size, self.text.max_tokens, self.text.bigrams],
+            "input_format": self.input_format.value if self.input_format else None,
+            "counters": self.counters,
+        }
 
 
 def prepare_events(
-    source: str | Path, out: str | Path, mapping: EventMapping, options: EventsOptions
-) -> Manifest:
-    """Convert the log at ``source`` (file, folder or glob) into ``out``; returns the manifest.
+    source: str | Path,
+    out: str | Path,
+    mapping: EventMapping,
+    options: EventsOptions,
+    stage: Stage = Stage.ALL,
+    partition: int | None = None,
+) -> Manifest | None:
+    """Convert the log at ``source`` (file, folder or glob) into ``out``; returns the manifest
+    (None for the global and partition stages, which leave their work in the staging folder).
 
     Raises:
         SchemaError: bad input (names file, row and column); ``out`` is left as it was.
-        ValueError: a mapping or split that cannot work (names the flag or key).
+        ValueError: a mapping, split or stage that cannot work (names the flag or key).
     """
     out = Path(out)
     files = input_files(source)
+    staging = out.parent / f".{out.name}.staging"
     real_time = mapping.timestamp is not None and not any(
         file_format(f, options.input_format) is InputFormat.SEQUENCE for f in files
     )
@@ -154,12 +174,28 @@ def prepare_events(
             "--split temporal needs event times: name the timestamp column (--timestamp-column "
             "or the mapping's timestamp); the sequence format has only an order"
         )
-    staging = out.parent / f".{out.name}.staging"
+    fingerprint = _fingerprint(files, mapping, options)
+    if stage is Stage.PARTITION:
+        state = load_state(staging, mapping, fingerprint)
+        if partition is None or not 0 <= partition < state.log.spill.partitions:
+            raise ValueError(
+                f"--partition must be one of 0 .. {state.log.spill.partitions - 1}, got {partition}"
+            )
+        _partition_stage(staging, state, options, partition)
+        return None
+    if stage is Stage.MERGE:
+        manifest = _merge_stage(staging, load_state(staging, mapping, fingerprint), options)
+        _swap_into_place(staging, out)
+        return manifest
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        manifest = _prepare(files, staging, mapping, options, real_time)
-        shutil.rmtree(staging / "_spill")
+        state = _global_stage(files, staging, mapping, options, real_time, fingerprint)
+        if stage is Stage.GLOBAL:
+            return None
+        for p in range(state.log.spill.partitions):
+            _partition_stage(staging, state, options, p)
+        manifest = _merge_stage(staging, state, options)
         _swap_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -168,7 +204,19 @@ def prepare_events(
     return Manifest.load(out)
 
 
+def _fingerprint(
+    files: list[Path], mapping: EventMapping, options: EventsOptions
+) -> dict[str, Any]:
+    return {
+        "files": [[str(f), f.stat().st_size] for f in files],
+        "mapping": _source(files, mapping, checksums=False)["mapping"],
+        **options.fingerprint(),
+    }
+
+
 def _swap_into_place(staging: Path, out: Path) -> None:
+    shutil.rmtree(staging / SPILL, ignore_errors=True)
+    shutil.rmtree(staging / PARTS, ignore_errors=True)
     previous = out.parent / f".{out.name}.previous"
     shutil.rmtree(previous, ignore_errors=True)
     if out.exists():
@@ -177,36 +225,15 @@ def _swap_into_place(staging: Path, out: Path) -> None:
     shutil.rmtree(previous, ignore_errors=True)
 
 
-@dataclass
-class _Log:
-    """The spilled log and its id maps after de-duplication and the k-core."""
-
-    spill: PartitionSpill
-    mapping: EventMapping
-    users: IdMap
-    items: IdMap
-    user_new: np.ndarray  # [U0] old dense id -> new (-1 dropped)
-    item_new: np.ndarray
-    input_events: int
-    k_core_iterations: int
-
-    def partition(self, p: int) -> dict[str, np.ndarray]:
-        """Partition ``p``'s surviving events in new dense ids, log order."""
-        events = deduplicated(self.spill.read(p), self.mapping.dedup)
-        user, item = self.user_new[events[USER]], self.item_new[events[ITEM]]
-        live = (user >= 0) & (item >= 0)
-        kept = {name: values[live] for name, values in events.items()}
-        kept[USER], kept[ITEM] = user[live], item[live]
-        return kept
-
-    def partitions(self) -> Iterator[dict[str, np.ndarray]]:
-        for p in range(self.spill.partitions):
-            yield self.partition(p)
-
-
-def _prepare(
-    files: list[Path], staging: Path, mapping: EventMapping, options: EventsOptions, real_time: bool
-) -> Manifest:
+def _global_stage(
+    files: list[Path],
+    staging: Path,
+    mapping: EventMapping,
+    options: EventsOptions,
+    real_time: bool,
+    fingerprint: dict[str, Any],
+) -> GlobalState:
+    """Passes 1-5 (module docstring), saved to ``staging``."""
     log = _spilled_log(files, staging, mapping, options)
     counts, user_events = TimeCounts(), np.zeros(len(log.users), np.int64)
     for events in log.partitions():
@@ -225,49 +252,132 @@ def _prepare(
         counters = event_counters(
             lambda: ((events, split_of(events, thresholds)[0]) for events in log.partitions()),
             log.spill.partitions,
-            staging / "_spill",
+            staging / SPILL,
             mapping.labels,
             len(log.items),
             thresholds.valid_start if thresholds is not None else None,
         )
-    user_side = side_table_features(mapping.users, Side.USER, log.users, options.text)
-    item_side = side_table_features(mapping.items, Side.ITEM, log.items, options.text)
-    sources = _RowSources(
-        _schema(mapping, user_side, item_side, real_time, counters),
-        user_side,
-        item_side,
+    state = GlobalState(
+        log,
+        counts,
+        user_events,
         thresholds,
         counters,
-        options,
+        real_time,
+        _source(files, mapping),
+        fingerprint,
     )
-    splits = _write_splits(staging, log, sources, _split_sizes(counts, user_events, thresholds))
+    save_state(staging, state)
+    return state
+
+
+@dataclass
+class _Sides:
+    user: SideTableFeatures
+    item: SideTableFeatures
+
+
+def _sides(state: GlobalState, options: EventsOptions) -> _Sides:
+    mapping, log = state.log.mapping, state.log
+    return _Sides(
+        side_table_features(mapping.users, Side.USER, log.users, options.text),
+        side_table_features(mapping.items, Side.ITEM, log.items, options.text),
+    )
+
+
+def _row_sources(state: GlobalState, sides: _Sides, options: EventsOptions) -> RowSources:
+    schema = event_schema(
+        state.log.mapping, sides.user, sides.item, state.real_time, state.counters
+    )
+    return RowSources(
+        schema,
+        sides.user,
+        sides.item,
+        state.thresholds,
+        state.counters,
+        options.history_length,
+        options.chunk_rows,
+        options.row_group_rows,
+        options.rows_per_file,
+    )
+
+
+def _part_folder(staging: Path, partition: int) -> Path:
+    return staging / PARTS / f"{partition:05d}"
+
+
+def _partition_stage(staging: Path, state: GlobalState, options: EventsOptions, p: int) -> None:
+    """Partition ``p``'s rows into ``parts/<p>/``, finished by its ``splits.json``."""
+    folder = _part_folder(staging, p)
+    shutil.rmtree(folder, ignore_errors=True)
+    sources = _row_sources(state, _sides(state, options), options)
+    sizes = _split_sizes(state.counts, state.user_events, state.thresholds)
+    splits = write_partition(folder, p, state.log, sources, sizes)
+    record = {name: [asdict(f) for f in info.files] for name, info in splits.items()}
+    (folder / "splits.json").write_text(json.dumps(record))
+
+
+def _merge_stage(staging: Path, state: GlobalState, options: EventsOptions) -> Manifest:
+    """Every partition's files into ``<split>/``, in partition order; side tables; manifest."""
+    missing = [
+        p
+        for p in range(state.log.spill.partitions)
+        if not (_part_folder(staging, p) / "splits.json").exists()
+    ]
+    if missing:
+        raise FileNotFoundError(f"{staging / PARTS}: partition(s) {missing} have not finished")
+    splits = {name: SplitInfo() for name in SPLIT_NAMES}
+    for p in range(state.log.spill.partitions):
+        folder = _part_folder(staging, p)
+        record = json.loads((folder / "splits.json").read_text())
+        for name in SPLIT_NAMES:
+            for entry in record[name]:
+                moved = f"{name}/part-{len(splits[name].files):05d}.parquet"
+                (staging / name).mkdir(exist_ok=True)
+                (folder / entry["path"]).rename(staging / moved)
+                splits[name].files.append(ShardFile(**{**entry, "path": moved}))
+    sides = _sides(state, options)
+    sources = _row_sources(state, sides, options)
     splits["users"] = write_side_table(
-        staging, sources.schema, Side.USER, user_side.features.columns, options.row_group_rows
+        staging, sources.schema, Side.USER, sides.user.features.columns, options.row_group_rows
     )
-    item_columns = {**item_side.features.columns, **(counters.snapshot if counters else {})}
+    counters = state.counters
+    item_columns = {**sides.item.features.columns, **(counters.snapshot if counters else {})}
     splits["items"] = write_side_table(
         staging, sources.schema, Side.ITEM, item_columns, options.row_group_rows
     )
-    extra = _extra(staging, log, counts, user_events, splits, thresholds, user_side, item_side)
+    log = state.log
+    extra = _extra(
+        staging,
+        log,
+        state.counts,
+        state.user_events,
+        splits,
+        state.thresholds,
+        sides.user,
+        sides.item,
+    )
     if counters is not None:
-        extra["counters"] = counters.to_manifest(mapping.labels)
+        extra["counters"] = counters.to_manifest(log.mapping.labels)
     manifest = Manifest(
         dataset=DATASET,
         schema=sources.schema,
-        tables=_tables(user_side, item_side, real_time, counters, options),
+        tables=_tables(sides.user, sides.item, state.real_time, counters, options),
         splits=splits,
         history_length=options.history_length,
-        source=_source(files, mapping),
+        source=state.source,
         extra=extra,
         counters=counters.statistics if counters is not None else {},
     )
+    for name in ("state.json", "state.npz"):
+        (staging / name).unlink()
     manifest.save(staging)
     return manifest
 
 
 def _spilled_log(
     files: list[Path], staging: Path, mapping: EventMapping, options: EventsOptions
-) -> _Log:
+) -> SpilledLog:
     """Passes 1-3 (module docstring)."""
     distinct_users, distinct_items, events = DistinctIds(), DistinctIds(), 0
     for chunk in event_chunks(files, mapping, options.input_format, options.chunk_rows):
@@ -277,9 +387,9 @@ def _spilled_log(
     if events == 0:
         raise SchemaError(f"{[str(f) for f in files]}: no events")
     users, items = distinct_users.id_map(), distinct_items.id_map()
-    partitions = partitions_for(events, options.partition_events)
+    partitions = options.partitions or partitions_for(events, options.partition_events)
     labels = mapping.label_names()
-    with PartitionSpill.of_events(staging / "_spill" / "events", partitions, labels) as spill:
+    with PartitionSpill.of_events(staging / SPILL / "events", partitions, labels) as spill:
         order = 0
         for chunk in event_chunks(files, mapping, options.input_format, options.chunk_rows):
             positions = np.arange(order, order + chunk.rows, dtype=np.int64)
@@ -293,7 +403,7 @@ def _spilled_log(
                 }
             )
             order += chunk.rows
-    provisional = _Log(
+    provisional = SpilledLog(
         spill, mapping, users, items, np.arange(len(users)), np.arange(len(items)), events, 0
     )
     core = k_core(
@@ -305,26 +415,8 @@ def _spilled_log(
     )
     kept_users, user_new = users.keep(core.user_alive)
     kept_items, item_new = items.keep(core.item_alive)
-    return _Log(spill, mapping, kept_users, kept_items, user_new, item_new, events, core.iterations)
-
-
-def _schema(
-    mapping: EventMapping,
-    user_side: SideTableFeatures,
-    item_side: SideTableFeatures,
-    real_time: bool,
-    counters: EventCounters | None,
-) -> EventSchema:
-    history = FeatureSpec(HISTORY_ITEMS, Side.USER, FeatureKind.IDS, ITEM_ID)
-    context = time_context_specs() if real_time else []
-    counter_specs = counters.specs() if counters is not None else []
-    return EventSchema(
-        features=(*user_side.specs, history, *context, *item_side.specs, *counter_specs),
-        labels=mapping.label_names(),
-        history_actions=mapping.labels,
-        has_position=True,
-        has_ranker_score=False,
-        has_history_timestamps=True,
+    return SpilledLog(
+        spill, mapping, kept_users, kept_items, user_new, item_new, events, core.iterations
     )
 
 
@@ -339,104 +431,6 @@ def _split_sizes(
     codes = temporal_split(counts.values, thresholds)
     per_code = np.bincount(codes, weights=counts.counts, minlength=3).astype(np.int64)
     return dict(zip(SPLIT_NAMES, (int(c) for c in per_code), strict=True))
-
-
-@dataclass(frozen=True)
-class _RowSources:
-    """What every event row is built from besides its partition's events."""
-
-    schema: EventSchema
-    user_side: SideTableFeatures
-    item_side: SideTableFeatures
-    thresholds: TemporalThresholds | None
-    counters: EventCounters | None
-    options: EventsOptions
-
-
-def split_of(
-    events: dict[str, np.ndarray], thresholds: TemporalThresholds | None
-) -> tuple[np.ndarray, np.ndarray, UserTimeline]:
-    """[R] int8 split codes of one user partition's events, each event's history ``earlier``
-    (:func:`~data_pipeline.datasets.history.history_for_rows`) and the timeline."""
-    timeline = build_timeline(events[USER], events[TIME], events[ITEM])
-    if thresholds is None:
-        return leave_last_out(timeline), timeline.rank, timeline
-    earlier = strictly_earlier_rank(timeline, events[TIME])
-    return temporal_split(events[TIME], thresholds), earlier, timeline
-
-
-def _write_splits(
-    staging: Path, log: _Log, sources: _RowSources, sizes: dict[str, int]
-) -> dict[str, SplitInfo]:
-    options = sources.options
-    writers = {
-        name: ShardWriter(
-            staging,
-            name,
-            sources.schema.event_arrow_schema(),
-            options.rows_per_file,
-            split_row_group_rows(sizes[name], options.row_group_rows),
-        )
-        for name in SPLIT_NAMES
-    }
-    for writer in writers.values():
-        writer.__enter__()
-    try:
-        for partition, events in enumerate(log.partitions()):
-            for code, table in _partition_tables(partition, events, log, sources):
-                writers[SPLIT_NAMES[code]].write(table)
-    finally:
-        for writer in writers.values():
-            writer.__exit__(None, None, None)
-    return {name: writer.info for name, writer in writers.items()}
-
-
-def _partition_tables(
-    partition: int, events: dict[str, np.ndarray], log: _Log, sources: _RowSources
-) -> Iterator[tuple[int, pa.Table]]:
-    """(split code, event rows) of one partition, each split in (timestamp, user, item) order."""
-    user, item, timestamp = events[USER], events[ITEM], events[TIME]
-    codes, earlier, timeline = split_of(events, sources.thresholds)
-    counts = (
-        sources.counters.per_event(partition, events[ORDER]) if sources.counters is not None else {}
-    )
-    actions = {a: (events[a] > 0).astype(np.int8) for a in log.mapping.labels}
-    names = sources.schema.event_arrow_schema().names
-    context = any(f.name in TIME_CONTEXT_TABLES for f in sources.schema.features)
-    output_order = np.lexsort((item, user, timestamp))
-    for code in range(len(SPLIT_NAMES)):
-        rows = output_order[codes[output_order] == code]
-        for start in range(0, int(rows.shape[0]), sources.options.chunk_rows):
-            chunk = rows[start : start + sources.options.chunk_rows]
-            history = history_for_rows(
-                timeline,
-                item,
-                actions,
-                chunk,
-                sources.options.history_length,
-                timestamp,
-                earlier=earlier,
-            )
-            columns: dict[str, Any] = {
-                USER_ID: user[chunk],
-                ITEM_ID: item[chunk],
-                TIMESTAMP: timestamp[chunk],
-                POSITION: pa.nulls(int(chunk.shape[0]), pa.int32()),
-                **{label_column(n): events[n][chunk] for n in log.mapping.label_names()},
-                HISTORY_ITEMS: history.item_ids_arrow(),
-                **{history_action_column(a): history.action_arrow(a) for a in actions},
-                HISTORY_TIMESTAMPS: history.timestamps_arrow(),
-                **{name: values[chunk] for name, values in counts.items()},
-            }
-            taken = [
-                sources.user_side.features.take(user[chunk]),
-                sources.item_side.features.take(item[chunk]),
-            ]
-            if context:
-                taken.append(time_context(timestamp[chunk]))
-            for part in taken:
-                columns.update({k: v for k, v in part.items() if k not in columns})
-            yield code, pa.table({name: columns[name] for name in names})
 
 
 def _tables(
@@ -456,10 +450,10 @@ def _tables(
     return tables
 
 
-def _source(files: list[Path], mapping: EventMapping) -> dict[str, Any]:
+def _source(files: list[Path], mapping: EventMapping, checksums: bool = True) -> dict[str, Any]:
     return {
         "kind": DATASET,
-        "files": {str(f): sha256_file(f) for f in files},
+        "files": {str(f): sha256_file(f) if checksums else None for f in files},
         "mapping": {
             "user": mapping.user,
             "item": mapping.item,
@@ -476,7 +470,7 @@ def _source(files: list[Path], mapping: EventMapping) -> dict[str, Any]:
 
 def _extra(
     staging: Path,
-    log: _Log,
+    log: SpilledLog,
     counts: TimeCounts,
     user_events: np.ndarray,
     splits: dict[str, SplitInfo],
@@ -485,16 +479,11 @@ def _extra(
     item_side: SideTableFeatures,
 ) -> dict[str, Any]:
     raw_ids = {
-        "users": write_side_file(
-            staging,
-            "raw_ids/users.parquet",
-            pa.table({USER_ID: np.arange(len(log.users)), "raw_user_id": log.users.raw}),
-        ),
-        "items": write_side_file(
-            staging,
-            "raw_ids/items.parquet",
-            pa.table({ITEM_ID: np.arange(len(log.items)), "raw_item_id": log.items.raw}),
-        ),
+        side: {
+            "path": f"raw_ids/{side}.parquet",
+            "sha256": sha256_file(staging / "raw_ids" / f"{side}.parquet"),
+        }
+        for side in ("users", "items")
     }
     extra: dict[str, Any] = {
         "counts": {

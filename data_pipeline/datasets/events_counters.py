@@ -93,6 +93,12 @@ class EventCounters:
         }
 
 
+def counts_spill(folder: Path, num_partitions: int, names: tuple[str, ...]) -> PartitionSpill:
+    """The per-event counts, spilled by user (``order``, ``user``, one int32 per counter)."""
+    fields = {ORDER: pa.int64(), USER: pa.int64(), **dict.fromkeys(names, pa.int32())}
+    return PartitionSpill(folder / "counts", num_partitions, fields, key=USER)
+
+
 def event_counters(
     partitions: Callable[[], Iterator[tuple[dict[str, np.ndarray], np.ndarray]]],
     num_partitions: int,
@@ -136,12 +142,7 @@ def event_counters(
         )
     else:
         snapshot_time, rule = valid_start, VALID_START_SNAPSHOT_RULE
-    by_user = PartitionSpill(
-        folder / "counts",
-        num_partitions,
-        {ORDER: pa.int64(), USER: pa.int64(), **dict.fromkeys(names, pa.int32())},
-        key=USER,
-    )
+    by_user = counts_spill(folder, num_partitions, names)
     snapshot = {name: np.zeros(num_items, np.int64) for name in names}
     statistics = CounterStatistics()
     with by_user:

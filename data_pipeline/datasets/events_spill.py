@@ -222,6 +222,13 @@ class TimeCounts:
         self._values = np.zeros(0, np.int64)
         self._counts = np.zeros(0, np.int64)
 
+    @classmethod
+    def of(cls, values: np.ndarray, counts: np.ndarray) -> TimeCounts:
+        """Counts saved from :attr:`values` and :attr:`counts`."""
+        restored = cls()
+        restored._values, restored._counts = values.astype(np.int64), counts.astype(np.int64)
+        return restored
+
     def add(self, timestamps: np.ndarray) -> None:
         values, counts = np.unique(timestamps.astype(np.int64), return_counts=True)
         merged = np.concatenate([self._values, values])

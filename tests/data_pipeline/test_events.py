@@ -13,7 +13,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline.datasets.events import EventsOptions, prepare_events
+from data_pipeline.datasets.events import EventsOptions, Stage, prepare_events
 from data_pipeline.datasets.events_mapping import (
     DedupPolicy,
     EventMapping,
@@ -382,3 +382,51 @@ def test_counters_against_brute_force(prepared: dict) -> None:
     items = _rows(out, "items").to_pydict()
     for item, count in zip(items["item_id"], items["item_event_count_7d"]):
         assert count == sum(1 for e in train if e[0] == item and at - windows["7d"] <= e[1] < at)
+
+
+def test_staged_jobs_equal_one_process(prepared: dict, tmp_path: Path) -> None:
+    """global, the partitions in any order (as a job array runs them), merge: the same files,
+    byte for byte, as the one-process run; a stage with other flags, an unknown partition and a
+    merge before every partition finished are refused, naming why."""
+    source, mapping = prepared["source"], prepared["mapping"]
+    options = EventsOptions(partitions=3)
+    prepare_events(source, tmp_path / "one", mapping, options)
+    out = tmp_path / "staged"
+    assert cli_main(_cli(source, out, "--stage", "global", "--partitions", "3")) == 0
+    assert not out.exists()
+    with pytest.raises(FileNotFoundError, match=r"partition\(s\) \[0, 1, 2\] have not finished"):
+        prepare_events(source, out, mapping, options, Stage.MERGE)
+    with pytest.raises(ValueError, match=r"other \['history_length'\]"):
+        prepare_events(source, out, mapping, EventsOptions(history_length=7), Stage.PARTITION, 0)
+    with pytest.raises(ValueError, match=r"--partition must be one of 0 \.\. 2, got 3"):
+        prepare_events(source, out, mapping, options, Stage.PARTITION, 3)
+    for p in (2, 0, 1):
+        assert cli_main(_cli(source, out, "--stage", "partition", "--partition", str(p))) == 0
+    assert cli_main(_cli(source, out, "--stage", "merge")) == 0
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert files == sorted(
+        p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file()
+    )
+    for path in files:
+        if path.name != "manifest.json":
+            assert (out / path).read_bytes() == (tmp_path / "one" / path).read_bytes(), path
+    assert Manifest.load(out).splits == Manifest.load(tmp_path / "one").splits
+    assert not (tmp_path / ".staged.staging").exists()
+
+
+def _cli(source: Path, out: Path, *stage: str) -> list[str]:
+    """The CLI flags of the fixture's mapping (the catalog from ``_catalog``)."""
+    return [
+        "prepare", "events", "--input", str(source), "--mapping", str(_mapping_file(source)),
+        "--out", str(out), *stage,
+    ]  # fmt: skip
+
+
+def _mapping_file(source: Path) -> Path:
+    path = source.parent / "mapping.yaml"
+    path.write_text(
+        "user: customer\nitem: sku\ntimestamp: ts\nlabels: [click, purchase]\n"
+        "items: {path: catalog.parquet, key: sku, categorical: [brand], lists: [tags], "
+        "text: [title]}\n"
+    )
+    return path
