@@ -92,6 +92,7 @@ def _add_launch_parsers(commands: argparse._SubParsersAction) -> None:
     )
     _add_job_arguments(local)
     _add_slurm_parser(launchers)
+    _add_slurm_prepare_parser(launchers)
 
 
 def _add_sweep_and_plot_parsers(commands: argparse._SubParsersAction) -> None:
@@ -145,6 +146,35 @@ def _add_serving_parsers(commands: argparse._SubParsersAction) -> None:
     )
     retrieve.add_argument(
         "--out", type=Path, default=None, help="Parquet of the results (default: print them)"
+    )
+
+
+def _add_slurm_prepare_parser(launchers: argparse._SubParsersAction) -> None:
+    prepare = launchers.add_parser(
+        "slurm-prepare",
+        help="prepare events as SLURM jobs: global, a partition job array, merge",
+    )
+    prepare.add_argument(
+        "--partitions", type=int, required=True, help="partition jobs N (required)"
+    )
+    prepare.add_argument(
+        "--log-dir", type=Path, required=True, help="submitit folder on shared storage (required)"
+    )
+    prepare.add_argument(
+        "--partition", default=None, help="SLURM partition (default: the cluster's default)"
+    )
+    prepare.add_argument("--account", default=None, help="SLURM account (default: none)")
+    prepare.add_argument(
+        "--time", type=int, default=60, metavar="MIN", help="minutes per job (default: %(default)s)"
+    )
+    prepare.add_argument(
+        "--cpus-per-task", type=int, default=None, help="cores per job (default: SLURM's)"
+    )
+    prepare.add_argument(
+        "--wait", action="store_true", help="wait for the merge and report it (default: off)"
+    )
+    prepare.add_argument(
+        "arguments", nargs=argparse.REMAINDER, help="after --: the prepare events arguments"
     )
 
 
@@ -291,6 +321,8 @@ def _retrieve(args: argparse.Namespace) -> int:
 def _launch(args: argparse.Namespace) -> int:
     if args.launcher == "slurm":
         return _launch_slurm(args)
+    if args.launcher == "slurm-prepare":
+        return _launch_slurm_prepare(args)
     from launch.local import launch_local
 
     return launch_local(
@@ -324,6 +356,31 @@ def _launch_slurm(args: argparse.Namespace) -> int:
     job = submit(options, task)
     print(f"submitted SLURM job {job.job_id}; logs in {job.paths.folder}")
     print(f"watch: squeue -j {job.job_id}; cancel: scancel {job.job_id}")
+    return 0
+
+
+def _launch_slurm_prepare(args: argparse.Namespace) -> int:
+    from launch.slurm_prepare import PrepareJobs, submit_prepare
+
+    arguments = args.arguments[1:] if args.arguments[:1] == ["--"] else args.arguments
+    if not arguments or any(a in arguments for a in ("--stage", "--partition", "--partitions")):
+        raise ValueError(
+            "launch slurm-prepare: give the prepare events arguments after -- (--input, --out, "
+            "the mapping), without --stage / --partition / --partitions"
+        )
+    jobs = PrepareJobs(
+        partitions=args.partitions,
+        log_dir=args.log_dir,
+        slurm_partition=args.partition,
+        account=args.account,
+        time_min=args.time,
+        cpus_per_task=args.cpus_per_task,
+    )
+    submitted = submit_prepare(jobs, arguments)
+    print(f"submitted {len(submitted)} SLURM jobs; the merge is {submitted[-1].job_id}")
+    if args.wait:
+        submitted[-1].result()
+        print("prepare events finished")
     return 0
 
 
