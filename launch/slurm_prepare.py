@@ -11,6 +11,7 @@ jobs read and write the staging folder beside ``--out``: it must be on storage e
 
 from __future__ import annotations
 
+import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +30,12 @@ class PrepareStage:
     arguments: tuple[str, ...]
 
     def __call__(self, stage: tuple[str, ...]) -> int:
-        from launch.cli import main
+        from launch.prepare_cli import add_prepare_parsers, prepare
 
-        code = main(["prepare", "events", *self.arguments, *stage])
+        parser = argparse.ArgumentParser(prog="twotower")
+        add_prepare_parsers(parser.add_subparsers(dest="command", required=True))
+        # Errors raise, so the job fails and the stages after it never start.
+        code = prepare(parser.parse_args(["prepare", "events", *self.arguments, *stage]))
         if code != 0:
             raise RuntimeError(f"prepare events {' '.join(stage)} exited with {code}")
         return code
