@@ -109,17 +109,8 @@ def add_events_parser(datasets: argparse._SubParsersAction) -> argparse.Argument
 
 def mapping_from_args(args: argparse.Namespace) -> EventMapping:
     """``--mapping``'s keys, overridden by the flags given."""
-    from data_pipeline.datasets.events_mapping import mapping_from_dict
+    from data_pipeline.datasets.events_mapping import load_mapping
 
-    data: dict[str, Any] = {}
-    base = Path(".")
-    if args.mapping is not None:
-        import yaml
-
-        if not args.mapping.exists():
-            raise FileNotFoundError(f"{args.mapping}: no such mapping file")
-        data = yaml.safe_load(args.mapping.read_text()) or {}
-        base = args.mapping.parent
     flags = {
         "user": args.user_column,
         "item": args.item_column,
@@ -128,14 +119,13 @@ def mapping_from_args(args: argparse.Namespace) -> EventMapping:
         "min_user_events": args.min_user_events,
         "min_item_events": args.min_item_events,
     }
-    data.update({key: value for key, value in flags.items() if value is not None})
+    overrides = {key: value for key, value in flags.items() if value is not None}
     if args.label_columns is not None:
-        data["labels"] = [c.strip() for c in args.label_columns.split(",") if c.strip()]
+        overrides["labels"] = [c.strip() for c in args.label_columns.split(",") if c.strip()]
     try:
-        return mapping_from_dict(data, base)
+        return load_mapping(args.mapping, overrides)
     except ValueError as error:
-        where = f"{args.mapping}: " if args.mapping is not None else ""
-        raise ValueError(f"prepare events: {where}{error}") from error
+        raise ValueError(f"prepare events: {error}") from error
 
 
 def prepare_events_command(args: argparse.Namespace, split: SplitConfig) -> Any:

@@ -181,25 +181,30 @@ def prepare_events(
             raise ValueError(
                 f"--partition must be one of 0 .. {state.log.spill.partitions - 1}, got {partition}"
             )
-        _partition_stage(staging, state, options, partition)
+        _partition_stage(
+            staging, state, _row_sources(state, _sides(state, options), options), partition
+        )
         return None
     if stage is Stage.MERGE:
-        manifest = _merge_stage(staging, load_state(staging, mapping, fingerprint), options)
+        state = load_state(staging, mapping, fingerprint)
+        manifest = _merge_stage(staging, state, _sides(state, options), options)
         _swap_into_place(staging, out)
-        return manifest
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        state = _global_stage(files, staging, mapping, options, real_time, fingerprint)
-        if stage is Stage.GLOBAL:
-            return None
-        for p in range(state.log.spill.partitions):
-            _partition_stage(staging, state, options, p)
-        manifest = _merge_stage(staging, state, options)
-        _swap_into_place(staging, out)
-    except BaseException:
+    else:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
+        staging.mkdir(parents=True)
+        try:
+            state = _global_stage(files, staging, mapping, options, real_time, fingerprint)
+            if stage is Stage.GLOBAL:
+                return None
+            sides = _sides(state, options)  # the side tables are read once in this process
+            sources = _row_sources(state, sides, options)
+            for p in range(state.log.spill.partitions):
+                _partition_stage(staging, state, sources, p)
+            manifest = _merge_stage(staging, state, sides, options)
+            _swap_into_place(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     logger.info("wrote %s: %s", out, {name: info.rows for name, info in manifest.splits.items()})
     return Manifest.load(out)
 
@@ -306,18 +311,19 @@ def _part_folder(staging: Path, partition: int) -> Path:
     return staging / PARTS / f"{partition:05d}"
 
 
-def _partition_stage(staging: Path, state: GlobalState, options: EventsOptions, p: int) -> None:
+def _partition_stage(staging: Path, state: GlobalState, sources: RowSources, p: int) -> None:
     """Partition ``p``'s rows into ``parts/<p>/``, finished by its ``splits.json``."""
     folder = _part_folder(staging, p)
     shutil.rmtree(folder, ignore_errors=True)
-    sources = _row_sources(state, _sides(state, options), options)
     sizes = _split_sizes(state.counts, state.user_events, state.thresholds)
     splits = write_partition(folder, p, state.log, sources, sizes)
     record = {name: [asdict(f) for f in info.files] for name, info in splits.items()}
     (folder / "splits.json").write_text(json.dumps(record))
 
 
-def _merge_stage(staging: Path, state: GlobalState, options: EventsOptions) -> Manifest:
+def _merge_stage(
+    staging: Path, state: GlobalState, sides: _Sides, options: EventsOptions
+) -> Manifest:
     """Every partition's files into ``<split>/``, in partition order; side tables; manifest."""
     missing = [
         p
@@ -336,7 +342,6 @@ def _merge_stage(staging: Path, state: GlobalState, options: EventsOptions) -> M
                 (staging / name).mkdir(exist_ok=True)
                 (folder / entry["path"]).rename(staging / moved)
                 splits[name].files.append(ShardFile(**{**entry, "path": moved}))
-    sides = _sides(state, options)
     sources = _row_sources(state, sides, options)
     splits["users"] = write_side_table(
         staging, sources.schema, Side.USER, sides.user.features.columns, options.row_group_rows
@@ -347,16 +352,7 @@ def _merge_stage(staging: Path, state: GlobalState, options: EventsOptions) -> M
         staging, sources.schema, Side.ITEM, item_columns, options.row_group_rows
     )
     log = state.log
-    extra = _extra(
-        staging,
-        log,
-        state.counts,
-        state.user_events,
-        splits,
-        state.thresholds,
-        sides.user,
-        sides.item,
-    )
+    extra = _extra(state, splits, sides)
     if counters is not None:
         extra["counters"] = counters.to_manifest(log.mapping.labels)
     manifest = Manifest(
@@ -468,23 +464,11 @@ def _source(files: list[Path], mapping: EventMapping, checksums: bool = True) ->
     }
 
 
-def _extra(
-    staging: Path,
-    log: SpilledLog,
-    counts: TimeCounts,
-    user_events: np.ndarray,
-    splits: dict[str, SplitInfo],
-    thresholds: TemporalThresholds | None,
-    user_side: SideTableFeatures,
-    item_side: SideTableFeatures,
-) -> dict[str, Any]:
-    raw_ids = {
-        side: {
-            "path": f"raw_ids/{side}.parquet",
-            "sha256": sha256_file(staging / "raw_ids" / f"{side}.parquet"),
-        }
-        for side in ("users", "items")
-    }
+def _extra(state: GlobalState, splits: dict[str, SplitInfo], sides: _Sides) -> dict[str, Any]:
+    """``manifest.extra``: counts, k-core, dedup, id ranges, order, split rule, raw-id files,
+    vocabularies and text records."""
+    log, counts, thresholds = state.log, state.counts, state.thresholds
+    user_events, user_side, item_side = state.user_events, sides.user, sides.item
     extra: dict[str, Any] = {
         "counts": {
             "input_events": log.input_events,
@@ -506,7 +490,7 @@ def _extra(
             "by partition (user_id mod P), then (timestamp, user_id, item_id)"
         ),
         "spill_partitions": log.spill.partitions,
-        "raw_ids": raw_ids,
+        "raw_ids": state.raw_ids,
         "vocabularies": {**user_side.features.vocabularies, **item_side.features.vocabularies},
         "text": item_side.text,
     }

@@ -122,18 +122,25 @@ _SIDE_KEYS = {f.name for f in fields(SideTableMapping)}
 _TOP_KEYS = {f.name for f in fields(EventMapping)}
 
 
-def load_mapping(path: Path | str) -> EventMapping:
-    """An :class:`EventMapping` from a YAML file; errors name the file and the key."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such mapping file")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a mapping file holds keys (user, item, ...), not {type(data)}")
+def load_mapping(path: Path | str | None, overrides: dict[str, Any] | None = None) -> EventMapping:
+    """An :class:`EventMapping` from a YAML file (None: none) with ``overrides`` (the command's
+    flags) on top of its keys; errors name the file and the key."""
+    data: dict[str, Any] = {}
+    base = Path(".")
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such mapping file")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"{path}: a mapping file holds keys (user, item, ...), not {type(data)}"
+            )
+        base = path.parent
     try:
-        return mapping_from_dict(data, base=path.parent)
+        return mapping_from_dict({**data, **(overrides or {})}, base=base)
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from error
+        raise ValueError(f"{path}: {error}" if path is not None else str(error)) from error
 
 
 def mapping_from_dict(data: dict[str, Any], base: Path = Path(".")) -> EventMapping:

@@ -27,7 +27,7 @@ from data_pipeline.datasets.history import (
     history_for_rows,
     strictly_earlier_rank,
 )
-from data_pipeline.datasets.movielens import split_row_group_rows
+from data_pipeline.datasets.output import split_row_group_rows
 from data_pipeline.datasets.split import (
     SPLIT_NAMES,
     TemporalThresholds,

@@ -10,7 +10,7 @@ go on. Arrays go to ``state.npz``, the id maps to ``raw_ids/`` (the dataset's ow
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,7 @@ class GlobalState:
         real_time: the log has event times (time context and counters apply).
         source: the manifest's ``source`` (files with sha256, mapping).
         fingerprint: input files (path, size) and flags; later stages must match it.
+        raw_ids: ``{"users"|"items": {path, sha256}}`` of the id maps, set by :func:`save_state`.
     """
 
     log: SpilledLog
@@ -95,12 +96,20 @@ class GlobalState:
     real_time: bool
     source: dict[str, Any]
     fingerprint: dict[str, Any]
+    raw_ids: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def save_state(staging: Path, state: GlobalState) -> None:
     log, counters = state.log, state.counters
-    write_side_file(staging, "raw_ids/users.parquet", _raw_table(USER_ID, "raw_user_id", log.users))
-    write_side_file(staging, "raw_ids/items.parquet", _raw_table(ITEM_ID, "raw_item_id", log.items))
+    raw_ids = {
+        "users": write_side_file(
+            staging, "raw_ids/users.parquet", _raw_table(USER_ID, "raw_user_id", log.users)
+        ),
+        "items": write_side_file(
+            staging, "raw_ids/items.parquet", _raw_table(ITEM_ID, "raw_item_id", log.items)
+        ),
+    }
+    state.raw_ids = raw_ids
     arrays = {
         "user_new": log.user_new,
         "item_new": log.item_new,
@@ -110,7 +119,7 @@ def save_state(staging: Path, state: GlobalState) -> None:
     }
     scalars: dict[str, Any] = {
         "partitions": log.spill.partitions,
-        "labels": list(log.spill.schema.names[4:]),
+        "raw_ids": raw_ids,
         "input_events": log.input_events,
         "k_core_iterations": log.k_core_iterations,
         "thresholds": asdict(state.thresholds) if state.thresholds is not None else None,
@@ -150,7 +159,7 @@ def load_state(staging: Path, mapping: EventMapping, fingerprint: dict[str, Any]
         )
     arrays = np.load(staging / ARRAYS_FILE)
     spill = PartitionSpill.of_events(
-        staging / SPILL / "events", scalars["partitions"], tuple(scalars["labels"])
+        staging / SPILL / "events", scalars["partitions"], mapping.label_names()
     )
     log = SpilledLog(
         spill,
@@ -184,6 +193,7 @@ def load_state(staging: Path, mapping: EventMapping, fingerprint: dict[str, Any]
         real_time=scalars["real_time"],
         source=scalars["source"],
         fingerprint=scalars["fingerprint"],
+        raw_ids=scalars["raw_ids"],
     )
 
 

@@ -40,7 +40,6 @@ input position) and nothing random or time-dependent is written.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +70,7 @@ from data_pipeline.datasets.movielens_log import (
 )
 from data_pipeline.datasets.movielens_source import ResolvedSource, resolve_source
 from data_pipeline.datasets.movielens_text import TitleText, title_spec, title_text
-from data_pipeline.datasets.output import clear_output, write_side_table
+from data_pipeline.datasets.output import clear_output, split_row_group_rows, write_side_table
 from data_pipeline.datasets.split import (
     MIN_EVENTS_TO_HOLD_OUT,
     SPLIT_NAMES,
@@ -112,8 +111,6 @@ SMALL_DATASET_EVENTS = 2_000_000
 SMALL_ROW_GROUP_ROWS = 8192
 LARGE_ROW_GROUP_ROWS = 65_536
 CHUNK_ROWS = 262_144
-MIN_ROW_GROUPS = 8
-MIN_ROW_GROUP_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -388,13 +385,6 @@ def event_table(sources: EventSources, rows: np.ndarray) -> pa.Table:
     for taken in taken_columns:
         columns.update({k: v for k, v in taken.items() if k not in columns})
     return pa.table(columns)
-
-
-def split_row_group_rows(rows: int, row_group_rows: int) -> int:
-    """Row-group size for a split of ``rows`` rows: at most ``row_group_rows``, but small
-    enough that the split has at least :data:`MIN_ROW_GROUPS` units of work (the 943-row
-    ml-100k valid/test splits would otherwise be one unit, idling all readers but one)."""
-    return max(1, min(row_group_rows, max(MIN_ROW_GROUP_ROWS, math.ceil(rows / MIN_ROW_GROUPS))))
 
 
 def _write_events(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,9 @@ from data_pipeline.schema import EventSchema, Side
 from data_pipeline.shard_writer import ShardWriter
 
 logger = logging.getLogger(__name__)
+
+MIN_ROW_GROUPS = 8
+MIN_ROW_GROUP_ROWS = 64
 
 
 def clear_output(out: Path, extra_dirs: tuple[str, ...] = ()) -> None:
@@ -63,3 +67,10 @@ def save_array(out: Path, relative: str, array: np.ndarray) -> dict[str, str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, array, allow_pickle=False)
     return {"path": relative, "sha256": sha256_file(path)}
+
+
+def split_row_group_rows(rows: int, row_group_rows: int) -> int:
+    """Row-group size for a split of ``rows`` rows: at most ``row_group_rows``, but small
+    enough that the split has at least :data:`MIN_ROW_GROUPS` units of work (the 943-row
+    ml-100k valid/test splits would otherwise be one unit, idling all readers but one)."""
+    return max(1, min(row_group_rows, max(MIN_ROW_GROUP_ROWS, math.ceil(rows / MIN_ROW_GROUPS))))
