@@ -52,6 +52,7 @@ from config.loading import (
     to_yaml,
 )
 from config.loss import (
+    Candidates,
     LossConfig,
     LossFamily,
     validate_loss,
@@ -134,6 +135,7 @@ __all__ = [
     "ListwiseDistillationConfig",
     "LogQConfig",
     "LoggingConfig",
+    "Candidates",
     "LossConfig",
     "LossFamily",
     "MemoryConfig",

@@ -14,6 +14,7 @@ from config.loss import LossConfig, LossFamily, validate_loss
 from config.model import Encoder, ModelConfig, validate_model
 from config.negatives import NegativesConfig, validate_negatives
 from config.ranker import RankerConfig, validate_ranker
+from config.sequence import validate_sequence
 from config.train import (
     CheckpointConfig,
     LoggingConfig,
@@ -67,6 +68,7 @@ def validate(config: ExperimentConfig, source: str = "<config>") -> None:
     _validate_light_head(config, fail)
     validate_distillation(config.distillation, fail)
     validate_features(config.features, fail)
+    validate_sequence(config, fail)
 
 
 def _validate_history(config: ExperimentConfig, fail: Fail) -> None:

@@ -31,6 +31,19 @@ class LossFamily(enum.Enum):
     LOGGED_BCE = "logged_bce"
 
 
+class Candidates(enum.Enum):
+    """The shared candidates every row is scored against.
+
+    ``batch``: the batch's own items (plus any configured extra negatives).
+    ``corpus``: every item of the corpus, through the item tower each step, and nothing else:
+    the full softmax of SASRec+ (no sampling, so no logQ correction), for corpora small enough
+    to embed every step.
+    """
+
+    BATCH = "batch"
+    CORPUS = "corpus"
+
+
 @dataclass
 class LossConfig:
     # Net user value = labels . label_weights, clamped at 0; rows with zero value give no signal.
@@ -46,6 +59,7 @@ class LossConfig:
     # Rows scored at a time by the shared-candidate softmax: its extra memory is
     # block_rows x candidates floats.
     block_rows: int = 1024
+    candidates: Candidates = Candidates.BATCH
 
 
 def validate_loss(loss: LossConfig, fail: Fail) -> None:

@@ -33,17 +33,24 @@ class Summary(enum.Enum):
 
     ``newest_and_mean``: concat[output of the newest event, masked mean of outputs] (2 * D).
     ``attention_pooling``: a learned query attends over the outputs (D).
+    ``newest``: the output of the newest event alone (D); with causal attention it is a function
+    of the sequence up to that event, so packed sequence training can read it at every position.
     """
 
     NEWEST_AND_MEAN = "newest_and_mean"
     ATTENTION_POOLING = "attention_pooling"
+    NEWEST = "newest"
 
 
 class Positions(enum.Enum):
-    """Position (recency rank) encodings: ``learned`` embedding table or fixed ``sinusoidal``."""
+    """Position (recency rank) encodings: ``learned`` embedding table or fixed ``sinusoidal``
+    added to the events, or ``relative``: a learned bias per head and distance in events between
+    query and key added to the attention logits (the recency rank seen from each query, which
+    packed sequence training needs)."""
 
     LEARNED = "learned"
     SINUSOIDAL = "sinusoidal"
+    RELATIVE = "relative"
 
 
 class DebiasMode(enum.Enum):
@@ -77,6 +84,12 @@ class HistoryConfig:
     dropout: float = 0.0
     positions: Positions = Positions.LEARNED
     summary: Summary = Summary.NEWEST_AND_MEAN
+    # Each event attends only to itself and older events (SASRec's causal attention).
+    causal: bool = False
+    # Sequence mode: a training example is one window of the user's newest ``max_length``
+    # events; one causal pass gives the user vector at every position and each position
+    # predicts the next event (needs causal, positions=relative, summary=newest).
+    packed: bool = False
 
 
 @dataclass

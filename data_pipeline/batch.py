@@ -47,6 +47,9 @@ class Batch:
             the first K of ``impression_negative_ids``, -1 padded; [B, 0] when K = 0.
         weight: [B] float32 row multiplier; 0 marks padding rows that must not teach.
         timestamp: [B] int64 event time (seconds), -1 where the table has none.
+        window_targets: sequence mode (:mod:`data_pipeline.sequence_windows`): [W] int64,
+            the number of rows each of the W windows of ``user_features`` (stride W) owns, in
+            order (B = their sum); [0] for one logged event per row.
     """
 
     user_features: KeyedJaggedTensor
@@ -59,6 +62,7 @@ class Batch:
     impression_negatives: torch.Tensor
     weight: torch.Tensor
     timestamp: torch.Tensor
+    window_targets: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
 
     @property
     def size(self) -> int:

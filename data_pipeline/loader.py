@@ -8,14 +8,17 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import pyarrow as pa
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from data_pipeline.batch import BatchBuilder
+from data_pipeline.batch import Batch, BatchBuilder
 from data_pipeline.derived import with_derived_features
 from data_pipeline.feature_encoding import FeatureEncoding
+from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.manifest import MANIFEST_NAME, Manifest
 from data_pipeline.reader import ParquetEventStream, WorkUnit, list_work_units, seed_worker
-from data_pipeline.schema import IMPRESSION_NEGATIVES, EventSchema, SchemaError
+from data_pipeline.schema import IMPRESSION_NEGATIVES, USER_ID, EventSchema, SchemaError
+from data_pipeline.sequence_windows import LastEvents, WindowBatchBuilder
 from data_pipeline.validation import IdValidator
 
 
@@ -42,6 +45,9 @@ class LoaderSpec:
         own tables, ``trainer.features``); None: the manifest's.
     worker_setup: a module-level function each loader worker runs first (the trainer's
         process set-up: log filters); None: nothing.
+    sequence_length: sequence mode (:mod:`data_pipeline.sequence_windows`): batches of
+        ``batch_size`` windows of each user's last event and its history, with up to this many
+        targets each; 0: one logged event per row.
     """
 
     root: str
@@ -60,6 +66,7 @@ class LoaderSpec:
     id_policies: Mapping[str, str] = field(default_factory=dict)
     tables: Mapping[str, int] | None = None
     worker_setup: Callable[[], None] | None = None
+    sequence_length: int = 0
 
 
 def build_event_loader(
@@ -85,15 +92,24 @@ def build_event_loader(
             f"column '{IMPRESSION_NEGATIVES}', but dataset '{manifest.dataset}' has no logged "
             "impressions (schema.has_impression_negatives is false)"
         )
+    units = _split_units(root, manifest, schema, spec.split)
+    derived = with_derived_features(schema, spec.recent_history, spec.recency_buckets)
+    per_row = BatchBuilder(
+        derived,
+        spec.recent_history,
+        impression_negatives=spec.impression_negatives,
+        recency_buckets=spec.recency_buckets,
+        encoding=encoding,
+    )
+    convert: Callable[[pa.Table], Batch] = per_row
+    row_filter = None
+    if spec.sequence_length > 0:
+        store = ItemFeatureStore.load(root, manifest, derived, encoding)
+        convert = WindowBatchBuilder(per_row, store, spec.sequence_length)
+        row_filter = LastEvents.scan(units, manifest.tables[USER_ID])
     stream = ParquetEventStream(
-        units=_split_units(root, manifest, schema, spec.split),
-        convert=BatchBuilder(
-            with_derived_features(schema, spec.recent_history, spec.recency_buckets),
-            spec.recent_history,
-            impression_negatives=spec.impression_negatives,
-            recency_buckets=spec.recency_buckets,
-            encoding=encoding,
-        ),
+        units=units,
+        convert=convert,
         validator=IdValidator(
             schema, dict(spec.tables or manifest.tables), spec.id_policy, spec.id_policies
         ),
@@ -104,6 +120,7 @@ def build_event_loader(
         seed=spec.seed,
         shuffle=spec.shuffle,
         window=spec.window,
+        row_filter=row_filter,
     )
     return StatefulDataLoader(
         stream,

@@ -112,6 +112,8 @@ class ParquetEventStream(IterableDataset):
         rank, world_size: this process's place in the job.
         seed: shuffling seed; shuffle: permute units and rows.
         window: row groups per shuffle window.
+        row_filter: keeps some rows of each checked row group (sequence windows); batches,
+            ``rows_consumed`` and resuming then count the kept rows.
     """
 
     def __init__(
@@ -126,6 +128,7 @@ class ParquetEventStream(IterableDataset):
         seed: int,
         shuffle: bool,
         window: int,
+        row_filter: Callable[[pa.Table], pa.Table] | None = None,
     ) -> None:
         super().__init__()
         self.units = list(units)
@@ -138,6 +141,7 @@ class ParquetEventStream(IterableDataset):
         self.seed = seed
         self.shuffle = shuffle
         self.window = window
+        self.row_filter = row_filter
         self.epoch = 0
         self.rows_consumed = 0
         self._resume_rows = 0
@@ -176,7 +180,7 @@ class ParquetEventStream(IterableDataset):
         for index in range(0, len(units), self.window):
             chunk = units[index : index + self.window]
             rows = sum(u.rows for u in chunk)
-            if skip_rows >= rows:
+            if self.row_filter is None and skip_rows >= rows:
                 skip_rows -= rows
                 continue
             tables = [self._read_checked(u) for u in chunk]
@@ -185,6 +189,12 @@ class ParquetEventStream(IterableDataset):
                 if len(tables) > 1
                 else tables[0]
             )
+            if self.row_filter is not None:
+                # Kept rows are known only after reading, so resuming skips what it has read.
+                table = self.row_filter(table)
+                if skip_rows >= table.num_rows:
+                    skip_rows -= table.num_rows
+                    continue
             if self.shuffle:
                 key = [self.seed, self.epoch, self.rank, worker_id, index]
                 table = table.take(np.random.default_rng(key).permutation(table.num_rows))

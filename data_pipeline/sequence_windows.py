@@ -5,7 +5,8 @@ history (``hist_item_ids``, newest first, at most ``manifest.history_length``): 
 newest ``1 + H`` events of the split, as SASRec trains on each user's newest ``max_length``
 items. Position ``p`` of a window (``0 <= p < min(len(history), L)``) is the user just after
 history event ``p``; its target is the event that followed it: the row's own event for
-``p = 0``, history event ``p - 1`` otherwise. Every target has a non-empty history.
+``p = 0``, history event ``p - 1`` otherwise. Every target has a non-empty history, and a user
+whose only event of the split has none gives no window.
 
 Labels of a history event come from its action series: a label that is also a history action
 (``like``; in own logs every label is one) takes that action's flag, any other label is 1, since
@@ -84,10 +85,14 @@ class LastEvents:
         return LastEvents(timestamp, item)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        """The rows of ``table`` that are their user's last event."""
+        """The rows of ``table`` that are their user's last event and have a history (a user
+        with one event has no position to train)."""
         user = _ints(table, USER_ID)
-        keep = (_ints(table, TIMESTAMP) == self.timestamp[user]) & (
-            _ints(table, ITEM_ID) == self.item[user]
+        history = pc.list_value_length(table.column(HISTORY_ITEMS)).fill_null(0)
+        keep = (
+            (_ints(table, TIMESTAMP) == self.timestamp[user])
+            & (_ints(table, ITEM_ID) == self.item[user])
+            & (history.to_numpy(zero_copy_only=False) > 0)
         )
         return table.filter(pa.array(keep))
 

@@ -148,7 +148,9 @@ class MultiHeadAttention(nn.Module):
     def forward(
         self, queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor
     ) -> torch.Tensor:
-        """Args: queries [B, Q, D], keys [B, H, D], key_mask [B, H] bool. Returns [B, Q, D]."""
+        """Args: queries [B, Q, D], keys [B, H, D], key_mask [B, H] bool (usable keys), or a
+        full mask [B, 1 or heads, Q, H]: bool (True = attend) or float (added to the logits,
+        -inf = masked). Returns [B, Q, D]."""
         batch, num_queries, dim = queries.shape
         head_dim = dim // self.num_heads
 
@@ -156,18 +158,19 @@ class MultiHeadAttention(nn.Module):
             return x.view(batch, -1, self.num_heads, head_dim).transpose(1, 2)
 
         key, value = self.key_value(keys).chunk(2, dim=-1)
+        mask = key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask
         attended = F.scaled_dot_product_attention(
             split_heads(self.query(queries)),
             split_heads(key),
             split_heads(value),
-            attn_mask=key_mask[:, None, None, :],
+            attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
         )
         return self.output(attended.transpose(1, 2).reshape(batch, num_queries, dim))
 
 
 class SelfAttentionBlock(nn.Module):
-    """Pre-norm transformer block (bidirectional: the whole history is in the past).
+    """Pre-norm transformer block; the attention mask decides bidirectional or causal.
 
     The point-wise feed-forward is D -> D -> D as in SASRec (Kang & McAuley 2018), not the 4D
     of language models: it halves the FLOPs per event, which dominate on CPU."""
@@ -181,7 +184,8 @@ class SelfAttentionBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, sequence: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        """Args: sequence [B, H, D], key_mask [B, H] bool. Returns [B, H, D]."""
+        """Args: sequence [B, H, D], key_mask as :class:`MultiHeadAttention` takes it.
+        Returns [B, H, D]."""
         normed = self.attention_norm(sequence)
         sequence = sequence + self.dropout(self.attention(normed, normed, key_mask))
         return sequence + self.dropout(self.feed_forward(self.feed_forward_norm(sequence)))
@@ -195,8 +199,13 @@ class HistoryEncoder(nn.Module):
         dim: D, the event vector width (divisible by ``num_heads`` for self-attention).
         max_length: the largest H accepted (size of the position table).
         num_layers, num_heads, dropout: self-attention blocks.
-        positions: learned or sinusoidal recency-rank encodings (self-attention only).
+        positions: learned or sinusoidal recency-rank encodings added to the events, or a
+            relative attention bias per head and query-key distance (self-attention only).
         summary: how self-attention outputs become one vector (output 2D or D).
+        causal: each event attends to itself and older events only (newest first: event p to
+            keys p..H-1), so the output at p depends on events p..H-1 alone; with relative
+            positions, the output at index p of a history equals the newest output of the
+            history that starts at its event p (:meth:`outputs_at_every_event`).
     """
 
     def __init__(
@@ -209,6 +218,7 @@ class HistoryEncoder(nn.Module):
         dropout: float = 0.0,
         positions: Positions = Positions.LEARNED,
         summary: Summary = Summary.NEWEST_AND_MEAN,
+        causal: bool = False,
     ) -> None:
         super().__init__()
         if max_length < 1:
@@ -218,12 +228,17 @@ class HistoryEncoder(nn.Module):
         self.max_length = max_length
         self.positions = positions
         self.summary = summary
+        self.causal = causal
         self.blocks = nn.ModuleList()
         self.position_table: nn.Embedding | None = None
+        self.relative_bias: nn.Parameter | None = None
         self.pooling: MultiHeadAttention | None = None
         if encoder is Encoder.MEAN:
             return
-        if positions is Positions.LEARNED:
+        if positions is Positions.RELATIVE:
+            # [heads, 2 * max_length - 1]: distance key - query, shifted by max_length - 1.
+            self.relative_bias = nn.Parameter(torch.zeros(num_heads, 2 * max_length - 1))
+        elif positions is Positions.LEARNED:
             self.position_table = nn.Embedding(max_length, dim)
             nn.init.normal_(self.position_table.weight, std=0.02)
         else:
@@ -239,7 +254,7 @@ class HistoryEncoder(nn.Module):
     @property
     def output_dim(self) -> int:
         """Width of :meth:`forward`'s output."""
-        if self.encoder is Encoder.MEAN or self.summary is Summary.ATTENTION_POOLING:
+        if self.encoder is Encoder.MEAN or self.summary is not Summary.NEWEST_AND_MEAN:
             return self.dim
         return 2 * self.dim
 
@@ -262,27 +277,84 @@ class HistoryEncoder(nn.Module):
             return masked_mean(sequence, mask)
         return self._self_attention(sequence, mask)
 
+    def outputs_at_every_event(self, sequence: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The final-layer output of every event (self-attention only).
+
+        With ``causal`` attention, relative positions and the ``newest`` summary, index p of
+        the result is what :meth:`forward` gives the history made of events p..H-1 of this one:
+        the user vector just after event p, which packed sequence training reads at every
+        position in one pass.
+
+        Args: sequence [B, H, D] newest first, mask [B, H] (a prefix of real events).
+        Returns: [B, H, D]; rows past a history's length hold finite values to be discarded.
+        """
+        if self.encoder is Encoder.MEAN:
+            raise ValueError("outputs_at_every_event needs the self_attention encoder")
+        height = sequence.shape[1]
+        if height < 1 or height > self.max_length:
+            raise ValueError(f"history length H={height} must be in [1, {self.max_length}]")
+        sequence = torch.where(mask.unsqueeze(-1), sequence, torch.zeros_like(sequence))
+        return self._hidden(sequence, mask)
+
     def _position_encodings(self, height: int) -> torch.Tensor:
-        """[H, D] encodings of recency ranks 0..H-1."""
+        """[H, D] encodings of recency ranks 0..H-1 (zeros with relative positions)."""
         if self.position_table is not None:
             return self.position_table.weight[:height]
+        if self.relative_bias is not None:
+            return torch.zeros(height, self.dim, device=self.relative_bias.device)
         return self.get_buffer("sinusoidal_table")[:height]
+
+    def _attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The attention mask of histories with real events ``mask`` [B, H].
+
+        Bidirectional without relative positions: the key mask [B, H], where an empty row's
+        (zero-filled, finite) slot 0 is unmasked so no attention row is all masked. Otherwise
+        [B, 1, H, H] bool or [B, heads, H, H] float (relative bias, -inf where masked), where
+        causal rows see keys at or after their own index and every query sees itself (a padded
+        query attends to its own finite zeros; its output is discarded).
+        """
+        if not self.causal and self.relative_bias is None:
+            return _key_mask(mask)
+        height = mask.shape[1]
+        index = torch.arange(height, device=mask.device)
+        distance = index.unsqueeze(0) - index.unsqueeze(1)  # [Q, K]: key - query
+        allowed = mask.unsqueeze(1).expand(-1, height, -1)  # [B, Q, K]
+        if self.causal:
+            allowed = allowed & (distance >= 0)
+        allowed = allowed | (distance == 0)
+        if self.relative_bias is None:
+            return allowed.unsqueeze(1)
+        bias = self.relative_bias[:, distance + self.max_length - 1]  # [heads, Q, K]
+        masked = torch.full_like(bias, float("-inf"))
+        return torch.where(allowed.unsqueeze(1), bias.unsqueeze(0), masked.unsqueeze(0))
+
+    def _hidden(self, sequence: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, H, D] zero-padded -> final-layer outputs [B, H, D]."""
+        attention_mask = self._attention_mask(mask)
+        hidden = sequence + self._position_encodings(sequence.shape[1]).to(sequence.dtype)
+        for block in self.blocks:
+            hidden = block(hidden, attention_mask)
+        return self.final_norm(hidden)
 
     def _self_attention(self, sequence: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Args: sequence [B, H, D] with zeros at padding, mask [B, H]. Returns [B, output_dim]."""
         non_empty = mask.any(dim=1)  # [B]
-        # Unmask the (zero-filled, finite) slot 0 of empty rows so no attention row is all masked.
-        dummy_slot = torch.zeros_like(mask)
-        dummy_slot[:, 0] = True
-        key_mask = mask | (dummy_slot & ~non_empty.unsqueeze(1))
-        hidden = sequence + self._position_encodings(sequence.shape[1]).to(sequence.dtype)
-        for block in self.blocks:
-            hidden = block(hidden, key_mask)
-        hidden = self.final_norm(hidden)
+        hidden = self._hidden(sequence, mask)
         if self.pooling is not None:
             queries = self.pooling_query.expand(hidden.shape[0], 1, -1)
-            summary = self.pooling(queries, hidden, key_mask).squeeze(1)
+            summary = self.pooling(queries, hidden, _key_mask(mask)).squeeze(1)
+        elif self.summary is Summary.NEWEST:
+            summary = hidden[:, 0]
         else:
             summary = torch.cat([hidden[:, 0], masked_mean(hidden, mask)], dim=-1)
         # where, not multiply: empty rows get exactly 0 and a zero (finite) gradient.
         return torch.where(non_empty.unsqueeze(1), summary, torch.zeros_like(summary))
+
+
+def _key_mask(mask: torch.Tensor) -> torch.Tensor:
+    """[B, H] real events with the (zero-filled, finite) slot 0 of empty rows unmasked, so no
+    attention row is all masked."""
+    non_empty = mask.any(dim=1)
+    dummy_slot = torch.zeros_like(mask)
+    dummy_slot[:, 0] = True
+    return mask | (dummy_slot & ~non_empty.unsqueeze(1))

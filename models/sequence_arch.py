@@ -69,6 +69,7 @@ class HistoryArch(nn.Module):
             dropout=config.dropout,
             positions=config.positions,
             summary=config.summary,
+            causal=config.causal,
         )
 
     @property
@@ -78,6 +79,38 @@ class HistoryArch(nn.Module):
     def forward(self, sequences: dict[str, JaggedTensor], rows: int) -> torch.Tensor:
         """sequences: feature -> JaggedTensor (values [sum(lengths), D]) with stride >= rows;
         only the first ``rows`` rows have history. Returns [rows, output_dim]."""
+        events, mask = self._events(sequences, rows)
+        return self.encoder(events, mask)
+
+    def at_positions(
+        self, sequences: dict[str, JaggedTensor], rows: int, counts: torch.Tensor
+    ) -> torch.Tensor:
+        """Sequence mode: the user vector after each of the first ``counts[r]`` (newest) events
+        of every row's history, in one causal pass.
+
+        Args:
+            sequences, rows: as :meth:`forward`; ``rows`` windows.
+            counts: [rows] int64, ``counts[r] <= min(len_r, max_length)``.
+
+        Returns:
+            [sum(counts), output_dim], row-major: row 0's positions 0..counts[0]-1 (position p
+            = the user just after history event p, newest first), then row 1's, ...
+        """
+        events, mask = self._events(sequences, rows)
+        hidden = self.encoder.outputs_at_every_event(events, mask)  # [rows, H, D]
+        positions = torch.arange(hidden.shape[1], device=counts.device)
+        used = (positions.unsqueeze(0) < counts.unsqueeze(1)) & mask
+        if int(used.sum()) != int(counts.sum()):
+            raise ValueError(
+                f"window targets {counts.tolist()[:8]} exceed the windows' history lengths "
+                f"(at most {self.max_length} positions each)"
+            )
+        return hidden[used]
+
+    def _events(
+        self, sequences: dict[str, JaggedTensor], rows: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Combined per-event vectors [rows, max_length, D] and the real-event mask."""
         lengths = sequences[HISTORY_ITEMS].lengths()[:rows]
         padded = []
         mask = torch.zeros(0, dtype=torch.bool)
@@ -92,4 +125,4 @@ class HistoryArch(nn.Module):
             values = jagged.values().narrow(0, 0, total)
             events, mask = jagged_to_padded(values, lengths, self.max_length)
             padded.append(events)
-        return self.encoder(self.combiner(padded), mask)
+        return self.combiner(padded), mask

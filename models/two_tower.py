@@ -111,11 +111,20 @@ class TwoTowerModel(nn.Module):
         item_features: KeyedJaggedTensor,
         extra_item_features: KeyedJaggedTensor | None = None,
         position: torch.Tensor | None = None,
+        window_targets: torch.Tensor | None = None,
     ) -> TowerOutputs:
         """``user_features`` and ``item_features`` have stride B; ``extra_item_features`` (item
         keys, stride E) are items outside the batch, embedded in the same table lookup;
         ``position`` [B] int64 (-1: unknown) feeds the position debias head. The heads run
-        inside forward so DDP sees their parameters used."""
+        inside forward so DDP sees their parameters used.
+
+        Sequence mode (``window_targets`` [W] int64, non-empty): ``user_features`` has stride W
+        (one window of history per row) and ``item_features`` stride B = sum(window_targets),
+        the target of every position (see :meth:`_forward_windows`)."""
+        if window_targets is not None and window_targets.numel() > 0:
+            return self._forward_windows(
+                user_features, item_features, window_targets, extra_item_features, position
+            )
         features = KeyedJaggedTensor.concat([user_features, item_features])
         rows = features.stride()
         if extra_item_features is not None:
@@ -133,30 +142,104 @@ class TwoTowerModel(nn.Module):
             user, items[:rows], items[rows:], self.temperature(), ranker_user, debias
         )
 
+    def _forward_windows(
+        self,
+        user_features: KeyedJaggedTensor,
+        item_features: KeyedJaggedTensor,
+        window_targets: torch.Tensor,
+        extra_item_features: KeyedJaggedTensor | None,
+        position: torch.Tensor | None,
+    ) -> TowerOutputs:
+        """Packed causal training: window w's user vector after each of its newest
+        ``window_targets[w]`` history events (one causal pass over the window), each joined
+        with the window's own user features, scored against ``item_features`` row by row
+        (the event that followed each position, window-major, newest position first).
+
+        Args: user_features stride W; item_features stride B = sum(window_targets);
+        window_targets [W]. Returns TowerOutputs with user and item [B, D]."""
+        if self.history is None:
+            raise ValueError("sequence mode needs model.history.enabled=true")
+        windows, targets = user_features.stride(), item_features.stride()
+        if int(window_targets.sum()) != targets:
+            raise ValueError(
+                f"window targets sum to {int(window_targets.sum())}, but item_features has "
+                f"{targets} rows"
+            )
+        items_in = item_features
+        if extra_item_features is not None:
+            items_in = stack_rows(item_features, extra_item_features)
+        # One lookup of the window rows stacked over the item rows (each side's other keys
+        # empty): a sharded collection never sees a feature without a single id.
+        features = stack_rows(self._with_empty(user_features), items_in)
+        looked_up = self._lookup(features, windows, None, window_targets)
+        expanded = {
+            key: value
+            if key == HISTORY_OUTPUT
+            else value[:windows].repeat_interleave(window_targets, 0)
+            for key, value in looked_up.items()
+            if key in self.user_tower.feature_names
+        }
+        user_hidden, user = self.user_tower.forward_with_hidden(expanded)
+        # item_id comes from the unpooled collection, one row per item row already.
+        items = self.item_tower(
+            {
+                key: value if key == ITEM_ID else value[windows:]
+                for key, value in looked_up.items()
+                if key in self.item_tower.feature_names
+            }
+        )
+        ranker_user = None
+        if self.light_head is not None:
+            ranker_user = self.light_head.project_user(user_hidden)
+        debias = DebiasEstimates() if self.debias is None else self.debias(user, position)
+        return TowerOutputs(
+            user, items[:targets], items[targets:], self.temperature(), ranker_user, debias
+        )
+
+    def _with_empty(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """``features`` plus empty bags for every other key the collections read, so one side
+        (user rows, or item rows) is looked up alone."""
+        present = set(features.keys())
+        missing = [
+            k
+            for k in self.pooled_features + self.weighted_features + self.sequence_features
+            if k not in present
+        ]
+        if not missing:
+            return features
+        return KeyedJaggedTensor.concat(
+            [features, empty_like_rows(list(dict.fromkeys(missing)), features)]
+        )
+
+    def _user_dense(self, user_features: KeyedJaggedTensor) -> list[str]:
+        """Dense counters among the user features (item counters are not user tower inputs)."""
+        user_keys = set(user_features.keys())
+        return [k for k in self.dense_features if k in user_keys]
+
     def user_embeddings(self, user_features: KeyedJaggedTensor) -> torch.Tensor:
         """The user tower alone (serving): [B, D], equal to ``forward(...).user`` of any batch
         with these user features. ``user_features``: KJT with every user key, stride B."""
         rows = user_features.stride()
-        user_keys = set(user_features.keys())
-        item_keys = [
-            k
-            for k in self.pooled_features + self.weighted_features + self.sequence_features
-            if k not in user_keys
-        ]
-        no_items = empty_like_rows(list(dict.fromkeys(item_keys)), user_features)
-        features = KeyedJaggedTensor.concat([user_features, no_items])
         # Item counters' dense values are not user tower inputs, and a KJT without weights
         # (no user feature needs any) has none to read.
-        user_dense = [k for k in self.dense_features if k in user_keys]
-        return self.user_tower(self._lookup(features, rows, user_dense))
+        looked_up = self._lookup(
+            self._with_empty(user_features), rows, self._user_dense(user_features)
+        )
+        return self.user_tower(looked_up)
 
     def _lookup(
-        self, features: KeyedJaggedTensor, rows: int, dense: list[str] | None = None
+        self,
+        features: KeyedJaggedTensor,
+        rows: int,
+        dense: list[str] | None = None,
+        window_targets: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Tower input -> [stride, d]: pooled embeddings per feature, ``<counter>_value``
         [stride, 1] dense counters (of ``dense``, default all); with the history encoder also
         ``item_id`` [stride, d] (one id per row) and the history encoding [rows, d_h] of the
-        first ``rows`` rows (the ones with user features)."""
+        first ``rows`` rows (the ones with user features; none when ``rows`` is 0), or with
+        ``window_targets`` [rows] the encoding at each of their positions
+        [sum(window_targets), d_h] (:meth:`HistoryArch.at_positions`)."""
         if self._ids_only and len(features.keys()) == len(self.pooled_features):
             # Every key is a plain pooled feature: no selection or weight stripping per step
             # (a batch that also carries a teacher's features takes the selecting path).
@@ -177,7 +260,10 @@ class TwoTowerModel(nn.Module):
             without_weights(select_keys(features, self.sequence_features))
         )
         embeddings[ITEM_ID] = sequences[ITEM_ID].values()  # one id per row: [B + E, D]
-        embeddings[HISTORY_OUTPUT] = self.history(sequences, rows)
+        if window_targets is not None:
+            embeddings[HISTORY_OUTPUT] = self.history.at_positions(sequences, rows, window_targets)
+        elif rows > 0:
+            embeddings[HISTORY_OUTPUT] = self.history(sequences, rows)
         return embeddings
 
 

@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -256,8 +256,12 @@ def _build(
             config, manifest, ItemFeatureStore.load(config.data.path, manifest)
         )
     reads = with_teacher_user_features(features, manifest)
+    # The policy scores logged rows: one event per row even for a model trained on windows.
+    spec = replace(
+        loader_spec(config, config.data.train_split, True, manifest, reads), sequence_length=0
+    )
     loader = build_event_loader(
-        loader_spec(config, config.data.train_split, True, manifest, reads),
+        spec,
         manifest,
         env.rank,
         env.world_size,

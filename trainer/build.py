@@ -198,4 +198,39 @@ def loader_spec(
         id_policies=resolved.id_policies if resolved else {},
         tables=resolved.tables if resolved else None,
         worker_setup=quiet_libraries,
+        sequence_length=(
+            sequence_length(config, manifest, resolved.schema if resolved else None) if train else 0
+        ),
     )
+
+
+def sequence_length(
+    config: ExperimentConfig, manifest: Manifest | None, schema: EventSchema | None = None
+) -> int:
+    """Positions per training window in sequence mode (``model.history.packed``), else 0.
+
+    Raises:
+        ConfigError: the dataset stores shorter histories than ``model.history.max_length``
+            (the windows could never be as long as configured), or ``schema`` (the features
+            read) has user features that change with each event, which one window row cannot
+            give every position.
+    """
+    history = config.model.history
+    if not (history.enabled and history.packed):
+        return 0
+    per_event = [f.name for f in (schema.user_features() if schema else ()) if f.per_event]
+    if per_event:
+        raise ConfigError(
+            f"config key 'features.groups' = {config.features.groups}: user features "
+            f"{per_event} change with each event, and model.history.packed=true gives every "
+            "position of a window the window row's user features; drop their groups "
+            "(context, search)"
+        )
+    if manifest is not None and manifest.history_length < history.max_length:
+        raise ConfigError(
+            f"config key 'model.history.max_length' = {history.max_length}: the dataset at "
+            f"data.path={config.data.path} stores histories of at most "
+            f"{manifest.history_length} events; prepare it with --history-length "
+            f"{history.max_length} or lower model.history.max_length"
+        )
+    return history.max_length

@@ -46,7 +46,12 @@ def ranker_schema(manifest: Manifest, config: ExperimentConfig) -> EventSchema:
 
 def ranker_loader_spec(config: ExperimentConfig, split: str, train: bool) -> LoaderSpec:
     """The retrieval loader's spec without per-event history or impression negatives."""
-    return replace(loader_spec(config, split, train), recency_buckets=-1, impression_negatives=0)
+    return replace(
+        loader_spec(config, split, train),
+        recency_buckets=-1,
+        impression_negatives=0,
+        sequence_length=0,
+    )
 
 
 def ranker_first_row_batch(manifest: Manifest, config: ExperimentConfig, split: str) -> Batch:

@@ -72,7 +72,9 @@ def train_step(model: torch.nn.Module, batch: Batch, step: int, ctx: StepContext
     generator = step_generator(ctx.config.seed, ctx.env.rank, step, batch.item_ids.device)
     extra = ctx.negatives.plan(model, batch, step, generator, ctx.manifest)
     features = ctx.negatives.features(extra)
-    outputs = model(batch.user_features, batch.item_features, features, batch.position)
+    outputs = model(
+        batch.user_features, batch.item_features, features, batch.position, batch.window_targets
+    )
     ctx.negatives.observe(batch, step)
     value = net_user_value(batch.labels, ctx.label_weights)
     debiased = debiased_weights(value, outputs.debias, ctx.config.model.debias, batch.weight)

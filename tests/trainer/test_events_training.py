@@ -22,12 +22,18 @@ from trainer.serving.retrieve import retrieve
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "events.yaml"
 
 
+def prepared_example_log(root: Path, *flags: str, **sizes: int) -> Path:
+    """The example shop log (``sizes``: its generator's) prepared by the CLI under ``root``."""
+    log = write_example_log(root / "log", **sizes)
+    data = root / "data"
+    argv = ["prepare", "events", "--input", str(log / "events"), "--mapping"]
+    assert cli_main([*argv, str(log / "mapping.yaml"), "--out", str(data), *flags]) == 0
+    return data
+
+
 @pytest.mark.slow
 def test_own_log_trains_and_beats_most_popular(tmp_path: Path) -> None:
-    log = write_example_log(tmp_path / "log")
-    data = tmp_path / "data"
-    argv = ["prepare", "events", "--input", str(log / "events"), "--mapping"]
-    assert cli_main([*argv, str(log / "mapping.yaml"), "--out", str(data)]) == 0
+    data = prepared_example_log(tmp_path)
     overrides = [
         f"data.path={data}",
         f"run.dir={tmp_path / 'run'}",

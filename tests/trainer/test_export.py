@@ -57,6 +57,18 @@ VARIANTS = {
     # The `make demo` feature groups: weighted text on the item side only, so the user tower's
     # weighted bags are all empty in every served batch.
     "demo_groups": ["data.recent_history=3", "features.groups=[id,history,categorical,text]"],
+    # Trained on windows (sequence mode), served per row: causal attention, relative positions.
+    "sequence_mode": [
+        "model.history.enabled=true",
+        "model.history.max_length=5",
+        "model.history.recency_buckets=0",
+        "model.history.causal=true",
+        "model.history.positions=relative",
+        "model.history.summary=newest",
+        "model.history.packed=true",
+        "data.recent_history=0",
+        "data.batch_size=8",
+    ],
 }
 ALL_KINDS_VARIANTS = ("all_kinds", "demo_groups")
 

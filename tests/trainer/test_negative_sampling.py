@@ -16,14 +16,16 @@ from torchrec import KeyedJaggedTensor
 
 from config import ConfigError, load_config
 from data_pipeline.batch import Batch
+from data_pipeline.loader import build_event_loader
 from data_pipeline.manifest import Manifest
 from data_pipeline.negatives import CorpusSampler, CrossBatchMemory
 from data_pipeline.streaming_frequency import StreamingFrequencyEstimator
+from models.blocked_softmax import shared_softmax_loss
 from models.retrieval_loss import family_loss, retrieval_loss
 from models.tower_outputs import TowerOutputs
 from tests.dist_helpers import run_distributed
 from tests.tiny_dataset import write_tiny_dataset
-from trainer.build import build_sharded_model, loader_spec
+from trainer.build import build_sharded_model, build_unsharded_model, loader_spec
 from trainer.negatives.negative_sampling import (
     ExtraItems,
     NegativeSampling,
@@ -71,6 +73,7 @@ VARIANTS = {
     "triplet": ["loss.family=triplet", "loss.margin=0.3"],
     "bpr_learned_temperature": ["loss.family=bpr", "model.learn_temperature=true"],
     "logged_bce": ["loss.family=logged_bce"],
+    "whole_corpus": ["loss.candidates=corpus"],
 }
 
 
@@ -506,3 +509,43 @@ def test_drawn_columns_equal_the_full_layout_then_sampling(
     assert torch.allclose(drawn_loss, full_loss, atol=1e-6), (drawn_loss, full_loss)
     for got, want in zip(drawn_grads, full_grads):
         assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_whole_corpus_candidates_are_the_full_softmax(tmp_path: Path) -> None:
+    """``loss.candidates=corpus``: every row's softmax over every corpus item, brute force."""
+    root = write_tiny_dataset(tmp_path / "data")
+    config = load_config(None, [*TINY, f"data.path={root}", "loss.candidates=corpus"])
+    manifest = Manifest.load(root)
+    env = DistributedEnv(0, 1, 0, torch.device("cpu"), "gloo")
+    negatives = NegativeSampling.build(config, manifest, env)
+    torch.manual_seed(0)
+    model = build_unsharded_model(manifest, config)
+    batch = next(
+        iter(build_event_loader(loader_spec(config, "train", True, manifest), manifest, 0, 1))
+    )
+    extra = negatives.plan(model, batch, 0, torch.Generator().manual_seed(0), manifest)
+    assert negatives.uses_shared_softmax(extra)
+    outputs = model(batch.user_features, batch.item_features, negatives.features(extra))
+    shared = negatives.shared(outputs, batch, extra)
+    weights = torch.rand(batch.size)
+    loss = shared_softmax_loss(
+        outputs.user,
+        shared.block.embeddings,
+        shared.block.ids,
+        shared.log_q,
+        shared.positive_index,
+        batch.item_ids,
+        outputs.temperature,
+        weights,
+        True,
+        7,
+    )
+    corpus = negatives.store.corpus_ids()
+    assert torch.equal(shared.block.ids, corpus) and corpus.shape[0] == manifest.tables["item_id"]
+    all_items = model.item_tower(
+        model._lookup(model._with_empty(negatives.store.lookup(corpus)), 0)
+    )
+    logits = outputs.user @ all_items.T / outputs.temperature  # [B, every item]
+    target = (batch.item_ids.unsqueeze(1) == corpus.unsqueeze(0)).float().argmax(dim=1)
+    per_row = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    torch.testing.assert_close(loss, (per_row * weights).sum() / weights.sum())

@@ -5,6 +5,7 @@ every position; the loader resumes; 2 gloo ranks train it with the whole-corpus 
 from __future__ import annotations
 
 import json
+import pickle
 from collections import defaultdict
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def test_windows_are_each_users_newest_events_with_their_own_labels(
             np.testing.assert_array_equal(batch.labels[got].numpy(), labels[expected])
             start += count
         assert start == batch.size
-    assert seen == set(by_user)
+    assert seen == {u for u, rows in by_user.items() if len(rows) > 1}
     assert any(len(r) - 1 > max_length for r in by_user.values())  # some windows are cut
     assert any(
         not labels[r].any() for rows in by_user.values() for r in rows[1:]
@@ -150,6 +151,16 @@ def test_one_causal_pass_equals_the_per_row_model_at_every_position(shop: Path) 
         torch.testing.assert_close(packed.item[keep], reference.item, atol=3e-5, rtol=1e-4)
         compared += len(rows)
     assert compared > 100
+
+
+def test_window_batches_travel_from_loader_workers(shop: Path) -> None:
+    """A worker hands a window batch over by pickling: every field, window counts included."""
+    (batch, *_) = _windows(shop, 5)
+    copy = pickle.loads(pickle.dumps(batch))
+    assert torch.equal(copy.window_targets, batch.window_targets)
+    assert copy.user_features.stride() == batch.window_targets.shape[0]
+    assert copy.item_features.stride() == batch.size == int(batch.window_targets.sum())
+    assert torch.equal(copy.labels, batch.labels) and torch.equal(copy.item_ids, batch.item_ids)
 
 
 def test_sequence_loader_resumes_where_it_stopped(shop: Path) -> None:

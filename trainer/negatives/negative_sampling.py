@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torchrec import KeyedJaggedTensor
 
-from config import ConfigError, CorpusDistribution, ExperimentConfig, LossFamily
+from config import Candidates, ConfigError, CorpusDistribution, ExperimentConfig, LossFamily
 from data_pipeline.batch import Batch
 from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.manifest import Manifest
@@ -125,6 +125,38 @@ class CandidateSources:
     corpus: int
 
 
+@dataclass(frozen=True)
+class CorpusCandidates:
+    """Every corpus item as the shared candidates (``loss.candidates=corpus``).
+
+    Args:
+        ids: [C] int64 corpus ids, ascending.
+        features: their item features (stride C), looked up once.
+        column_of: [num_items] int64 column of each id in ``ids`` (-1: not in the corpus).
+    """
+
+    ids: torch.Tensor
+    features: KeyedJaggedTensor
+    column_of: torch.Tensor
+
+    @staticmethod
+    def build(store: ItemFeatureStore, device: torch.device) -> CorpusCandidates:
+        ids = store.corpus_ids()
+        column_of = torch.full((store.num_items,), -1, dtype=torch.int64)
+        column_of[ids] = torch.arange(ids.shape[0])
+        return CorpusCandidates(ids.to(device), store.lookup(ids).to(device), column_of.to(device))
+
+    def columns(self, item_ids: torch.Tensor) -> torch.Tensor:
+        """[B] column of each positive id; ValueError naming ids outside the corpus."""
+        columns = self.column_of[item_ids]
+        if bool((columns < 0).any()):
+            missing = item_ids[columns < 0].unique()[:5].tolist()
+            raise ValueError(
+                f"loss.candidates=corpus: positive item ids {missing} have no row in items/"
+            )
+        return columns
+
+
 @dataclass
 class NegativeSampling:
     """The configured negative sources of one rank. Build with :meth:`build`.
@@ -137,6 +169,7 @@ class NegativeSampling:
         estimator: streaming frequency estimator (None: logQ correction off).
         memory: cross-batch memory (None: off).
         miner: semi-hard negative miner (None: off).
+        corpus: the whole corpus as the shared candidates (None: the batch's items).
     """
 
     config: ExperimentConfig
@@ -146,6 +179,7 @@ class NegativeSampling:
     estimator: StreamingFrequencyEstimator | None = None
     memory: CrossBatchMemory | None = None
     miner: CorpusMiner | None = None
+    corpus: CorpusCandidates | None = None
     _placeholder: int = field(default=0, repr=False)
 
     @staticmethod
@@ -159,10 +193,12 @@ class NegativeSampling:
         source the data cannot support is a :class:`ConfigError` naming the keys."""
         negatives = config.negatives
         check_supported(config, manifest)
+        whole_corpus = config.loss.candidates is Candidates.CORPUS
         needs_store = (
             negatives.mixed.num_samples > 0
             or negatives.impressions.per_row > 0
             or negatives.mined.per_row > 0
+            or whole_corpus
         )
         store = item_store(manifest, config, features) if needs_store else None
         sampler = _corpus_sampler(config, manifest, store) if store is not None else None
@@ -184,8 +220,11 @@ class NegativeSampling:
                 device=env.device,
             )
         miner = CorpusMiner(negatives.mined, features) if negatives.mined.per_row > 0 else None
+        corpus = CorpusCandidates.build(store, env.device) if whole_corpus and store else None
         placeholder = int(store.corpus_ids()[0]) if store is not None else 0
-        return NegativeSampling(config, env, store, sampler, estimator, memory, miner, placeholder)
+        return NegativeSampling(
+            config, env, store, sampler, estimator, memory, miner, corpus, placeholder
+        )
 
     def plan(
         self,
@@ -201,6 +240,10 @@ class NegativeSampling:
             return None
         device = self.env.device
         rows = batch.size
+        if self.corpus is not None:
+            none = torch.full((rows, 0), -1, dtype=torch.int64, device=device)
+            zeros = torch.zeros(self.corpus.ids.shape[0], device=device)
+            return ExtraItems(self.corpus.ids, zeros, none, none)
         samples = self.config.negatives.mixed.num_samples
         if samples > 0 and self.sampler is not None:
             sample_ids, log_prob = self.sampler.sample(samples, generator)
@@ -220,6 +263,8 @@ class NegativeSampling:
         """Item features of the extra items (stride E), placeholders for -1."""
         if extra is None or self.store is None:
             return None
+        if self.corpus is not None:
+            return self.corpus.features
         ids = torch.where(extra.ids >= 0, extra.ids, torch.full_like(extra.ids, self._placeholder))
         return self.store.lookup(ids.cpu()).to(self.env.device)
 
@@ -244,6 +289,10 @@ class NegativeSampling:
         """This step's shared candidates (in-batch, then corpus samples), the in-batch part,
         each row's positive column [B] and the live count per source (memory 0)."""
         positive_ids = batch.item_ids
+        if self.corpus is not None and extra is not None:
+            block = CandidateBlock(outputs.extra_items, self.corpus.ids)
+            sources = CandidateSources(0, 0, int(self.corpus.ids.shape[0]))
+            return block, block, self.corpus.columns(positive_ids), sources
         # Padding rows (weight 0, a rank out of data) are no one's negatives.
         candidate_ids = torch.where(
             batch.weight > 0, positive_ids, torch.full_like(positive_ids, -1)
