@@ -3,17 +3,25 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from config.distillation import DistillationConfig
 from config.errors import Fail
-from config.loss import Candidates
-from config.model import Encoder, Positions, Summary
-
-if TYPE_CHECKING:
-    from config.experiment import ExperimentConfig
+from config.loss import Candidates, LossConfig
+from config.model import Encoder, ModelConfig, Positions, Summary
+from config.negatives import NegativesConfig
 
 
-def validate_sequence(config: ExperimentConfig, fail: Fail) -> None:
+class _Sections(Protocol):
+    """The sections these checks read (an ``ExperimentConfig``)."""
+
+    model: ModelConfig
+    loss: LossConfig
+    negatives: NegativesConfig
+    distillation: DistillationConfig
+
+
+def validate_sequence(config: _Sections, fail: Fail) -> None:
     """Packed training reads the causal encoder at every position, so every per-row input the
     window cannot give per position is an error naming its key."""
     _validate_corpus_candidates(config, fail)
@@ -52,7 +60,7 @@ def validate_sequence(config: ExperimentConfig, fail: Fail) -> None:
             )
 
 
-def _validate_corpus_candidates(config: ExperimentConfig, fail: Fail) -> None:
+def _validate_corpus_candidates(config: _Sections, fail: Fail) -> None:
     if config.loss.candidates is not Candidates.CORPUS:
         return
     conflicts = {
