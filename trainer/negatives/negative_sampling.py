@@ -37,17 +37,18 @@ import numpy as np
 import torch
 from torchrec import KeyedJaggedTensor
 
-from config import Candidates, ConfigError, CorpusDistribution, ExperimentConfig, LossFamily
+from config import Candidates, ConfigError, ExperimentConfig, LossFamily
 from data_pipeline.batch import Batch
 from data_pipeline.item_store import ItemFeatureStore
 from data_pipeline.manifest import Manifest
-from data_pipeline.negatives import CorpusSampler, CrossBatchMemory, item_counts
+from data_pipeline.negatives import CorpusSampler, CrossBatchMemory
 from data_pipeline.schema import IMPRESSION_NEGATIVES
 from data_pipeline.streaming_frequency import StreamingFrequencyEstimator
 from models.retrieval_loss import ScoredCandidates, sample_valid_columns
 from models.tower_outputs import TowerOutputs
 from trainer.build import item_store
 from trainer.features import ResolvedFeatures
+from trainer.negatives.corpus_sources import CorpusCandidates, corpus_sampler
 from trainer.negatives.global_negatives import gather_candidates
 from trainer.negatives.mined_negatives import CorpusMiner
 from trainer.runtime.distributed import DistributedEnv
@@ -125,38 +126,6 @@ class CandidateSources:
     corpus: int
 
 
-@dataclass(frozen=True)
-class CorpusCandidates:
-    """Every corpus item as the shared candidates (``loss.candidates=corpus``).
-
-    Args:
-        ids: [C] int64 corpus ids, ascending.
-        features: their item features (stride C), looked up once.
-        column_of: [num_items] int64 column of each id in ``ids`` (-1: not in the corpus).
-    """
-
-    ids: torch.Tensor
-    features: KeyedJaggedTensor
-    column_of: torch.Tensor
-
-    @staticmethod
-    def build(store: ItemFeatureStore, device: torch.device) -> CorpusCandidates:
-        ids = store.corpus_ids()
-        column_of = torch.full((store.num_items,), -1, dtype=torch.int64)
-        column_of[ids] = torch.arange(ids.shape[0])
-        return CorpusCandidates(ids.to(device), store.lookup(ids).to(device), column_of.to(device))
-
-    def columns(self, item_ids: torch.Tensor) -> torch.Tensor:
-        """[B] column of each positive id; ValueError naming ids outside the corpus."""
-        columns = self.column_of[item_ids]
-        if bool((columns < 0).any()):
-            missing = item_ids[columns < 0].unique()[:5].tolist()
-            raise ValueError(
-                f"loss.candidates=corpus: positive item ids {missing} have no row in items/"
-            )
-        return columns
-
-
 @dataclass
 class NegativeSampling:
     """The configured negative sources of one rank. Build with :meth:`build`.
@@ -201,7 +170,7 @@ class NegativeSampling:
             or whole_corpus
         )
         store = item_store(manifest, config, features) if needs_store else None
-        sampler = _corpus_sampler(config, manifest, store) if store is not None else None
+        sampler = corpus_sampler(config, manifest, store) if store is not None else None
         estimator = None
         if negatives.log_q.enabled:
             estimator = StreamingFrequencyEstimator(
@@ -619,17 +588,3 @@ def check_supported(config: ExperimentConfig, manifest: Manifest) -> None:
             f"config key 'negatives.mined.top_k' = {negatives.mined.top_k} exceeds the "
             f"{num_items} items of data.path={config.data.path}"
         )
-
-
-def _corpus_sampler(
-    config: ExperimentConfig, manifest: Manifest, store: ItemFeatureStore
-) -> CorpusSampler | None:
-    mixed = config.negatives.mixed
-    if mixed.num_samples == 0:
-        return None
-    corpus = store.corpus_ids()
-    if mixed.distribution is CorpusDistribution.UNIFORM:
-        return CorpusSampler.uniform(corpus)
-    paths = manifest.split_paths(config.data.path, config.data.train_split)
-    counts = item_counts(paths, manifest.tables["item_id"])
-    return CorpusSampler.unigram(corpus, torch.from_numpy(counts[corpus.numpy()]), mixed.alpha)
